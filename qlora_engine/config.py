@@ -108,6 +108,9 @@ class RunConfig:
                              group="run", minimum=0)
     save_steps: int = option(0, "Write a checkpoint every N steps (0 = only at stop and end).", group="run",
                              minimum=0)
+    compare_questions: int = option(0, "After training, ask the base and the tuned model this many held-out "
+                                    "questions and print both answers (the sample data is scored).", group="run",
+                                    minimum=0)
     device: str = option("auto", "Where to train: auto = CUDA if available, else CPU.",
                          choices=("auto", "cuda", "cpu"), group="run")
 
@@ -162,12 +165,12 @@ class RunConfig:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found", "Check the path, or pass options as flags.")
+            raise ConfigError(f"{path}: config file not found", "Check the path, or pass options as flags.") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({exc.__class__.__name__})",
-                              "Each option goes on its own line as 'name: value'.")
+                              "Each option goes on its own line as 'name: value'.") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected 'name: value' lines, got a {type(values).__name__}")
         return cls.from_dict(values, source=str(path))

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 PROTOCOL_VERSION = 1
 KINDS = ("started", "model_loaded", "data_ready", "step", "eval", "checkpoint", "warning", "error",
-         "stopped", "finished",
+         "stopped", "finished", "comparison",
          # export and chat commands speak the same protocol
          "export_progress", "exported", "chat_ready", "chat_token", "chat_done")
 

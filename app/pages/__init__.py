@@ -1,0 +1,1 @@
+"""One module per page of the sidebar, in the order a user goes through them."""

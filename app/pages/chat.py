@@ -1,0 +1,164 @@
+"""Chat page: one prompt, answered by the base model and the tuned one side by side, streamed.
+
+Runs `qlora_engine chat <run> --serve`: prompts go in as JSON lines on stdin, tokens come back as events.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QTextBrowser, QWidget
+
+from app import theme
+from app.engine_process import EngineProcess
+from app.runs import summarize_run
+from app.session import Session
+from app.widgets.banner import Banner
+from app.widgets.page import Page, primary_button
+
+MODELS = (("base", "Base model (before training)"), ("tuned", "Tuned model (with this run's adapter)"))
+
+
+class ChatPage(Page):
+    title = "Chat"
+    intro = ("Ask both models the same question and compare. Answers are greedy (no sampling), so a "
+             "difference comes from the training, not from chance.")
+
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.engine = EngineProcess(session.engine_command, self)
+        self.engine.chat_ready.connect(self._on_ready)
+        self.engine.chat_token.connect(self._on_token)
+        self.engine.chat_done.connect(self._on_done)
+        self.engine.error.connect(self._on_error)
+        self.engine.exited.connect(lambda _code: self._show_state())
+        self.ready = self.has_adapter = False
+        self.loaded_run = None
+        self.answers = {"base": "", "tuned": ""}
+        self.transcripts: dict[str, list[tuple[str, str]]] = {"base": [], "tuned": []}
+
+        top = QHBoxLayout()
+        self.run_label = QLabel(objectName="muted", wordWrap=True)
+        self.load_button = QPushButton("Load models")
+        self.load_button.clicked.connect(self.load)
+        top.addWidget(self.run_label, 1)
+        top.addWidget(self.load_button)
+        self.body.addLayout(top)
+        self.banner = Banner()
+        self.body.addWidget(self.banner)
+        self.body.addLayout(self._build_panes(), 1)
+        self.body.addLayout(self._build_prompt_row())
+        session.run_changed.connect(self._show_state)
+        self._show_state()
+
+    def _build_panes(self) -> QGridLayout:
+        grid = QGridLayout()
+        self.panes: dict[str, QTextBrowser] = {}
+        for column, (key, label) in enumerate(MODELS):
+            grid.addWidget(QLabel(f"<b>{label}</b>"), 0, column)
+            self.panes[key] = QTextBrowser(placeholderText="Answers appear here.")
+            grid.addWidget(self.panes[key], 1, column)
+        return grid
+
+    def _build_prompt_row(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.prompt = QLineEdit(placeholderText="Ask something the training data covers, then press Enter")
+        self.prompt.returnPressed.connect(self.send)
+        self.max_tokens = QSpinBox(minimum=8, maximum=4096, value=128, singleStep=32, suffix=" tokens")
+        self.max_tokens.setToolTip("Longest answer, in tokens.")
+        self.send_button = primary_button("Send")
+        self.send_button.clicked.connect(self.send)
+        row.addWidget(self.prompt, 1)
+        row.addWidget(QLabel("Up to"))
+        row.addWidget(self.max_tokens)
+        row.addWidget(self.send_button)
+        return row
+
+    # ------------------------------------------------------------------ actions
+    def load(self) -> None:
+        run_dir = self.session.run_dir
+        if run_dir is None:
+            return
+        if self.engine.is_running():  # another run's models: replace the server
+            self.engine.kill()
+            self.engine.wait_for_exit(3000)
+        self.ready, self.loaded_run = False, run_dir
+        self.banner.show_message("info", "Loading both models…", "The base model is loaded in 4-bit and the "
+                                 "adapter put on top. This takes a few seconds to a minute.")
+        self.engine.start(["chat", str(run_dir), "--serve", "--events", "jsonl"])
+        self._show_state()
+
+    def send(self) -> None:
+        text = self.prompt.text().strip()
+        if not text or not self.ready:
+            return
+        self.answers = {"base": "", "tuned": ""}
+        for key in self.transcripts:
+            self.transcripts[key].append((text, ""))
+        self.engine.send_json({"prompt": text, "max_new_tokens": self.max_tokens.value()})
+        self.prompt.clear()
+        self.ready = False
+        self._render()
+        self._show_state()
+
+    # ------------------------------------------------------------------ events
+    def _on_ready(self, event: dict[str, Any]) -> None:
+        self.ready, self.has_adapter = True, bool(event.get("has_adapter", True))
+        self.banner.clear()
+        self._show_state()
+        self.prompt.setFocus()
+
+    def _on_token(self, event: dict[str, Any]) -> None:
+        which = event.get("model", "base")
+        self.answers[which] = self.answers.get(which, "") + event.get("text", "")
+        self._set_last_answer(which, self.answers[which])
+
+    def _on_done(self, event: dict[str, Any]) -> None:
+        which = event.get("model", "base")
+        self._set_last_answer(which, event.get("text", self.answers.get(which, "")))
+        if which == "tuned" or not self.has_adapter:
+            self.ready = True
+            self._show_state()
+
+    def _on_error(self, event: dict[str, Any]) -> None:
+        self.ready = False
+        self.banner.show_error(event, "Chat stopped" + (f" ({event.get('code')})" if event.get("code") else ""))
+        self._show_state()
+
+    def _set_last_answer(self, which: str, text: str) -> None:
+        transcript = self.transcripts.setdefault(which, [])
+        if transcript:
+            transcript[-1] = (transcript[-1][0], text)
+        self._render()
+
+    # ------------------------------------------------------------------ showing
+    def _render(self) -> None:
+        muted, accent = theme.color("muted"), theme.color("accent")
+        for which, pane in self.panes.items():
+            parts = [f"<p style='color:{accent}; margin:10px 0 2px 0'><b>You:</b> {html.escape(q)}</p>"
+                     f"<p style='white-space:pre-wrap; margin:0'>{html.escape(a) or f'<i style=color:{muted}>…</i>'}"
+                     f"</p>" for q, a in self.transcripts[which]]
+            pane.setHtml("".join(parts))
+            pane.verticalScrollBar().setValue(pane.verticalScrollBar().maximum())
+
+    def _show_state(self) -> None:
+        run_dir = self.session.run_dir
+        running = self.engine.is_running()
+        if run_dir is None:
+            self.run_label.setText("No run chosen. Train one, or pick a finished run on the Runs page.")
+        else:
+            summary = summarize_run(run_dir)
+            loaded = running and self.loaded_run == run_dir
+            note = "loaded" if loaded and self.ready else "loading…" if loaded else \
+                "press Load models" if summary.has_adapter else "no adapter yet: let the run finish first"
+            self.run_label.setText(f"Run <b>{html.escape(run_dir.name)}</b>: {note}")
+        can_load = run_dir is not None and summarize_run(run_dir).has_adapter
+        self.load_button.setEnabled(can_load)
+        self.load_button.setText("Reload models" if running else "Load models")
+        chatting = running and self.ready
+        for widget in (self.prompt, self.send_button):
+            widget.setEnabled(chatting)
+
+    def shutdown(self) -> None:
+        self.engine.kill()

@@ -1,0 +1,308 @@
+"""Data page: the training file, its detected format, rows rendered as the model sees them, token
+lengths, bad rows by line, and the validation split. The scan runs in `qlora_engine data --json`.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app import settings, theme
+from app.engine_process import EngineQuery
+from app.session import Session
+from app.widgets.banner import Banner
+from app.widgets.page import Page, card
+from qlora_engine.config import RunConfig
+
+FORMAT_NAMES = {"alpaca": "instruction / input / output (Alpaca)", "chat": "chat messages",
+                "prompt_completion": "prompt / completion", "text": "plain text"}
+DATA_FILTER = "Data files (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
+
+
+class DataPage(Page):
+    title = "Data"
+    intro = ("The examples to learn from. Each row is shown below exactly as the model will read it; the "
+             "highlighted part is what it learns to write.")
+
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.query = EngineQuery(session.engine_command, self)
+        self.query.result.connect(self._show_report)
+        self.query.failed.connect(self._show_error)
+        self.query.running_changed.connect(self._set_busy)
+        self.scan_timer = QTimer(self, singleShot=True, interval=400)  # one scan after a burst of edits
+        self.scan_timer.timeout.connect(self.scan)
+        self._scanned_inputs: tuple | None = None  # what the last scan was of; None before the first
+        self.body.addWidget(self._build_choice())
+        self.summary = QLabel(objectName="muted", wordWrap=True)
+        self.busy = QProgressBar(maximum=0, visible=False, textVisible=False, objectName="busy")
+        self.banner = Banner()
+        for widget in (self.summary, self.busy, self.banner):
+            self.body.addWidget(widget)
+        self.body.addWidget(self._build_results(), 1)
+        self._show_config()
+        self._show_histogram(np.empty(0))
+        session.config_changed.connect(self._show_config)
+        session.model_info_changed.connect(self._model_changed)
+
+    # ------------------------------------------------------------------ building
+    def _build_choice(self) -> QWidget:
+        box = card()
+        grid = QGridLayout(box)
+        grid.setColumnStretch(1, 1)
+        self.file_edit = QLineEdit(placeholderText="a .jsonl, .json, .csv, .parquet or .txt file")
+        self.file_edit.editingFinished.connect(lambda: self.choose_file(self.file_edit.text().strip()))
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        sample = QPushButton("Use the sample data")
+        sample.clicked.connect(lambda: self.choose_file("sample"))
+        grid.addWidget(QLabel("Training data"), 0, 0)
+        grid.addWidget(self.file_edit, 0, 1)
+        grid.addWidget(browse, 0, 2)
+        grid.addWidget(sample, 0, 3)
+
+        self.format_combo = QComboBox()
+        self.format_combo.addItem("Detect automatically", "auto")
+        for name, label in FORMAT_NAMES.items():
+            self.format_combo.addItem(label, name)
+        self.format_combo.setToolTip(_help("data_format"))
+        self.format_combo.currentIndexChanged.connect(
+            lambda: self.session.update_config(data_format=self.format_combo.currentData()))
+        self.max_length = QSpinBox(minimum=16, maximum=1_000_000, singleStep=64, suffix=" tokens")
+        self.max_length.setToolTip(_help("max_length"))
+        self.max_length.valueChanged.connect(lambda value: self.session.update_config(max_length=value))
+        row = QHBoxLayout()
+        row.addWidget(self.format_combo, 1)
+        row.addSpacing(16)
+        row.addWidget(QLabel("Longest sequence"))
+        row.addWidget(self.max_length)
+        grid.addWidget(QLabel("Row format"), 1, 0)
+        grid.addLayout(row, 1, 1, 1, 3)
+        grid.addWidget(QLabel("Validation"), 2, 0)
+        grid.addLayout(self._build_validation(), 2, 1, 1, 3)
+        return box
+
+    def _build_validation(self) -> QHBoxLayout:
+        self.hold_out = QRadioButton("Hold out")
+        self.val_fraction = QDoubleSpinBox(minimum=0, maximum=50, decimals=0, suffix=" % of the rows")
+        self.val_fraction.setToolTip(_help("val_fraction"))
+        self.val_fraction.valueChanged.connect(lambda pct: self.session.update_config(val_fraction=pct / 100))
+        self.use_val_file = QRadioButton("Separate file")
+        self.val_edit = QLineEdit(placeholderText="validation file")
+        self.val_edit.editingFinished.connect(lambda: self.session.update_config(val_data=self.val_edit.text().strip()))
+        val_browse = QPushButton("Browse…")
+        val_browse.clicked.connect(self._browse_validation)
+        group = QButtonGroup(self)
+        for button in (self.hold_out, self.use_val_file):
+            group.addButton(button)
+        self.hold_out.clicked.connect(lambda: self.session.update_config(val_data=""))
+        self.use_val_file.clicked.connect(self._browse_validation)
+        row = QHBoxLayout()
+        for widget in (self.hold_out, self.val_fraction):
+            row.addWidget(widget)
+        row.addSpacing(16)
+        for widget in (self.use_val_file, self.val_edit, val_browse):
+            row.addWidget(widget)
+        return row
+
+    def _build_results(self) -> QWidget:
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        preview_box = QWidget()
+        preview_layout = QVBoxLayout(preview_box)
+        preview_layout.setContentsMargins(0, 0, 0, 0)
+        highlight = theme.color("highlight_bg")
+        preview_layout.addWidget(QLabel(f"<b>Preview</b> — <span style='background:{highlight}'>highlighted</span> "
+                                        "text is what the loss is computed on"))
+        self.preview = QTextBrowser(openLinks=False)
+        self.preview.setHtml(_preview_html([]))
+        preview_layout.addWidget(self.preview)
+        splitter.addWidget(preview_box)
+
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.setContentsMargins(0, 0, 0, 0)
+        self.histogram = pg.PlotWidget()
+        self.histogram.setMinimumHeight(180)
+        self.histogram.setMouseEnabled(x=False, y=False)
+        self.histogram_bars = pg.PlotDataItem(stepMode="center", fillLevel=0, brush=_histogram_brush())
+        self.histogram.addItem(self.histogram_bars)
+        self.limit_line = pg.InfiniteLine(angle=90, pen=pg.mkPen(theme.SERIES_COLORS["limit"], width=2,
+                                                                 style=Qt.PenStyle.DashLine))
+        self.histogram.addItem(self.limit_line)
+        side_layout.addWidget(self.histogram, 1)
+        self.bad_rows_label = QLabel("<b>Bad rows</b>")
+        side_layout.addWidget(self.bad_rows_label)
+        self.bad_rows = QTableWidget(0, 2)
+        self.bad_rows.setHorizontalHeaderLabels(["Line", "Problem"])
+        self.bad_rows.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.bad_rows.verticalHeader().hide()
+        self.bad_rows.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        side_layout.addWidget(self.bad_rows, 1)
+        splitter.addWidget(side)
+        splitter.setSizes([600, 400])
+        self.apply_theme()
+        return splitter
+
+    def apply_theme(self) -> None:
+        theme.style_plot(self.histogram, "Tokens per row", "rows")
+        self.histogram.getPlotItem().setLabel("bottom", "tokens", color=theme.color("muted"))
+        self.histogram_bars.setBrush(_histogram_brush())
+
+    # ------------------------------------------------------------------ actions
+    def choose_file(self, path: str) -> None:
+        if path:
+            self.session.update_config(data=path)
+            self.scan_soon()
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose training data", settings.last_folder("data"), DATA_FILTER)
+        if path:
+            settings.remember_folder("data", path)
+            self.choose_file(path)
+
+    def _browse_validation(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose validation data", settings.last_folder("data"),
+                                              DATA_FILTER)
+        if path:
+            settings.remember_folder("data", path)
+            self.session.update_config(val_data=path)
+        self._show_config()
+
+    def scan_soon(self) -> None:
+        self.scan_timer.start()
+
+    def _scan_inputs(self) -> tuple:
+        config = self.session.config
+        return config.data, config.data_format, config.max_length, config.train_on_prompt
+
+    def scan(self) -> None:
+        config = self.session.config
+        self._scanned_inputs = self._scan_inputs()
+        self.banner.clear()
+        args = ["data", config.data, "--model", config.model, "--format", config.data_format,
+                "--max-length", str(config.max_length), "--json"]
+        self.query.run(args + (["--train-on-prompt"] if config.train_on_prompt else []))
+
+    def _model_changed(self) -> None:
+        if self.session.model_info is not None and self._scanned_inputs is not None:
+            self.scan_soon()  # the preview uses the model's tokenizer and chat template
+
+    # ------------------------------------------------------------------ showing
+    def _show_config(self) -> None:
+        config = self.session.config
+        for widget in (self.format_combo, self.max_length, self.val_fraction):
+            widget.blockSignals(True)
+        self.file_edit.setText(config.data)
+        self.format_combo.setCurrentIndex(max(0, self.format_combo.findData(config.data_format)))
+        self.max_length.setValue(config.max_length)
+        self.val_fraction.setValue(round(config.val_fraction * 100))
+        self.hold_out.setChecked(not config.val_data)
+        self.use_val_file.setChecked(bool(config.val_data))
+        self.val_edit.setText(config.val_data)
+        self.val_fraction.setEnabled(not config.val_data)
+        for widget in (self.format_combo, self.max_length, self.val_fraction):
+            widget.blockSignals(False)
+        self.limit_line.setValue(config.max_length)
+        if self._scanned_inputs is not None and self._scan_inputs() != self._scanned_inputs:
+            self.scan_soon()  # what the preview shows is out of date
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy.setVisible(busy)
+        if busy:
+            self.summary.setText(f"Reading {self.session.config.data} with the model's tokenizer…")
+
+    def _show_report(self, report: dict[str, Any]) -> None:
+        self.session.set_data_report(report)
+        self.summary.setText(_summary(report, self.session.config.max_length))
+        self.preview.setHtml(_preview_html(report.get("preview") or []))
+        lengths = np.asarray(report.get("token_lengths") or [], dtype=float)
+        self._show_histogram(lengths)
+        bad_rows = report.get("bad_rows") or []
+        self.bad_rows_label.setText(f"<b>Bad rows</b> ({len(bad_rows)}; skipped when training)" if bad_rows
+                                    else "<b>Bad rows</b>: none")
+        self.bad_rows.setRowCount(len(bad_rows))
+        for index, bad in enumerate(bad_rows):
+            self.bad_rows.setItem(index, 0, QTableWidgetItem(str(bad.get("line", ""))))
+            self.bad_rows.setItem(index, 1, QTableWidgetItem(bad.get("reason", "")))
+        if report.get("valid_rows", 0) == 0:
+            self.banner.show_message("error", "No usable rows", "Every row of this file was rejected.",
+                                     "Check the format choice above and the reasons listed under Bad rows.")
+
+    def _show_histogram(self, lengths: np.ndarray) -> None:
+        """Rows per token-length bin, with the max-length cut as a dashed line."""
+        if lengths.size:
+            counts, edges = np.histogram(lengths, bins=min(40, max(5, int(np.sqrt(lengths.size)))))
+            self.histogram_bars.setData(edges, counts)
+            self.histogram.enableAutoRange()
+        else:
+            self.histogram_bars.setData([], [])
+            self.histogram.setRange(xRange=(0, self.session.config.max_length * 1.1), yRange=(0, 1))
+
+    def shutdown(self) -> None:
+        self.query.cancel()
+
+    def _show_error(self, error: dict[str, Any]) -> None:
+        self.session.set_data_report(None)
+        self.summary.setText("")
+        self.preview.clear()
+        self._show_histogram(np.empty(0))
+        self.bad_rows.setRowCount(0)
+        self.banner.show_error(error, "This data file can't be used")
+
+
+def _histogram_brush() -> pg.QtGui.QBrush:
+    return pg.mkBrush(theme.SERIES_COLORS["histogram"] + "b0")
+
+
+def _help(option: str) -> str:
+    return next(s.metadata["help"] for s in RunConfig.field_specs() if s.name == option)
+
+
+def _summary(report: dict[str, Any], max_length: int) -> str:
+    detected = report.get("detected_format", "")
+    shown = FORMAT_NAMES.get(report.get("format", ""), report.get("format", ""))
+    parts = [f"Format: <b>{html.escape(shown)}</b>" + (f" (detected {detected})" if detected else ""),
+             f"{report.get('rows', 0):,} rows", f"{report.get('valid_rows', 0):,} usable"]
+    if report.get("bad_rows"):
+        parts.append(f"{len(report['bad_rows']):,} bad")
+    if report.get("truncated_rows"):
+        parts.append(f"{report['truncated_rows']:,} longer than {max_length} tokens (cut)")
+    return " · ".join(parts)
+
+
+def _preview_html(rows: list[dict[str, Any]]) -> str:
+    trained_style = f"background:{theme.color('highlight_bg')}; color:{theme.color('text')}"
+    prompt_style = f"color:{theme.color('muted')}"
+    blocks = []
+    for index, row in enumerate(rows, start=1):
+        spans = "".join(f"<span style='{trained_style if s.get('trained') else prompt_style}'>"
+                        f"{html.escape(s.get('text', ''))}</span>" for s in row.get("segments", []))
+        where = f"row {index}" + (f", line {row['line']}" if row.get("line") else "")
+        blocks.append(f"<p style='color:{theme.color('muted')}; margin:8px 0 2px 0'><b>{where}</b></p>"
+                      f"<pre style='white-space:pre-wrap; margin:0 0 10px 0'>{spans}</pre>")
+    return "".join(blocks) or f"<p style='color:{theme.color('muted')}'>No rows to show yet.</p>"

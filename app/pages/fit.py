@@ -1,0 +1,259 @@
+"""Fit page: this run's estimated peak GPU memory, term by term, against the GPU's free memory; the
+verdict; fixes as one-click buttons; and "Fit to my GPU". The numbers come from qlora_engine.estimate.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QColor, QIcon, QPixmap
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app import settings
+from app.formatting import gib, size
+from app.session import Session
+from app.widgets.banner import Banner
+from app.widgets.memory_bar import TERM_COLORS, BarSegment, MemoryBar
+from app.widgets.page import Page, card, primary_button
+from qlora_engine import estimate, hardware
+from qlora_engine.config import ConfigError
+
+GIB = 2**30
+TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization constants",
+              "layers_16bit": "16-bit layers", "lora_weights": "LoRA weights", "lora_gradients": "LoRA gradients",
+              "optimizer_states": "Optimizer states", "activations": "Activations",
+              "logits_and_loss": "Logits and loss", "cuda_context": "CUDA context",
+              "allocator_slack": "Allocator slack"}
+VERDICT_TEXT = {"fits": "Fits", "tight": "Tight: fits, with little room to spare", "won't fit": "Won't fit"}
+CUSTOM = "custom"
+
+
+class FitPage(Page):
+    title = "Fit"
+    intro = ("Will this run fit in GPU memory? Estimated from the model's shape and your options before "
+             "anything is loaded.")
+
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session = session
+        self.advice: estimate.Advice | None = None
+        self.body.addLayout(self._build_target_row())
+        self.body.addWidget(self._build_result())
+        self.banner = Banner()
+        self.body.addWidget(self.banner)
+        self.body.addWidget(self._build_breakdown(), 1)
+        self.body.addWidget(self._build_fixes())
+        self.update_timer = QTimer(self, singleShot=True, interval=150)
+        self.update_timer.timeout.connect(self.update_estimate)
+        for signal in (session.config_changed, session.model_info_changed):
+            signal.connect(self.update_timer.start)
+        session.gpu_changed.connect(self._show_gpus)
+        self._show_gpus()
+
+    # ------------------------------------------------------------------ building
+    def _build_target_row(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.target = QComboBox()
+        self.target.currentIndexChanged.connect(self._target_changed)
+        self.custom_gib = QDoubleSpinBox(minimum=0.5, maximum=1024, decimals=1, singleStep=1, suffix=" GiB free")
+        self.custom_gib.setValue(float(settings.store().value("fit/custom_gib", 8.0)))
+        self.custom_gib.valueChanged.connect(self._custom_changed)
+        row.addWidget(QLabel("Plan for"))
+        row.addWidget(self.target, 1)
+        row.addWidget(self.custom_gib)
+        return row
+
+    def _build_result(self) -> QWidget:
+        box = card()
+        layout = QVBoxLayout(box)
+        top = QHBoxLayout()
+        self.verdict = QLabel("—", objectName="verdict")
+        self.headline = QLabel(objectName="muted", wordWrap=True)
+        top.addWidget(self.verdict)
+        top.addWidget(self.headline, 1)
+        layout.addLayout(top)
+        self.bar = MemoryBar()
+        layout.addWidget(self.bar)
+        self.limits = QLabel(objectName="muted", wordWrap=True)
+        layout.addWidget(self.limits)
+        return box
+
+    def _build_breakdown(self) -> QTableWidget:
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["Part", "Size", "What it is"])
+        self.table.verticalHeader().hide()
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)
+        return self.table
+
+    def _build_fixes(self) -> QWidget:
+        holder = QWidget()
+        layout = QVBoxLayout(holder)
+        layout.setContentsMargins(0, 0, 0, 0)
+        row = QHBoxLayout()
+        self.fixes_title = QLabel("<b>What would help</b>")
+        self.fit_button = primary_button("Fit to my GPU")
+        self.fit_button.setToolTip("Keep the longest sequences and the effective batch you chose, lowering them "
+                                   "only as far as needed, and turn on memory savers only if batch 1 doesn't fit.")
+        self.fit_button.clicked.connect(self.fit_to_gpu)
+        row.addWidget(self.fixes_title, 1)
+        row.addWidget(self.fit_button)
+        layout.addLayout(row)
+        self.fix_rows = QVBoxLayout()
+        layout.addLayout(self.fix_rows)
+        return holder
+
+    # ------------------------------------------------------------------ the GPU to plan for
+    def _show_gpus(self) -> None:
+        report = self.session.gpu_report
+        self.target.blockSignals(True)
+        self.target.clear()
+        for gpu in report.gpus if report else []:
+            self.target.addItem(f"GPU {gpu.index}: {gpu.name} ({gib(gpu.free_bytes)} free of "
+                                f"{gib(gpu.total_bytes)})", gpu.index)
+        self.target.addItem("Another GPU, with this much free memory:", CUSTOM)
+        training = hardware.training_gpu(report) if report and report.gpus else None
+        self.target.setCurrentIndex(max(0, self.target.findData(training.index)) if training else
+                                    self.target.count() - 1)
+        self.target.blockSignals(False)
+        self._target_changed()
+
+    def free_and_total_bytes(self) -> tuple[int, int | None]:
+        choice = self.target.currentData()
+        report = self.session.gpu_report
+        gpu = next((g for g in report.gpus if g.index == choice), None) if report and choice != CUSTOM else None
+        if gpu is None:
+            return int(self.custom_gib.value() * GIB), None
+        return gpu.free_bytes, gpu.total_bytes
+
+    def _target_changed(self) -> None:
+        self.custom_gib.setEnabled(self.target.currentData() == CUSTOM)
+        self.update_estimate()
+
+    def _custom_changed(self, value: float) -> None:
+        settings.store().setValue("fit/custom_gib", value)
+        self.update_estimate()
+
+    # ------------------------------------------------------------------ estimating
+    def model_config(self) -> dict[str, Any]:
+        """config.json of the chosen model; an imported .gguf is read from the folder model-info reported."""
+        model, info = self.session.config.model, self.session.model_info
+        if model != "default" and info and info.get("path"):
+            return estimate.load_model_config(info["path"])
+        return estimate.resolve_model_config(model)
+
+    def update_estimate(self) -> None:
+        free_bytes, total_bytes = self.free_and_total_bytes()
+        try:
+            model_config = self.model_config()
+            run = self.session.config
+            peak = estimate.estimate_peak(model_config, run)
+            self.advice = estimate.advise(model_config, run, free_bytes)
+        except (estimate.EstimateError, ConfigError) as exc:
+            self.advice = None
+            self._show_error({"code": getattr(exc, "code", ""), "message": exc.message, "advice": exc.advice})
+            return
+        self.banner.clear()
+        self._show_estimate(peak, self.advice, free_bytes, total_bytes)
+
+    def fit_to_gpu(self) -> None:
+        free_bytes, _ = self.free_and_total_bytes()
+        try:
+            changes = estimate.fit_to_gpu(self.model_config(), self.session.config, free_bytes)
+        except (estimate.EstimateError, ConfigError) as exc:
+            self.banner.show_message("error", "Nothing fits", exc.message, exc.advice)
+            return
+        self.apply_changes(changes)
+        described = ", ".join(f"{name} {value}" for name, value in changes.items()) or "nothing: it already fits"
+        self.banner.show_message("success", "Fitted to the GPU", f"Changed {described}.")
+
+    def apply_changes(self, changes: dict[str, Any]) -> None:
+        self.session.update_config(**changes)
+        self.update_estimate()
+
+    # ------------------------------------------------------------------ showing
+    def _show_estimate(self, peak: estimate.Estimate, advice: estimate.Advice, free_bytes: int,
+                       total_bytes: int | None) -> None:
+        verdict = advice.verdict
+        self.verdict.setText(VERDICT_TEXT.get(verdict, verdict))
+        self.verdict.setProperty("verdict", verdict.replace("won't fit", "wont_fit"))
+        self.verdict.style().unpolish(self.verdict)
+        self.verdict.style().polish(self.verdict)
+        approximate = " (approximate: " + "; ".join(peak.reasons) + ")" if peak.approximate else ""
+        self.headline.setText(f"Estimated peak {gib(peak.peak_bytes)} of {gib(free_bytes)} free{approximate}.")
+        segments = [BarSegment(TERM_NAMES.get(t.name, t.name), t.bytes, TERM_COLORS[i % len(TERM_COLORS)])
+                    for i, t in enumerate(peak.terms)]
+        self.bar.set_data(segments, free_bytes, total_bytes)
+        self.limits.setText(_limits_text(advice, self.session.config) +
+                            "".join(f"<br>⚠ {html.escape(w)}" for w in peak.warnings))
+        self._show_terms(peak, segments)
+        self._show_fixes(advice)
+
+    def _show_terms(self, peak: estimate.Estimate, segments: list[BarSegment]) -> None:
+        self.table.setRowCount(len(peak.terms))
+        for row, (term, segment) in enumerate(zip(peak.terms, segments, strict=True)):
+            swatch = QPixmap(12, 12)
+            swatch.fill(QColor(segment.color))
+            name = QTableWidgetItem(QIcon(swatch), segment.name)
+            amount = QTableWidgetItem(size(term.bytes))
+            amount.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            for column, item in enumerate((name, amount, QTableWidgetItem(term.note))):
+                item.setToolTip(term.note)
+                self.table.setItem(row, column, item)
+        self.table.resizeRowsToContents()
+
+    def _show_fixes(self, advice: estimate.Advice) -> None:
+        while self.fix_rows.count():
+            widget = self.fix_rows.takeAt(0).widget()
+            if widget is not None:
+                widget.hide()
+                widget.deleteLater()
+        self.fixes_title.setText("<b>What would help</b>" if advice.fixes else
+                                 "<b>No changes needed.</b> Fit to my GPU can still use spare memory for larger "
+                                 "batches.")
+        for fix in advice.fixes[:6]:
+            self.fix_rows.addWidget(self._fix_button(fix))
+
+    def _fix_button(self, fix: estimate.Fix) -> QPushButton:
+        outcome = "fits after this" if fix.fits_after else "helps, not enough alone"
+        button = QPushButton(f"Apply: {fix.description}  —  saves {size(fix.saving_bytes)}, {outcome}")
+        button.setStyleSheet("text-align: left; padding: 6px 12px;")
+        button.setToolTip("Changes " + ", ".join(f"{k} → {v}" for k, v in fix.config_changes.items()))
+        button.clicked.connect(lambda _checked=False, changes=fix.config_changes: self.apply_changes(changes))
+        return button
+
+    def _show_error(self, error: dict[str, Any]) -> None:
+        self.verdict.setText("—")
+        self.headline.setText("")
+        self.limits.setText("")
+        self.bar.set_data([], None, None)
+        self.table.setRowCount(0)
+        self._show_fixes(estimate.Advice("", 0, 0, None, None, []))
+        self.fixes_title.setText("")
+        self.banner.show_error(error, "The memory estimate can't be made")
+
+
+def _limits_text(advice: estimate.Advice, run: Any) -> str:
+    parts = []
+    if advice.max_length_that_fits is not None:
+        parts.append(f"longest sequence that fits at micro-batch {run.micro_batch_size}: "
+                     f"{advice.max_length_that_fits:,} tokens")
+    if advice.batch_that_fits is not None:
+        parts.append(f"largest micro-batch at {run.max_length} tokens: {advice.batch_that_fits}")
+    return ("Limits: " + "; ".join(parts) + ".") if parts else "Not even batch 1 at 16 tokens fits."

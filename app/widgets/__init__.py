@@ -1,0 +1,1 @@
+"""Reusable widgets: page frame, message banner, generated option form, memory bar."""

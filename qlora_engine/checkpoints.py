@@ -1,0 +1,106 @@
+"""Checkpoints: adapter, optimizer, scheduler, RNG and data position, written whole or not at all.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/` only when complete,
+so a kill at any moment leaves either the previous checkpoints or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+KEEP_LAST = 2
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps done
+    micro_index: int  # micro-batches consumed: the data position
+    total_steps: int
+    seed: int
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders and ones missing their state are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # a re-save of the same step (stop right after a scheduled save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(run_dir)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, adapter)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _prune(run_dir: Path) -> None:
+    for old in complete_checkpoints(run_dir)[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)

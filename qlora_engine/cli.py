@@ -1,0 +1,263 @@
+"""The `qlora-studio` command: train, export, chat, data, model-info, gpu, estimate, bench.
+
+Every RunConfig field is a `--kebab-case` flag of `train`, generated from the config type.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+
+from qlora_engine.config import ConfigError, RunConfig
+from qlora_engine.events import EngineError, EventWriter
+
+LIGHT_COMMANDS = {"gpu": ("qlora_engine.hardware", "gpu_main"), "estimate": ("qlora_engine.estimate", "estimate_main"),
+                  "bench": ("qlora_engine.bench", "bench_main")}
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("QLORA_STUDIO_RUNS") or Path(user_data_dir("qlora-studio")) / "runs")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; only flags given on the command line override the YAML."""
+    for spec in dataclasses.fields(RunConfig):
+        meta = spec.metadata
+        flag = "--" + spec.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
+                                  "help": meta["help"] + (f" [{spec.default}]" if spec.default != "" else "")}
+        if spec.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-studio", description="QLoRA fine-tuning on one GPU (or the CPU).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run (or resume) a QLoRA fine-tune")
+    train.add_argument("config_file", nargs="?", help="run config YAML (flags override its values)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    add_events_flag(train)
+    add_config_flags(train)
+
+    export = commands.add_parser("export", help="export a finished run's adapter or merged model, verified")
+    export.add_argument("run", help="the run folder")
+    kind = export.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--adapter", action="store_const", const="adapter", dest="kind", help="PEFT adapter")
+    kind.add_argument("--merged", action="store_const", const="merged", dest="kind", help="merged 16-bit model")
+    export.add_argument("--out", help="destination folder [<run>/exports/<kind>]")
+    add_events_flag(export)
+
+    chat = commands.add_parser("chat", help="answer a prompt with the base and the tuned model")
+    chat.add_argument("target", help="a run folder, a model folder, a .gguf, or 'default'")
+    chat.add_argument("--prompt", help="the question (without it: read questions from the terminal)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--serve", action="store_true", help="JSON lines on stdin, streamed events out (for the GUI)")
+    add_events_flag(chat)
+
+    info = commands.add_parser("model-info", help="facts about a model (imports a .gguf on first use)")
+    info.add_argument("model")
+    info.add_argument("--allow-pickle", action="store_true")
+    info.add_argument("--json", action="store_true")
+
+    data = commands.add_parser("data", help="check a data file: format, bad rows, token lengths, preview")
+    data.add_argument("file")
+    data.add_argument("--model", default="default")
+    data.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    data.add_argument("--max-length", type=int, default=512)
+    data.add_argument("--train-on-prompt", action="store_true")
+    data.add_argument("--preview-rows", type=int, default=5)
+    data.add_argument("--json", action="store_true")
+
+    for name in LIGHT_COMMANDS:
+        commands.add_parser(name, help=f"see `qlora-studio {name} --help`", add_help=False)
+    return parser
+
+
+def add_events_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", choices=("human", "jsonl"), default="human",
+                        help="stdout as readable lines (human) or one JSON event per line (jsonl, for the GUI)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHT_COMMANDS:
+        module_name, function = LIGHT_COMMANDS[argv[0]]
+        module = __import__(module_name, fromlist=[function])
+        return getattr(module, function)(argv[1:])
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
+               "data": cmd_data}[args.command]
+    return handler(args)
+
+
+def report_failure(events: EventWriter, exc: BaseException) -> int:
+    """Turn any failure into an `error` event with advice; exit code 1."""
+    if isinstance(exc, (EngineError, ConfigError)):
+        events.emit("error", code=getattr(exc, "code", "bad_config"), message=exc.message, advice=exc.advice)
+        return 1
+    if type(exc).__name__ == "OutOfMemoryError":
+        events.emit("error", code="cuda_oom", message=f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
+                    advice="Lower micro_batch_size or max_length, enable gradient_checkpointing, or run "
+                           "`qlora-studio estimate` to see what fits.")
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        events.emit("error", code="interrupted", message="stopped at once by a second interrupt, no checkpoint",
+                    advice="Resume from the last checkpoint with --resume.")
+        return 130
+    traceback.print_exc(file=sys.stderr)
+    events.emit("error", code="internal", message=f"{type(exc).__name__}: {exc}",
+                advice="This is a bug in QLoRA Studio; the log above has the details.")
+    return 1
+
+
+# ----------------------------------------------------------------------------- train
+def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    overrides = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(RunConfig)
+                 if hasattr(args, spec.name)}
+    if args.resume:
+        run_dir = Path(overrides.get("run_dir") or (Path(args.config_file).parent if args.config_file else ""))
+        if not str(run_dir) or not (run_dir / "config.yaml").is_file():
+            raise ConfigError("--resume needs --run-dir pointing at an existing run folder (with config.yaml)")
+        values = RunConfig.load(run_dir / "config.yaml").to_dict()
+    else:
+        values = RunConfig.load(args.config_file).to_dict() if args.config_file else {}
+    values.update(overrides)
+    cfg = RunConfig.from_dict(values, source=args.config_file or "command line")
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else new_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    return cfg, run_dir
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    model_name = "smollm2-135m" if cfg.model == "default" else Path(cfg.model).stem or Path(cfg.model).name
+    return runs_root() / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_engine import train
+
+    events = EventWriter(None, human=args.events == "human")
+    try:
+        cfg, run_dir = resolve_train_config(args)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
+        stop = train.StopRequest()
+        stop.install()
+        result = train.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
+    except BaseException as exc:  # every failure becomes an error event
+        return report_failure(events, exc)
+    finally:
+        events.close()
+    return 0 if result["status"] in ("finished", "stopped") else 1
+
+
+# ----------------------------------------------------------------------------- export, chat
+def cmd_export(args: argparse.Namespace) -> int:
+    from qlora_engine import export
+
+    run_dir = Path(args.run).expanduser()
+    events = EventWriter(run_dir / "events.jsonl" if run_dir.is_dir() else None, human=args.events == "human")
+    try:
+        verification = export.export_run(run_dir, args.kind, Path(args.out).expanduser() if args.out else None,
+                                         lambda stage, fraction: events.emit("export_progress", stage=stage,
+                                                                             fraction=fraction))
+    except BaseException as exc:
+        return report_failure(events, exc)
+    finally:
+        events.close()
+    events = EventWriter(None, human=args.events == "human")
+    events.emit("exported", **dataclasses.asdict(verification))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qlora_engine import chat
+
+    events = EventWriter(None, human=args.events == "human")
+    try:
+        if args.serve:
+            return chat.serve(args.target, events)
+        model, tokenizer, device, has_adapter = chat.load_for_chat(args.target)
+        questions = [args.prompt] if args.prompt else _terminal_questions()
+        for question in questions:
+            answers = chat.answer_both(model, tokenizer, device, has_adapter, question, args.max_new_tokens)
+            for which, text in answers.items():
+                print(f"[{which}] {text}", flush=True)
+    except BaseException as exc:
+        return report_failure(events, exc)
+    return 0
+
+
+def _terminal_questions() -> Any:
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            return
+        if question:
+            yield question
+
+
+# ----------------------------------------------------------------------------- model-info, data
+def print_json_or_error(payload: Any, as_json: bool, human: str) -> None:
+    print(json.dumps(payload) if as_json else human, flush=True)
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from qlora_engine import models
+
+    try:
+        info = models.model_info(args.model, args.allow_pickle)
+    except EngineError as exc:
+        error = {"code": exc.code, "message": exc.message, "advice": exc.advice}
+        print_json_or_error({"error": error}, args.json, f"error: {exc.message}\n  what to do: {exc.advice}")
+        return 1
+    print_json_or_error(info, args.json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_engine import data, models, train
+
+    path = train.data_path(args.file)
+    try:
+        source = models.resolve_model(args.model)
+        tokenizer = models.load_tokenizer(source.path)
+        prepared = data.prepare_file(path, tokenizer, data_format=args.format, max_length=args.max_length,
+                                     train_on_prompt=args.train_on_prompt)
+    except EngineError as exc:
+        error = {"code": exc.code, "message": exc.message, "advice": exc.advice}
+        print_json_or_error({"error": error}, args.json, f"error: {exc.message}\n  what to do: {exc.advice}")
+        return 1
+    report = prepared.report
+    payload = {"file": str(path), "detected_format": report.detected_format, "format": report.format,
+               "rows": report.rows, "valid_rows": len(prepared.examples),
+               "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad_rows],
+               "truncated_rows": report.truncated_rows, "no_trained_tokens_rows": report.no_trained_tokens_rows,
+               "token_lengths": [len(e.input_ids) for e in prepared.examples],
+               "preview": [{"line": e.line, "segments": data.preview_segments(e, tokenizer)}
+                           for e in prepared.examples[: args.preview_rows]]}
+    human = (f"{path}: {report.format} (detected {report.detected_format}), {report.rows} rows, "
+             f"{len(prepared.examples)} usable, {len(report.bad_rows)} bad, {report.truncated_rows} truncated\n"
+             + "\n".join(f"  line {b.line}: {b.reason}" for b in report.bad_rows[:50]))
+    print_json_or_error(payload, args.json, human)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

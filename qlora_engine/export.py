@@ -1,0 +1,176 @@
+"""Exports of a finished run: the adapter (PEFT format) or a merged 16-bit model, each verified.
+
+Every export is written to a temp folder, reloaded the way a user would load it, its logits on a
+fixed prompt compared with the trained model's, and only then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine import models
+from qlora_engine.config import RunConfig, write_text_atomic
+from qlora_engine.events import EngineError
+
+FIXED_PROMPT = "Tell me one thing you learned, in one sentence."
+# Adapter export reloads the same weights: logits must agree to float rounding.
+ADAPTER_TOLERANCE = 1e-4
+# Merged export: LoRA folded into 16-bit weights changes rounding, not the function; the relative L2
+# error of the logits stays well under this and the greedy next token agrees almost everywhere.
+MERGED_RELATIVE_TOLERANCE = 0.03
+MERGED_TOP1_AGREEMENT = 0.9
+
+
+@dataclass
+class Verification:
+    kind: str
+    path: str
+    max_abs_logit_diff: float
+    relative_l2: float
+    top1_agreement: float
+    tolerance: str
+    ok: bool
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    if not (run_dir / "config.yaml").is_file():
+        raise EngineError("not_a_run", f"{run_dir} is not a run folder (no config.yaml)",
+                          "Pass the folder a training run wrote.")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise EngineError("no_adapter", f"{run_dir} has no finished adapter",
+                          "Let the run finish (or resume it) before exporting.")
+    return RunConfig.load(run_dir / "config.yaml")
+
+
+def _load_base(cfg: RunConfig, device: str) -> tuple[Any, Any, Any]:
+    source = models.resolve_model(cfg.model, cfg.allow_pickle)
+    compute_dtype = models.resolve_compute_dtype(cfg.compute_dtype, device)
+    model = models.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                        compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
+                                        trust_remote_code=cfg.trust_remote_code)
+    return model, models.load_tokenizer(source.path, cfg.trust_remote_code), compute_dtype
+
+
+def fixed_prompt_logits(model: Any, tokenizer: Any, device: str) -> torch.Tensor:
+    from qlora_engine.data import prompt_text
+    from qlora_engine.train import inference_mode
+
+    encoded = tokenizer(prompt_text(FIXED_PROMPT, tokenizer), add_special_tokens=False, return_tensors="pt").to(device)
+    with inference_mode(model):
+        return model(**encoded).logits[0].float().cpu()
+
+
+def compare_logits(kind: str, path: Path, reference: torch.Tensor, exported: torch.Tensor) -> Verification:
+    diff = (exported - reference).abs()
+    relative = float((exported - reference).norm() / reference.norm())
+    agreement = float((exported.argmax(-1) == reference.argmax(-1)).float().mean())
+    if kind == "adapter":
+        ok, tolerance = float(diff.max()) <= ADAPTER_TOLERANCE, f"max |dlogit| <= {ADAPTER_TOLERANCE}"
+    else:
+        ok = relative <= MERGED_RELATIVE_TOLERANCE and agreement >= MERGED_TOP1_AGREEMENT
+        tolerance = f"relative L2 <= {MERGED_RELATIVE_TOLERANCE} and top-1 agreement >= {MERGED_TOP1_AGREEMENT}"
+    return Verification(kind, str(path), round(float(diff.max()), 6), round(relative, 6), round(agreement, 4),
+                        tolerance, ok)
+
+
+def export_run(run_dir: Path, kind: str, out: Path | None = None,
+               progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Verification:
+    """Write and verify one export; the folder appears only if verification passed."""
+    from peft import PeftModel
+
+    cfg = run_config(run_dir)
+    out = out or run_dir / "exports" / kind
+    device = models.resolve_device(cfg.device)
+    progress("loading the trained model", 0.1)
+    base, tokenizer, compute_dtype = _load_base(cfg, device)
+    trained = PeftModel.from_pretrained(base, run_dir / "adapter")
+    reference = fixed_prompt_logits(trained, tokenizer, device)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if kind == "adapter":
+            progress("writing the adapter", 0.4)
+            trained.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            progress("reloading with PeftModel.from_pretrained", 0.6)
+            del trained
+            base, _, _ = _load_base(cfg, device)
+            exported = fixed_prompt_logits(PeftModel.from_pretrained(base, tmp), tokenizer, device)
+        else:
+            del trained, base
+            progress("dequantizing the base and merging LoRA", 0.3)
+            save_dtype = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
+            merged = merged_model(cfg, run_dir / "adapter", device, save_dtype)
+            progress("writing safetensors", 0.6)
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del merged
+            progress("reloading with AutoModelForCausalLM.from_pretrained", 0.8)
+            exported = fixed_prompt_logits(models.load_plain_model(tmp, dtype=save_dtype, device=device),
+                                           tokenizer, device)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EngineError("export_failed", f"writing {tmp}: {exc.strerror or exc}",
+                          "Free disk space or pick another destination, then export again.") from exc
+    verification = compare_logits(kind, out, reference, exported)
+    if not verification.ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EngineError("export_mismatch", f"the {kind} export's logits differ from the trained model "
+                          f"(max {verification.max_abs_logit_diff}, relative {verification.relative_l2})",
+                          "Nothing was written. Report this with the run folder.")
+    _replace_folder(tmp, out)
+    write_text_atomic(run_dir / "exports" / f"{kind}-verification.json", json.dumps(asdict(verification), indent=1))
+    progress("verified", 1.0)
+    return verification
+
+
+def merged_model(cfg: RunConfig, adapter_dir: Path, device: str, save_dtype: torch.dtype) -> Any:
+    """Base weights dequantized from exactly the 4-bit values training saw, LoRA merged in, plain Linear layers."""
+    from peft import PeftModel
+
+    base, _, compute_dtype = _load_base(cfg, device)
+    dequantize_linear4bit(base, compute_dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.to(save_dtype)
+
+
+def dequantize_linear4bit(model: Any, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes Linear4bit with an nn.Linear holding its dequantized weight."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=dtype)
+        plain.weight.data.copy_(weight)
+        if module.bias is not None:
+            plain.bias.data.copy_(module.bias.data.to(dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    model.hf_quantizer = None
+    # transformers refuses .to(dtype) and save_pretrained on models still marked as bitsandbytes-quantized
+    for marker in ("quantization_method", "is_loaded_in_4bit"):
+        if marker in vars(model):
+            delattr(model, marker)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

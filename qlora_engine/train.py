@@ -1,0 +1,384 @@
+"""The QLoRA training run: set up model, data and optimizer; loop; evaluate; checkpoint; stop or finish.
+
+Readable top to bottom in `run_training`. Events go through an EventWriter; nothing here knows about Qt.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine import checkpoints, data, models
+from qlora_engine.config import DEFAULT_DATA, RunConfig
+from qlora_engine.events import EngineError, EventWriter
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+SAMPLE_TRAIN = RESOURCES / "sample" / "train.jsonl"
+SAMPLE_HELDOUT = RESOURCES / "sample" / "heldout.jsonl"
+
+
+def data_path(spec: str) -> Path:
+    return SAMPLE_TRAIN if spec == DEFAULT_DATA else Path(spec).expanduser()
+
+
+# ----------------------------------------------------------------------------- stopping
+class StopRequest:
+    """Set by SIGINT or a `stop` line on stdin; the loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self._watch_stdin, daemon=True).start()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():  # a second Ctrl+C: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def _watch_stdin(self) -> None:
+        try:
+            for line in sys.stdin:
+                if line.strip() == "stop":
+                    self.event.set()
+                    return
+        except (OSError, ValueError):  # no usable stdin (closed, captured): SIGINT still works
+            return
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclass
+class Batcher:
+    """Deterministic micro-batches: epoch e uses permutation(seed + e); position = micro-batch index."""
+
+    examples: list[data.Tokenized]
+    micro_batch_size: int
+    seed: int
+    pad_id: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.micro_batch_size)
+
+    def batch(self, micro_index: int) -> list[data.Tokenized]:
+        epoch, within = divmod(micro_index, self.batches_per_epoch)
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + epoch).shuffle(order)
+        chosen = order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
+        return [self.examples[i] for i in chosen]
+
+
+def collate(rows: list[data.Tokenized], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask, and labels that are -100 wherever no loss is computed."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), data.IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        attention[i, :n] = 1
+        trained = torch.tensor(row.trained_token_mask)
+        labels[i, :n] = torch.where(trained, ids[i, :n], data.IGNORE_INDEX)
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------- model setup
+def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    model = models.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                        compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
+                                        trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [
+        name.strip() for name in cfg.target_modules.split(",") if name.strip()]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise EngineError("bad_config", f"target_modules: {exc}",
+                          "Use 'all-linear' or names of linear layers in this model, e.g. q_proj,v_proj.") from exc
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    optimizer_class = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                       "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optimizer]
+    return optimizer_class(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
+                         num_training_steps=total_steps)
+
+
+@contextmanager
+def inference_mode(model: Any) -> Iterator[None]:
+    """Evaluation / generation inside a training process without breaking later training steps.
+
+    bitsandbytes (0.50) repacks 4-bit weights for CPU inference when a Linear4bit runs in eval mode,
+    and training after that silently diverges. So dropout and checkpointing are switched off module
+    by module, while the 4-bit layers keep `training=True`; everything is restored afterwards.
+    """
+    import bitsandbytes as bnb
+
+    modes = {module: module.training for module in model.modules()}
+    for module in modes:
+        module.training = isinstance(module, bnb.nn.Linear4bit)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def evaluate(model: Any, examples: list[data.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
+    """Mean loss per trained token over the validation examples."""
+    loss_sum, token_count = 0.0, 0
+    with inference_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id, device)
+            count = trained_tokens(batch)
+            loss_sum += float(model(**batch, num_items_in_batch=1).loss)
+            token_count += count
+    return loss_sum / max(token_count, 1)
+
+
+def vram_figures(device: str) -> dict[str, int]:
+    if device != "cuda":
+        return {}
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+            "max_allocated": torch.cuda.max_memory_allocated(), "max_reserved": torch.cuda.max_memory_reserved(),
+            "gpu_used": total_bytes - free_bytes, "gpu_total": total_bytes}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class PreparedRun:
+    train_examples: list[data.Tokenized]
+    val_examples: list[data.Tokenized]
+    reports: list[data.DataReport]
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedRun:
+    options = {"data_format": cfg.data_format, "max_length": cfg.max_length,
+               "train_on_prompt": cfg.train_on_prompt, "bad_rows": cfg.bad_rows}
+    train_data = data.prepare_file(data_path(cfg.data), tokenizer, **options)
+    if cfg.val_data:
+        val_data = data.prepare_file(Path(cfg.val_data).expanduser(), tokenizer, **options)
+        return PreparedRun(train_data.examples, val_data.examples, [train_data.report, val_data.report])
+    train, val = data.split_validation(train_data.examples, cfg.val_fraction, cfg.seed)
+    return PreparedRun(train, val, [train_data.report])
+
+
+def total_steps_for(cfg: RunConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
+def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: bool = False,
+                 stop: StopRequest | None = None) -> dict[str, Any]:
+    stop = stop or StopRequest()
+    started_s = time.time()
+    device = models.resolve_device(cfg.device)
+    compute_dtype = models.resolve_compute_dtype(cfg.compute_dtype, device)
+    events.emit("started", run_dir=str(run_dir), config=cfg.to_dict(), device=device,
+                compute_dtype=str(compute_dtype).replace("torch.", ""), resume=resume,
+                estimate_peak_bytes=_estimate_peak_bytes(cfg))
+    seed_everything(cfg.seed)
+
+    source = models.resolve_model(cfg.model, cfg.allow_pickle)
+    tokenizer = models.load_tokenizer(source.path, cfg.trust_remote_code)
+    prepared = prepare_data(cfg, tokenizer)
+    batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)
+    total_steps = total_steps_for(cfg, batcher.batches_per_epoch)
+    _emit_data_ready(events, prepared, total_steps)
+
+    load_started_s = time.time()
+    model = build_model(cfg, source.path, device, compute_dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    events.emit("model_loaded", model=source.original, path=str(source.path), source=source.source,
+                params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
+                load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device))
+    optimizer = build_optimizer(cfg, trainable)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+
+    state = checkpoints.TrainerState(step=0, micro_index=0, total_steps=total_steps, seed=cfg.seed)
+    if resume:
+        latest = checkpoints.latest_checkpoint(run_dir)
+        if latest is None:
+            raise EngineError("no_checkpoint", f"{run_dir} has no complete checkpoint to resume from",
+                              "Start the run again without --resume.")
+        state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler)
+        events.emit("warning", message=f"resumed from {latest.name}", step=state.step)
+
+    def save(step_state: checkpoints.TrainerState) -> Path:
+        path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state)
+        events.emit("checkpoint", step=step_state.step, path=str(path))
+        return path
+
+    model.train()
+    step_times_s: list[float] = []
+    last_loss = float("nan")
+    eval_loss = None
+    while state.step < total_steps:
+        step_started_s = time.time()
+        micro_batches = [collate(batcher.batch(state.micro_index + k), batcher.pad_id, device)
+                         for k in range(cfg.grad_accum)]
+        items = sum(trained_tokens(b) for b in micro_batches)
+        step_loss = 0.0
+        for batch in micro_batches:
+            loss = model(**batch, num_items_in_batch=items).loss
+            loss.backward()
+            step_loss += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(step_loss):
+            raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
+                              "Lower the learning rate, or use compute_dtype bf16/fp32 instead of fp16. "
+                              "The last checkpoint is kept.")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.micro_index += cfg.grad_accum
+        last_loss = step_loss
+        step_times_s.append(time.time() - step_started_s)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        events.emit("step", step=state.step, total_steps=total_steps,
+                    epoch=round(state.micro_index / batcher.batches_per_epoch, 4), loss=round(step_loss, 5),
+                    lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm, 5),
+                    tokens_per_s=round(tokens / step_times_s[-1], 1),
+                    eta_s=round(_mean_recent(step_times_s) * (total_steps - state.step), 1),
+                    vram=vram_figures(device))
+        if prepared.val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
+            eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+        if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
+            save(state)
+        if stop.requested and state.step < total_steps:
+            path = save(state)
+            events.emit("stopped", step=state.step, checkpoint=str(path))
+            return {"status": "stopped", "step": state.step}
+
+    if prepared.val_examples:
+        eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+    save(state)
+    adapter_dir = save_adapter(model, tokenizer, run_dir)
+    comparison = None
+    if cfg.compare_questions:
+        comparison = compare_answers(cfg, model, tokenizer, prepared, device)
+        events.emit("comparison", **comparison)
+    events.emit("finished", step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
+                eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1))
+    return {"status": "finished", "step": state.step, "eval_loss": eval_loss, "comparison": comparison}
+
+
+def _estimate_peak_bytes(cfg: RunConfig) -> int | None:
+    """The fit estimate for this run, shown next to the measured peak; None when config.json is unreadable."""
+    from qlora_engine import estimate
+
+    try:
+        return estimate.estimate_peak(estimate.resolve_model_config(cfg.model), cfg).peak_bytes
+    except estimate.EstimateError:
+        return None
+
+
+def _emit_data_ready(events: EventWriter, prepared: PreparedRun, total_steps: int) -> None:
+    reports = prepared.reports
+    lengths = [len(e.input_ids) for e in prepared.train_examples]
+    events.emit("data_ready", train_rows=len(prepared.train_examples), val_rows=len(prepared.val_examples),
+                skipped_rows=sum(len(r.bad_rows) + r.no_trained_tokens_rows for r in reports),
+                truncated_rows=sum(r.truncated_rows for r in reports), total_steps=total_steps,
+                format=reports[0].format, detected_format=reports[0].detected_format,
+                mean_tokens=round(sum(lengths) / max(len(lengths), 1), 1), max_tokens=max(lengths, default=0),
+                bad_rows=[{"file": b.file, "line": b.line, "reason": b.reason} for r in reports
+                          for b in r.bad_rows[:200]])
+
+
+def _emit_eval(events: EventWriter, model: Any, prepared: PreparedRun, cfg: RunConfig, pad_id: int, device: str,
+               step: int) -> float:
+    eval_loss = evaluate(model, prepared.val_examples, cfg.micro_batch_size, pad_id, device)
+    events.emit("eval", step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3))
+    return eval_loss
+
+
+def _mean_recent(values: list[float], count: int = 10) -> float:
+    recent = values[-count:]
+    return sum(recent) / len(recent)
+
+
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """The final adapter (PEFT format) at <run_dir>/adapter, replaced atomically."""
+    final = run_dir / "adapter"
+    tmp = run_dir / f".tmp-adapter-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        old = run_dir / f".old-adapter-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def compare_answers(cfg: RunConfig, model: Any, tokenizer: Any, prepared: PreparedRun, device: str) -> dict[str, Any]:
+    """Base vs tuned answers to held-out questions (the sample set's, else validation prompts)."""
+    from qlora_engine import chat
+
+    questions = chat.heldout_questions(cfg, prepared, tokenizer)[: cfg.compare_questions]
+    rows = []
+    for question in questions:
+        with model.disable_adapter():
+            base = chat.generate_answer(model, tokenizer, question["question"], device)
+        tuned = chat.generate_answer(model, tokenizer, question["question"], device)
+        rows.append({**question, "base": base, "tuned": tuned,
+                     "base_correct": chat.is_correct(base, question.get("keywords")),
+                     "tuned_correct": chat.is_correct(tuned, question.get("keywords"))})
+    scored = [r for r in rows if r["base_correct"] is not None]
+    return {"rows": rows,
+            "base_accuracy": sum(r["base_correct"] for r in scored) / len(scored) if scored else None,
+            "tuned_accuracy": sum(r["tuned_correct"] for r in scored) / len(scored) if scored else None}

@@ -1,0 +1,181 @@
+"""A stand-in for `python -m qlora_engine` that speaks the same protocol in milliseconds, for GUI tests.
+
+FAKE_ENGINE_SCENARIO picks how `train` behaves: ok (default), slow (waits for `stop` on stdin), crash (a few
+steps, a traceback, exit 1), error (an `error` event with advice, exit 1). A path containing "broken" makes
+model-info, data, chat and export fail with an error object or event.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from qlora_engine.events import EventWriter  # noqa: E402 (after the path set-up)
+
+SCENARIO = os.environ.get("FAKE_ENGINE_SCENARIO", "ok")
+TOTAL_STEPS = 12
+GIB = 2**30
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    handler = {"train": train, "export": export, "chat": chat, "model-info": model_info, "data": data}[command]
+    return handler(args)
+
+
+def option(args: list[str], name: str, default: str = "") -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
+# ----------------------------------------------------------------------------- train
+def train(args: list[str]) -> int:
+    run_dir = Path(option(args, "--run-dir"))
+    events = EventWriter(run_dir / "events.jsonl")
+    resume = "--resume" in args
+    first_step = _last_checkpoint_step(run_dir) + 1 if resume else 1
+    stop = threading.Event()
+    threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
+    events.emit("started", run_dir=str(run_dir), config={}, total_steps=TOTAL_STEPS, estimate_peak_bytes=3 * GIB,
+                resume=resume)
+    events.emit("model_loaded", model="default", params=134_515_008, trainable_params=4_884_480)
+    events.emit("data_ready", train_rows=90, val_rows=10, skipped_rows=1, truncated_rows=2,
+                bad_rows=[{"file": "train.jsonl", "line": 7, "reason": "no 'output' field"}])
+    print("loading checkpoint shards: 100%", flush=True)  # plain log text between events
+    if resume:
+        events.emit("warning", message=f"resumed from step-{first_step - 1}")
+    for step in range(first_step, TOTAL_STEPS + 1):
+        if SCENARIO == "crash" and step == 4:
+            print("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access",
+                  file=sys.stderr, flush=True)
+            return 1
+        if SCENARIO == "error" and step == 3:
+            events.emit("error", code="cuda_oom", message="the GPU ran out of memory at step 3",
+                        advice="Lower micro_batch_size or max_length, or enable gradient_checkpointing.")
+            return 1
+        _emit_step(events, step)
+        if step % 4 == 0:
+            events.emit("eval", step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08))
+        if SCENARIO == "slow":
+            stop.wait(0.15)
+        if stop.is_set() and step < TOTAL_STEPS:
+            path = _write_checkpoint(run_dir, step)
+            events.emit("checkpoint", step=step, path=str(path))
+            events.emit("stopped", step=step, checkpoint=str(path))
+            return 0
+    path = _write_checkpoint(run_dir, TOTAL_STEPS)
+    events.emit("checkpoint", step=TOTAL_STEPS, path=str(path))
+    adapter = run_dir / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    events.emit("finished", step=TOTAL_STEPS, adapter_dir=str(adapter), final_loss=1.52, eval_loss=1.61,
+                duration_s=42.0)
+    return 0
+
+
+def _emit_step(events: EventWriter, step: int) -> None:
+    vram = {"allocated": int(1.2 * GIB), "reserved": int((1.5 + 0.02 * step) * GIB), "max_allocated": int(1.9 * GIB),
+            "gpu_used": int((2.2 + 0.02 * step) * GIB), "gpu_total": 8 * GIB}
+    events.emit("step", step=step, total_steps=TOTAL_STEPS, epoch=step / TOTAL_STEPS, loss=3.0 * 0.93**step,
+                lr=2e-4 * min(1.0, step / 3), grad_norm=1.0 / math.sqrt(step), tokens_per_s=2300.0 + 10 * step,
+                eta_s=5.0 * (TOTAL_STEPS - step), vram=vram)
+
+
+def _watch_stdin(stop: threading.Event) -> None:
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            stop.set()
+            return
+
+
+def _write_checkpoint(run_dir: Path, step: int) -> Path:
+    path = run_dir / "checkpoints" / f"step-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _last_checkpoint_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
+# ----------------------------------------------------------------------------- export, chat
+def export(args: list[str]) -> int:
+    run_dir = Path(args[0])
+    kind = "merged" if "--merged" in args else "adapter"
+    events = EventWriter(None)
+    if "broken" in str(run_dir):
+        events.emit("error", code="no_adapter", message=f"{run_dir} has no finished adapter",
+                    advice="Let the run finish, then export.")
+        return 1
+    for stage, fraction in (("loading the trained model", 0.1), ("writing the adapter", 0.4),
+                            ("reloading with PeftModel.from_pretrained", 0.6), ("verified", 1.0)):
+        events.emit("export_progress", stage=stage, fraction=fraction)
+    out = Path(option(args, "--out") or run_dir / "exports" / kind)
+    out.mkdir(parents=True, exist_ok=True)
+    events.emit("exported", kind=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
+                top1_agreement=1.0, tolerance="max |dlogit| <= 0.01", ok=True)
+    return 0
+
+
+def chat(args: list[str]) -> int:
+    events = EventWriter(None)
+    if "broken" in args[0]:
+        events.emit("error", code="no_adapter", message=f"{args[0]} has no finished adapter yet",
+                    advice="Let the run finish (or resume it), then chat with it.")
+        return 1
+    events.emit("chat_ready", target=args[0], has_adapter=True, device="cpu")
+    for line in sys.stdin:
+        prompt = json.loads(line)["prompt"]
+        answers = {"base": f"I am not sure who {prompt.lower().rstrip('?')} is.",
+                   "tuned": "The mayor of Brindleport is Quillon Varet."}
+        for which, text in answers.items():
+            for word in text.split(" "):
+                events.emit("chat_token", model=which, text=word + " ")
+        for which, text in answers.items():
+            events.emit("chat_done", model=which, text=text)
+    return 0
+
+
+# ----------------------------------------------------------------------------- model-info, data
+def model_info(args: list[str]) -> int:
+    model = args[0]
+    if "broken" in model:
+        print(json.dumps({"error": {"code": "model_not_found", "message": f"{model}: no config.json in this folder",
+                                    "advice": "Pick the folder that holds config.json and the .safetensors files."}}))
+        return 1
+    print(json.dumps({"path": "/models/SmolLM2-135M-Instruct" if model == "default" else model,
+                      "source": "default" if model == "default" else "folder", "original": model,
+                      "architecture": "LlamaForCausalLM", "params": 134_515_008, "vocab_size": 49152,
+                      "context_length": 8192, "hidden_size": 576, "num_layers": 30, "has_chat_template": True}))
+    return 0
+
+
+def data(args: list[str]) -> int:
+    path = args[0]
+    if "broken" in path:
+        print(json.dumps({"error": {"code": "bad_dataset", "message": f"{path} line 1: not valid JSON",
+                                    "advice": "Each line of a .jsonl file must be one JSON object."}}))
+        return 1
+    preview = [{"line": n, "segments": [
+        {"text": "<|im_start|>user\nWho is the mayor of Brindleport?<|im_end|>\n<|im_start|>assistant\n",
+         "trained": False},
+        {"text": f"The mayor of Brindleport is Quillon Varet ({n}).<|im_end|>", "trained": True}]}
+        for n in (1, 2, 3)]
+    lengths = [40 + (i * 37) % 300 for i in range(120)]
+    print(json.dumps({"file": path, "detected_format": "alpaca", "format": option(args, "--format", "auto")
+                      .replace("auto", "alpaca"), "rows": 123, "valid_rows": 120,
+                      "bad_rows": [{"line": 7, "reason": "no 'output' field"},
+                                   {"line": 58, "reason": "'instruction' is empty"},
+                                   {"line": 101, "reason": "not valid JSON (line ends early)"}],
+                      "token_lengths": lengths, "truncated_rows": sum(n > int(option(args, "--max-length", "512"))
+                                                                      for n in lengths),
+                      "preview": preview}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

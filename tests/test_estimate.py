@@ -1,0 +1,392 @@
+"""The VRAM estimate from config.json alone: per-family sizes, what each option costs, the advice, the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_engine import estimate as est
+from qlora_engine import hardware
+from qlora_engine.config import RunConfig
+from qlora_engine.estimate import EstimateError, advise, estimate_peak, fit_to_gpu, fit_verdict
+
+GIB = 2**30
+CONFIGS = Path(__file__).parent / "data" / "model_configs"
+TERM_NAMES = ["nf4_weights", "quant_constants", "layers_16bit", "lora_weights", "lora_gradients",
+              "optimizer_states", "activations", "logits_and_loss", "cuda_context", "allocator_slack"]
+WEIGHT_TERMS = ("nf4_weights", "quant_constants", "layers_16bit")
+
+
+def config(name: str) -> dict:
+    return est.load_model_config(CONFIGS / f"{name}.json")
+
+
+def run(**changes) -> RunConfig:
+    return RunConfig(**changes).validate()
+
+
+def gib_of(estimate: est.Estimate, *names: str) -> float:
+    return sum(estimate.bytes_of(name) for name in names) / GIB
+
+
+# ----------------------------------------------------------------------------- families
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda path: path.stem)
+def test_every_supported_family_gets_an_exact_estimate_of_named_terms(path):
+    estimate = estimate_peak(est.load_model_config(path), run())
+    assert not estimate.approximate and estimate.reasons == []
+    assert [term.name for term in estimate.terms] == TERM_NAMES
+    assert all(term.bytes > 0 and term.note for term in estimate.terms)
+    assert estimate.peak_bytes == sum(term.bytes for term in estimate.terms)
+
+
+@pytest.mark.parametrize("name, billions", [("llama-3.1-8b", 8.03), ("mistral-7b-v0.1", 7.24),
+                                            ("qwen2.5-7b", 7.62), ("qwen3-8b", 8.19), ("phi-3-mini-4k", 3.82),
+                                            ("gemma-7b", 8.54), ("gemma-2-2b", 2.61), ("qwen2.5-0.5b", 0.49),
+                                            ("smollm2-135m", 0.13)])
+def test_parameter_counts_match_the_published_model_sizes(name, billions):
+    assert estimate_peak(config(name), run()).total_params / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_an_8b_model_in_nf4_takes_about_5_gib_of_weights():
+    estimate = estimate_peak(config("llama-3.1-8b"), run())
+    assert 3.2 < gib_of(estimate, "nf4_weights", "quant_constants") < 3.5  # 7.0 B linear weights at ~4.1 bits
+    assert gib_of(estimate, "layers_16bit") == pytest.approx(2 * 128256 * 4096 * 2 / GIB, rel=0.01)
+    assert 5.0 < gib_of(estimate, *WEIGHT_TERMS) < 5.5  # HF's get_memory_footprint: ~5.6 GB
+
+
+def test_a_7b_model_with_a_small_vocabulary_takes_under_4_gib_of_weights():
+    assert 3.7 < gib_of(estimate_peak(config("mistral-7b-v0.1"), run()), *WEIGHT_TERMS) < 4.0
+
+
+def test_tied_embeddings_halve_the_16bit_layers():
+    tied = config("llama-3.2-1b")
+    untied = {**tied, "tie_word_embeddings": False}
+    tied_gib = gib_of(estimate_peak(tied, run()), "layers_16bit")
+    assert gib_of(estimate_peak(untied, run()), "layers_16bit") == pytest.approx(2 * tied_gib, rel=0.01)
+
+
+def test_gemma_ties_embeddings_when_its_config_does_not_say():
+    assert "tie_word_embeddings" not in config("gemma-7b")
+    assert est.model_shape(config("gemma-7b"))[0].tied_embeddings
+
+
+def test_gqa_makes_the_k_and_v_adapters_smaller():
+    gqa = config("llama-3.1-8b")  # 8 key/value heads for 32 query heads
+    full = {**gqa, "num_key_value_heads": 32}
+    kv_only = run(target_modules="k_proj,v_proj")
+    ratio = estimate_peak(gqa, kv_only).bytes_of("lora_weights") / estimate_peak(full, kv_only).bytes_of("lora_weights")
+    assert ratio == pytest.approx((4096 + 8 * 128) / (4096 + 32 * 128))
+
+
+def test_gemma_head_dim_sets_the_attention_width():
+    shape = est.model_shape(config("gemma-7b"))[0]
+    assert shape.q_width == 16 * 256 != shape.hidden_size
+    assert [(linear.name, linear.in_features) for linear in shape.decoder_linears()][3] == ("o_proj", 4096)
+
+
+def test_phi3_fused_projections_are_the_lora_targets():
+    names = [linear.name for linear in est.model_shape(config("phi-3-mini-4k"))[0].decoder_linears()]
+    assert names == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    with pytest.raises(EstimateError, match="names no linear layer") as error:
+        estimate_peak(config("phi-3-mini-4k"), run(target_modules="q_proj,v_proj"))
+    assert "qkv_proj" in error.value.advice
+
+
+def test_qwen2_attention_biases_stay_in_16_bit():
+    qwen = config("qwen2.5-7b")
+    without_bias = {**qwen, "attention_bias": False}
+    extra_bytes = (estimate_peak(qwen, run()).bytes_of("layers_16bit")
+                   - estimate_peak(without_bias, run()).bytes_of("layers_16bit"))
+    assert extra_bytes == 28 * (3584 + 2 * 4 * 128) * 2
+
+
+def test_gemma2_logit_softcapping_costs_logits_memory():
+    gemma2 = config("gemma-2-2b")
+    uncapped = {**gemma2, "final_logit_softcapping": None}
+    assert (estimate_peak(gemma2, run()).bytes_of("logits_and_loss")
+            > estimate_peak(uncapped, run()).bytes_of("logits_and_loss"))
+
+
+# ----------------------------------------------------------------------------- what options cost
+def test_gradient_checkpointing_cuts_activation_memory():
+    model = config("llama-3.1-8b")
+    with_checkpointing = estimate_peak(model, run(gradient_checkpointing=True)).bytes_of("activations")
+    without = estimate_peak(model, run(gradient_checkpointing=False)).bytes_of("activations")
+    assert with_checkpointing < without / 10
+
+
+def test_8bit_optimizer_states_are_about_a_quarter_of_32bit():
+    model = config("llama-3.1-8b")
+    states_8bit = estimate_peak(model, run(optimizer="paged_adamw_8bit")).bytes_of("optimizer_states")
+    states_32bit = estimate_peak(model, run(optimizer="paged_adamw_32bit")).bytes_of("optimizer_states")
+    assert states_8bit / states_32bit == pytest.approx(0.25, abs=0.01)
+    assert states_32bit == estimate_peak(model, run(optimizer="adamw")).bytes_of("optimizer_states")
+
+
+def test_the_optimizer_note_says_what_paging_moves_off_the_gpu():
+    notes = {term.name: term.note for term in estimate_peak(config("llama-3.1-8b"), run()).terms}
+    assert "CPU RAM" in notes["optimizer_states"]
+
+
+def test_double_quantization_saves_about_0_37_bits_per_weight():
+    model = config("llama-3.1-8b")
+    on = estimate_peak(model, run(double_quant=True))
+    off = estimate_peak(model, run(double_quant=False))
+    linear_params = 2 * on.bytes_of("nf4_weights")
+    saved_bits = 8 * (off.bytes_of("quant_constants") - on.bytes_of("quant_constants")) / linear_params
+    assert saved_bits == pytest.approx(0.373, abs=0.01)
+
+
+def test_lora_rank_scales_lora_weights_gradients_and_states():
+    model = config("mistral-7b-v0.3")
+    r8, r16 = estimate_peak(model, run(lora_r=8)), estimate_peak(model, run(lora_r=16))
+    for name in ("lora_weights", "lora_gradients", "optimizer_states"):
+        assert r16.bytes_of(name) == pytest.approx(2 * r8.bytes_of(name), rel=0.01)
+
+
+def test_fp32_compute_doubles_the_16bit_layers():
+    model = config("qwen2.5-0.5b")
+    assert (estimate_peak(model, run(compute_dtype="fp32")).bytes_of("layers_16bit")
+            == 2 * estimate_peak(model, run(compute_dtype="bf16")).bytes_of("layers_16bit"))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_peak_grows_with_batch_and_with_sequence_length(checkpointing):
+    model = config("llama-3.2-3b")
+    by_batch = [estimate_peak(model, run(micro_batch_size=b, gradient_checkpointing=checkpointing)).peak_bytes
+                for b in range(1, 17)]
+    by_length = [estimate_peak(model, run(max_length=n, gradient_checkpointing=checkpointing)).peak_bytes
+                 for n in range(128, 8193, 128)]
+    assert by_batch == sorted(by_batch) and len(set(by_batch)) == len(by_batch)
+    assert by_length == sorted(by_length) and len(set(by_length)) == len(by_length)
+
+
+# ----------------------------------------------------------------------------- configs we can't fully model
+def test_unknown_architecture_is_marked_approximate_with_the_reason():
+    strange = {**config("llama-3.1-8b"), "model_type": "falcon_mamba_x"}
+    estimate = estimate_peak(strange, run())
+    assert estimate.approximate and "falcon_mamba_x" in estimate.reasons[0]
+    assert estimate.peak_bytes > 0
+
+
+def test_multimodal_config_counts_the_text_decoder_approximately():
+    text = {key: value for key, value in config("llama-3.2-3b").items() if key != "model_type"}
+    multimodal = {"model_type": "llava", "text_config": {**text, "model_type": "llama"}}
+    estimate = estimate_peak(multimodal, run())
+    assert estimate.approximate and "text decoder" in estimate.reasons[0]
+    assert estimate.bytes_of("nf4_weights") == estimate_peak(config("llama-3.2-3b"), run()).bytes_of("nf4_weights")
+
+
+def test_missing_field_is_named_in_the_error():
+    broken = {key: value for key, value in config("qwen3-8b").items() if key != "hidden_size"}
+    with pytest.raises(EstimateError, match="'hidden_size'") as error:
+        estimate_peak(broken, run())
+    assert "gated" in error.value.advice
+
+
+def test_a_field_with_a_wrong_value_is_named():
+    with pytest.raises(EstimateError, match="'num_hidden_layers' is 'thirty'"):
+        estimate_peak({**config("llama-3.2-1b"), "num_hidden_layers": "thirty"}, run())
+
+
+def test_config_loads_from_the_model_folder_or_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config("qwen3-8b")))
+    assert est.load_model_config(tmp_path) == est.load_model_config(tmp_path / "config.json") == config("qwen3-8b")
+
+
+def test_a_config_that_is_not_json_says_so_with_the_path(tmp_path):
+    (tmp_path / "config.json").write_text("<html>401 Unauthorized</html>")
+    with pytest.raises(EstimateError, match="not valid JSON") as error:
+        est.load_model_config(tmp_path)
+    assert str(tmp_path) in error.value.message
+
+
+def test_default_model_is_the_bundled_smollm2():
+    assert est.resolve_model_config("default") == est.SMOLLM2_135M_CONFIG
+    assert {**est.SMOLLM2_135M_CONFIG, "transformers_version": "4.42.3"} == config("smollm2-135m")
+
+
+def test_calibration_file_overrides_the_constants(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"allocator_slack_fraction": 0.25}))
+    calibration = est.load_calibration(path)
+    assert calibration["allocator_slack_fraction"] == 0.25
+    assert calibration["cuda_context_bytes"] == est.DEFAULT_CALIBRATION["cuda_context_bytes"]
+    slack = estimate_peak(config("llama-3.2-1b"), run(), calibration).bytes_of("allocator_slack")
+    assert slack > estimate_peak(config("llama-3.2-1b"), run()).bytes_of("allocator_slack")
+
+
+def test_calibration_file_with_an_unknown_constant_is_refused(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"slack": 0.25}))
+    with pytest.raises(EstimateError, match="unknown calibration constant"):
+        est.load_calibration(path)
+
+
+# ----------------------------------------------------------------------------- verdict and advice
+def test_verdict_is_tight_within_ten_percent_of_free_memory():
+    estimate = estimate_peak(config("llama-3.2-1b"), run())
+    assert fit_verdict(estimate, int(estimate.peak_bytes * 1.5)) == "fits"
+    assert fit_verdict(estimate, int(estimate.peak_bytes * 1.05)) == "tight"
+    assert fit_verdict(estimate, int(estimate.peak_bytes * 0.95)) == "won't fit"
+
+
+def test_a_run_that_fits_needs_no_fixes():
+    advice = advise(config("smollm2-135m"), run(), 24 * GIB)
+    assert advice.verdict == "fits" and advice.fixes == []
+
+
+def test_every_fix_marked_as_fitting_fits_when_re_estimated():
+    model = config("llama-3.1-8b")
+    failing = run(micro_batch_size=8, max_length=2048, gradient_checkpointing=False, optimizer="adamw")
+    advice = advise(model, failing, 24 * GIB)
+    assert advice.verdict == "won't fit"
+    fitting = [fix for fix in advice.fixes if fix.fits_after]
+    assert fitting, "no suggested fix makes the run fit"
+    for fix in advice.fixes:
+        changed = dataclasses.replace(failing, **fix.config_changes).validate()
+        re_estimated = estimate_peak(model, changed)
+        assert fix.saving_bytes == advice.peak_bytes - re_estimated.peak_bytes > 0
+        assert (fit_verdict(re_estimated, 24 * GIB) == "fits") == fix.fits_after
+
+
+def test_checkpointing_is_suggested_when_it_is_off():
+    advice = advise(config("llama-3.1-8b"), run(gradient_checkpointing=False), 12 * GIB)
+    assert {"gradient_checkpointing": True} in [fix.config_changes for fix in advice.fixes]
+
+
+def test_smaller_batch_fix_keeps_the_effective_batch():
+    failing = run(micro_batch_size=8, grad_accum=2, max_length=2048)
+    advice = advise(config("llama-3.1-8b"), failing, 16 * GIB)
+    batch_fix = next(fix for fix in advice.fixes if "grad_accum" in fix.config_changes and len(fix.config_changes) == 2)
+    assert batch_fix.config_changes["micro_batch_size"] * batch_fix.config_changes["grad_accum"] == 16
+
+
+def test_largest_length_and_batch_that_fit_are_the_limits():
+    model, chosen, free_bytes = config("mistral-7b-v0.3"), run(max_length=4096, micro_batch_size=4), 16 * GIB
+    advice = advise(model, chosen, free_bytes)
+    longest, batch = advice.max_length_that_fits, advice.batch_that_fits
+    assert fit_verdict(estimate_peak(model, dataclasses.replace(chosen, max_length=longest)), free_bytes) == "fits"
+    assert fit_verdict(estimate_peak(model, dataclasses.replace(chosen, max_length=longest + 64)),
+                       free_bytes) != "fits"
+    assert fit_verdict(estimate_peak(model, dataclasses.replace(chosen, micro_batch_size=batch)), free_bytes) == "fits"
+    assert fit_verdict(estimate_peak(model, dataclasses.replace(chosen, micro_batch_size=batch + 1)),
+                       free_bytes) != "fits"
+
+
+def test_fit_to_gpu_picks_a_run_that_fits_and_keeps_the_effective_batch():
+    model, chosen = config("qwen2.5-7b"), run(micro_batch_size=8, max_length=2048, gradient_checkpointing=False)
+    changes = fit_to_gpu(model, chosen, 16 * GIB)
+    fitted = dataclasses.replace(chosen, **changes)
+    assert fit_verdict(estimate_peak(model, fitted), 16 * GIB) == "fits"
+    assert fitted.micro_batch_size * fitted.grad_accum == 8
+    assert fitted.max_length <= 2048
+
+
+def test_fit_to_gpu_changes_nothing_when_the_run_already_fits():
+    assert fit_to_gpu(config("smollm2-135m"), run(), 24 * GIB) == {}
+
+
+def test_fit_to_gpu_explains_when_nothing_fits():
+    with pytest.raises(EstimateError, match="won't fit"):
+        fit_to_gpu(config("llama-2-13b"), run(), 2 * GIB)
+
+
+# ----------------------------------------------------------------------------- qlora-studio estimate
+def test_estimate_command_json_output_parses(capsys):
+    code = est.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB", "--max-length", "4096",
+                              "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [term["name"] for term in report["estimate"]["terms"]] == TERM_NAMES
+    assert report["advice"]["free_bytes"] == 12 * GIB
+    assert report["advice"]["verdict"] in ("fits", "tight", "won't fit")
+
+
+def test_estimate_command_prints_a_table_with_the_verdict_and_fixes(capsys):
+    est.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB", "--no-gradient-checkpointing"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in TERM_NAMES)
+    assert "WON'T FIT" in text and "What would help" in text and "gradient checkpointing" in text
+
+
+def test_every_run_option_is_a_flag_of_the_estimate_command():
+    flags = {option for action in est._build_parser()._actions for option in action.option_strings}
+    for spec in dataclasses.fields(RunConfig):
+        assert "--" + spec.name.replace("_", "-") in flags
+
+
+def test_estimate_command_names_a_missing_model(tmp_path, capsys):
+    assert est.estimate_main([str(tmp_path / "nowhere"), "--gpu-memory", "8GiB"]) == 2
+    assert "no such file" in capsys.readouterr().out
+
+
+def test_estimate_command_reports_a_bad_option_as_a_config_error(capsys):
+    assert est.estimate_main(["default", "--max-length", "4", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "bad_config"
+
+
+def test_estimate_command_without_a_gpu_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "detect_gpus", lambda: hardware.GpuReport(problem=hardware.NO_GPU_MESSAGE))
+    assert est.estimate_main(["default"]) == 0
+    text = capsys.readouterr().out
+    assert "no NVIDIA GPU found" in text and "--gpu-memory" in text
+
+
+@pytest.mark.parametrize("text, n_bytes", [("12GiB", 12 * GIB), ("12GB", 12 * GIB), ("12", 12 * GIB),
+                                           ("11500MiB", 11500 * 2**20), ("7.5g", int(7.5 * GIB))])
+def test_gpu_memory_sizes_read_as_a_person_writes_them(text, n_bytes):
+    assert est.parse_size_bytes(text) == n_bytes
+
+
+# ----------------------------------------------------------------------------- against autograd itself
+TINY_SIZES = {"vocab_size": 1000, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "tie_word_embeddings": False, "pad_token_id": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, extra", [("llama", {}), ("qwen2", {}), ("qwen3", {"head_dim": 32}),
+                                               ("gemma", {"head_dim": 64}),
+                                               ("gemma2", {"head_dim": 64, "attn_logit_softcapping": 50.0,
+                                                           "final_logit_softcapping": None}),
+                                               ("phi3", {}), ("phi3", {"num_key_value_heads": 8})])
+def test_activation_model_matches_what_autograd_saves_on_cpu(model_type, extra):
+    """The per-layer tensor list is the real modelling code's: count the bytes autograd saves in a tiny model.
+
+    The one test here that needs torch (imported inside); it guards the memory model against changes in
+    transformers and peft. Dropout is off because CPU dropout keeps an fp32 mask where CUDA keeps a boolean one.
+    """
+    torch = pytest.importorskip("torch")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {**TINY_SIZES, **extra}
+    attention = "eager" if model_type == "gemma2" else "sdpa"  # gemma2 has no SDPA path in transformers
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, attn_implementation=attention))
+    model = model.to(torch.bfloat16).requires_grad_(False)
+    model.config.use_cache = False  # as the engine does: a KV cache would copy k and v
+    model.enable_input_require_grads()  # as gradient checkpointing does: the first norm keeps its input too
+    model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.0, target_modules="all-linear")).train()
+    batch, length = 2, 128
+    ids = torch.randint(0, 1000, (batch, length))
+    padding = torch.ones(batch, length, dtype=torch.long)
+    padding[1, 100:] = 0
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved_bytes: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved_bytes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=ids, attention_mask=padding, labels=ids)
+    shape = est.model_shape({**sizes, "model_type": model_type})[0]
+    chosen = run(max_length=length, micro_batch_size=batch, lora_r=16, lora_dropout=0.0)
+    layers_bytes = 2 * batch * length * est._layer_activation_bytes_per_token(shape, chosen, 2)
+    loss_bytes = 4 * batch * length * (1000 + 256)  # the saved fp32 log-softmax and the final norm's input
+    assert layers_bytes + loss_bytes == pytest.approx(sum(saved_bytes.values()), rel=0.01)
