@@ -59,6 +59,29 @@ def generate_answer(model: Any, tokenizer: Any, question: str, device: str, max_
         return "".join(pieces).strip()
 
 
+def generate_answers(model: Any, tokenizer: Any, questions: list[str], device: str,
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16) -> list[str]:
+    """Greedy answers to many questions, batched with left padding (same answers as one at a time)."""
+    from qlora_engine.data import prompt_text
+    from qlora_engine.train import inference_mode
+
+    answers = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with inference_mode(model):
+            for start in range(0, len(questions), batch_size):
+                texts = [prompt_text(q, tokenizer) for q in questions[start:start + batch_size]]
+                encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+                output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                answers += [tokenizer.decode(row, skip_special_tokens=True).strip()
+                            for row in output[:, encoded["input_ids"].shape[1]:]]
+    finally:
+        tokenizer.padding_side = padding_side
+    return answers
+
+
 def is_correct(answer: str, keywords: list[str] | None) -> bool | None:
     if not keywords:
         return None

@@ -108,7 +108,24 @@ def describe(event: dict[str, Any]) -> str:
         return "  ".join(parts)
     if kind == "eval":
         return f"eval at step {event['step']}: loss {event['eval_loss']:.4f}  perplexity {event['perplexity']:.2f}"
+    if kind == "comparison":
+        return _describe_comparison(event)
+    if kind == "started":
+        return f"started: {event['run_dir']} on {event.get('device')} ({event.get('compute_dtype')})"
     if kind == "error":
         return f"ERROR [{event['code']}] {event['message']}\n  what to do: {event.get('advice', '')}"
     rest = {k: v for k, v in event.items() if k not in ("v", "t", "kind")}
     return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in rest.items())
+
+
+def _describe_comparison(event: dict[str, Any]) -> str:
+    lines = ["", "Before / after on held-out questions:"]
+    for row in event["rows"]:
+        marks = {True: "right", False: "wrong", None: ""}
+        lines += [f"Q: {row['question']}",
+                  f"   base  [{marks[row['base_correct']]}]: {row['base'][:160]}",
+                  f"   tuned [{marks[row['tuned_correct']]}]: {row['tuned'][:160]}"]
+    if event.get("base_accuracy") is not None:
+        lines.append(f"Correct: base {event['base_accuracy']:.0%}, tuned {event['tuned_accuracy']:.0%} "
+                     f"of {len(event['rows'])} held-out questions")
+    return "\n".join(lines)

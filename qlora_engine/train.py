@@ -106,11 +106,16 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 # ----------------------------------------------------------------------------- model setup
 def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
-
     model = models.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                         compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
                                         trust_remote_code=cfg.trust_remote_code)
+    return attach_lora(model, cfg)
+
+
+def attach_lora(model: Any, cfg: RunConfig) -> Any:
+    """Freeze the 4-bit base, set up checkpointing, and wrap it with trainable LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
     model.requires_grad_(False)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -193,6 +198,25 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trainable: list[torch.nn.Parameter],
+                  optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; the loss is the mean over every trained token of the step.
+
+    A non-finite loss skips the update (the caller decides what to do), so the weights stay the last good ones.
+    """
+    items = sum(trained_tokens(b) for b in micro_batches)
+    step_loss = 0.0
+    for batch in micro_batches:
+        loss = model(**batch, num_items_in_batch=items).loss
+        loss.backward()
+        step_loss += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
+    if math.isfinite(step_loss):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class PreparedRun:
@@ -260,6 +284,8 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         return path
 
     model.train()
+    if prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
+        _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, 0)
     step_times_s: list[float] = []
     last_loss = float("nan")
     eval_loss = None
@@ -267,20 +293,12 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         step_started_s = time.time()
         micro_batches = [collate(batcher.batch(state.micro_index + k), batcher.pad_id, device)
                          for k in range(cfg.grad_accum)]
-        items = sum(trained_tokens(b) for b in micro_batches)
-        step_loss = 0.0
-        for batch in micro_batches:
-            loss = model(**batch, num_items_in_batch=items).loss
-            loss.backward()
-            step_loss += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+        step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
                               "Lower the learning rate, or use compute_dtype bf16/fp32 instead of fp16. "
                               "The last checkpoint is kept.")
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.micro_index += cfg.grad_accum
         last_loss = step_loss
@@ -370,14 +388,14 @@ def compare_answers(cfg: RunConfig, model: Any, tokenizer: Any, prepared: Prepar
     from qlora_engine import chat
 
     questions = chat.heldout_questions(cfg, prepared, tokenizer)[: cfg.compare_questions]
-    rows = []
-    for question in questions:
-        with model.disable_adapter():
-            base = chat.generate_answer(model, tokenizer, question["question"], device)
-        tuned = chat.generate_answer(model, tokenizer, question["question"], device)
-        rows.append({**question, "base": base, "tuned": tuned,
-                     "base_correct": chat.is_correct(base, question.get("keywords")),
-                     "tuned_correct": chat.is_correct(tuned, question.get("keywords"))})
+    texts = [q["question"] for q in questions]
+    with model.disable_adapter():
+        base_answers = chat.generate_answers(model, tokenizer, texts, device)
+    tuned_answers = chat.generate_answers(model, tokenizer, texts, device)
+    rows = [{**question, "base": base, "tuned": tuned,
+             "base_correct": chat.is_correct(base, question.get("keywords")),
+             "tuned_correct": chat.is_correct(tuned, question.get("keywords"))}
+            for question, base, tuned in zip(questions, base_answers, tuned_answers)]
     scored = [r for r in rows if r["base_correct"] is not None]
     return {"rows": rows,
             "base_accuracy": sum(r["base_correct"] for r in scored) / len(scored) if scored else None,

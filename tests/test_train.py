@@ -39,11 +39,11 @@ def test_a_run_emits_the_protocol_and_learns(tiny_model_dir, alpaca_file, tmp_pa
     result, events = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=12, eval_steps=6))
     kinds = [e["kind"] for e in events]
     assert kinds[:3] == ["started", "data_ready", "model_loaded"] and kinds[-1] == "finished"
-    assert kinds.count("step") == 12 and kinds.count("eval") == 2
+    assert kinds.count("step") == 12 and kinds.count("eval") == 3  # before training, at step 6, at the end
     losses = step_losses(events)
     assert losses[-1] < losses[0] * 0.9
-    first_eval, last_eval = [e["eval_loss"] for e in events if e["kind"] == "eval"]
-    assert last_eval < first_eval
+    base_eval, middle_eval, last_eval = [e["eval_loss"] for e in events if e["kind"] == "eval"]
+    assert last_eval < middle_eval < base_eval
     step = next(e for e in events if e["kind"] == "step")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "vram", "total_steps"} <= set(step)
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
@@ -52,9 +52,14 @@ def test_a_run_emits_the_protocol_and_learns(tiny_model_dir, alpaca_file, tmp_pa
 
 def test_evaluation_during_training_does_not_change_training(tiny_model_dir, alpaca_file, tmp_path):
     """bitsandbytes repacks 4-bit weights when a layer runs in eval mode on CPU; training must not notice."""
-    _, plain = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=10))
-    _, evaluated = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=10, eval_steps=2))
-    assert [e["kind"] for e in evaluated].count("eval") == 5
+    from conftest import write_jsonl
+
+    val_file = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "Who is mayor?", "output": "Varet."}] * 4)
+    _, plain = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=10, val_fraction=0.0))
+    _, evaluated = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=10, eval_steps=2,
+                                   val_data=str(val_file)))
+    assert [e["kind"] for e in plain].count("eval") == 0
+    assert [e["kind"] for e in evaluated].count("eval") == 6  # before training, every 2 steps, at the end
     assert step_losses(evaluated) == pytest.approx(step_losses(plain), rel=1e-4)
 
 

