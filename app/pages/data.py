@@ -152,13 +152,16 @@ class DataPage(Page):
         self.histogram_bars = pg.PlotDataItem(stepMode="center", fillLevel=0, brush=_histogram_brush())
         self.histogram.addItem(self.histogram_bars)
         self.limit_line = pg.InfiniteLine(angle=90, pen=pg.mkPen(theme.SERIES_COLORS["limit"], width=2,
-                                                                 style=Qt.PenStyle.DashLine))
+                                                                 style=Qt.PenStyle.DashLine),
+                                          label="cut here", labelOpts={"position": 0.92, "anchors": [(1, 0), (1, 0)],
+                                                                       "color": theme.SERIES_COLORS["limit"]})
         self.histogram.addItem(self.limit_line)
         side_layout.addWidget(self.histogram, 1)
         self.bad_rows_label = QLabel("<b>Bad rows</b>")
         side_layout.addWidget(self.bad_rows_label)
         self.bad_rows = QTableWidget(0, 2)
         self.bad_rows.setHorizontalHeaderLabels(["Line", "Problem"])
+        self.bad_rows.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.bad_rows.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.bad_rows.verticalHeader().hide()
         self.bad_rows.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)

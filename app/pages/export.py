@@ -70,6 +70,7 @@ class ExportPage(Page):
         self.body.addStretch(1)
         self.result_path = ""
         session.run_changed.connect(self._show_state)
+        session.training_changed.connect(lambda _running: self._show_state())  # an adapter may exist now
         self._show_state()
 
     def _build_choice(self) -> QWidget:
@@ -171,6 +172,10 @@ class ExportPage(Page):
         self.export_button.setEnabled(bool(summary and summary.has_adapter) and not exporting)
         self.export_button.setText("Exporting…" if exporting else "Export")
         self._show_destination()
+
+    def showEvent(self, event: object) -> None:  # noqa: N802 (Qt override)
+        self._show_state()
+        super().showEvent(event)
 
     def shutdown(self) -> None:
         self.engine.kill()

@@ -227,16 +227,23 @@ class FitPage(Page):
         self.fixes_title.setText("<b>What would help</b>" if advice.fixes else
                                  "<b>No changes needed.</b> Fit to my GPU can still use spare memory for larger "
                                  "batches.")
-        for fix in advice.fixes[:6]:
-            self.fix_rows.addWidget(self._fix_button(fix))
+        for fix in advice.fixes[:5]:
+            self.fix_rows.addWidget(self._fix_row(fix))
 
-    def _fix_button(self, fix: estimate.Fix) -> QPushButton:
-        outcome = "fits after this" if fix.fits_after else "helps, not enough alone"
-        button = QPushButton(f"Apply: {fix.description}  —  saves {size(fix.saving_bytes)}, {outcome}")
-        button.setStyleSheet("text-align: left; padding: 6px 12px;")
-        button.setToolTip("Changes " + ", ".join(f"{k} → {v}" for k, v in fix.config_changes.items()))
-        button.clicked.connect(lambda _checked=False, changes=fix.config_changes: self.apply_changes(changes))
-        return button
+    def _fix_row(self, fix: estimate.Fix) -> QWidget:
+        """One fix: what it changes and saves (wrapped), and an Apply button that makes the change."""
+        row = card()
+        layout = QHBoxLayout(row)
+        layout.setContentsMargins(10, 4, 6, 4)
+        outcome = "fits after this" if fix.fits_after else "helps, but not enough alone"
+        description = QLabel(f"{html.escape(fix.description)} — saves <b>{size(fix.saving_bytes)}</b>, {outcome}",
+                             wordWrap=True)
+        apply = QPushButton("Apply", objectName="apply_fix")
+        apply.setToolTip("Changes " + ", ".join(f"{k} → {v}" for k, v in fix.config_changes.items()))
+        apply.clicked.connect(lambda _checked=False, changes=fix.config_changes: self.apply_changes(changes))
+        layout.addWidget(description, 1)
+        layout.addWidget(apply)
+        return row
 
     def _show_error(self, error: dict[str, Any]) -> None:
         self.verdict.setText("—")

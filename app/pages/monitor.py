@@ -122,8 +122,8 @@ class MonitorPage(Page):
             "grad_norm": self._curve("grad_norm", "grad_norm", None),
             "tokens_per_s": self._curve("tokens_per_s", "tokens_per_s", None),
         }
-        self.total_line = self._level_line("total", "GPU total")
-        self.estimate_line = self._level_line("estimate", "estimate")
+        self.total_line = self._level_line("total", "GPU total", text_below=True)
+        self.estimate_line = self._level_line("estimate", "estimated peak", text_below=False)
         grid.addWidget(self.plots["loss"], 0, 0, 1, 3)
         grid.addWidget(self.plots["vram"], 0, 3, 1, 3)
         grid.addWidget(self.plots["lr"], 1, 0, 1, 2)
@@ -139,10 +139,12 @@ class MonitorPage(Page):
         return self.plots[plot].plot([], [], name=legend, pen=pg.mkPen(color, width=2), symbol=symbol,
                                      symbolSize=7, symbolBrush=color, symbolPen=None)
 
-    def _level_line(self, key: str, label: str) -> pg.InfiniteLine:
+    def _level_line(self, key: str, label: str, text_below: bool) -> pg.InfiniteLine:
+        anchor = (0, 0) if text_below else (0, 1)
         line = pg.InfiniteLine(angle=0, pen=pg.mkPen(theme.SERIES_COLORS[key], width=1.5,
                                                       style=Qt.PenStyle.DashLine),
-                               label=label, labelOpts={"position": 0.05, "color": theme.SERIES_COLORS[key]})
+                               label=label, labelOpts={"position": 0.02, "anchors": [anchor, anchor],
+                                                      "color": theme.SERIES_COLORS[key]})
         line.hide()
         self.plots["vram"].addItem(line)
         return line
@@ -235,8 +237,18 @@ class MonitorPage(Page):
                                  (self.estimate_line, metrics.estimate_peak_bytes)):
             line.setVisible(bool(size_bytes))
             line.setValue((size_bytes or 0) / GIB)
+        self._fit_vram_range()
         self._show_numbers()
         self._show_outcome()
+
+    def _fit_vram_range(self) -> None:
+        """Room for the curves and both level lines (auto-range ignores lines)."""
+        metrics = self.metrics
+        highest_bytes = max([metrics.gpu_total_bytes, metrics.estimate_peak_bytes] +
+                            [float(metrics.series[n].y.max()) for n in ("vram_process", "vram_gpu")
+                             if metrics.series[n].count])
+        if highest_bytes:
+            self.plots["vram"].setYRange(0, highest_bytes / GIB * 1.08, padding=0)
 
     def _show_numbers(self) -> None:
         m = self.metrics

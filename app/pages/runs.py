@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtGui import QColor, QDesktopServices
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
@@ -20,13 +20,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app import formatting, settings
+from app import formatting, settings, theme
 from app.runs import RunSummary, delete_run, list_runs
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, primary_button
 
 COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Duration", "Started")
+STATUS_COLORS = {"finished": "good", "failed": "bad", "stopped": "warn", "interrupted": "warn"}
 STATUS_WORDS = {"new": "not started", "running": "training now", "finished": "finished", "failed": "failed",
                 "stopped": "stopped (resumable)", "interrupted": "interrupted"}
 
@@ -102,6 +103,7 @@ class RunsPage(Page):
         self.folder_label.setText(f"Runs folder: {folder}")
         self.banner.clear()
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # a folder that can't exist is said now, not at Start
             self.runs = list_runs(folder)
         except OSError as exc:
             self.runs = []
@@ -114,6 +116,8 @@ class RunsPage(Page):
                 item = QTableWidgetItem(text)
                 if column >= 3:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                if column == 1 and run.status in STATUS_COLORS:
+                    item.setForeground(QColor(theme.color(STATUS_COLORS[run.status])))
                 if column == 1 and run.error_message:
                     item.setToolTip(run.error_message)
                 self.table.setItem(row, column, item)

@@ -99,7 +99,7 @@ class TrainPage(Page):
         steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epoch(s)"
         model = "the bundled SmolLM2-135M" if config.model == "default" else config.model
         data = "the sample data" if config.data == "sample" else config.data
-        self.summary.setText(f"{model} on {data}: {steps}, batch {config.micro_batch_size} × "
+        self.summary.setText(f"This run: {model} on {data}, {steps}, batch {config.micro_batch_size} × "
                              f"{config.grad_accum}, sequences up to {config.max_length} tokens, LoRA rank "
                              f"{config.lora_r}.")
         self.banner.clear()

