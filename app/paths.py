@@ -6,8 +6,10 @@ from pathlib import Path
 
 import platformdirs
 
+from qlora_engine.resources import resources_dir
+
 APP_NAME = "qlora-studio"
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+RESOURCES = resources_dir()
 
 
 def resource(*parts: str) -> Path:

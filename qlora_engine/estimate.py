@@ -2,6 +2,12 @@
 
 Holds the memory model (named terms in bytes), the fit verdict, advice, and `qlora-studio estimate`.
 No weights are loaded and torch is not imported; the measured constants live in CALIBRATION.
+
+What the estimate predicts: the GPU memory the training process adds, as NVML (nvidia-smi) counts it, i.e. what a
+user compares with the free memory of the card. That is torch's peak *allocated* tensors (the terms up to
+logits_and_loss), plus what torch's caching allocator reserves beyond them (allocator_slack), plus what never goes
+through torch (cuda_context, and the paged part of optimizer_states). calibration_errors() holds the estimate
+against a measured table (tests/data/memory_measured_h100.jsonl, from `qlora-studio bench --memory`).
 """
 from __future__ import annotations
 
@@ -10,8 +16,9 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,8 @@ QUANT_CODE_BYTES = 16 * FP32_BYTES  # the NF4/FP4 code table every quantized ten
 NESTED_QUANT_EXTRA_BYTES = 256 * FP32_BYTES + FP32_BYTES  # the 8-bit code table and the mean offset
 OPTIMIZER_8BIT_BLOCKSIZE = 256  # parameters per fp32 absmax of each 8-bit optimizer state
 OPTIMIZER_8BIT_MIN_PARAMS = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
+OPTIMIZER_PAGED_MIN_PARAMS = 100_000  # paged optimizers page only the states of tensors this large; smaller ones
+#                                       are ordinary GPU tensors (bitsandbytes Optimizer8bit.get_state_buffer)
 
 TIGHT_MARGIN_FRACTION = 0.10  # a peak within this fraction of free memory is "tight"
 SEARCH_MAX_BATCH = 1024
@@ -36,16 +45,27 @@ SEARCH_DEFAULT_MAX_LENGTH = 32768  # when config.json gives no max_position_embe
 MIN_MAX_LENGTH = 16  # RunConfig's minimum
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
+# Fallbacks when calibration.json is missing: the H100 fit (see calibration.json's _source), rounded. The file holds
+# the fitted values; any constant it leaves out keeps the value here.
 DEFAULT_CALIBRATION: dict[str, float] = {
-    # Driver, CUDA runtime, cuBLAS and bitsandbytes kernels: memory NVML sees that torch never allocates.
-    "cuda_context_bytes": 500 * BYTES_PER_MIB,
-    # The caching allocator reserves more than it hands out (block rounding, fragmentation).
-    "allocator_slack_fraction": 0.10,
+    # What the process adds to the GPU beyond torch's tensors and the paged optimizer states: the CUDA driver
+    # context, the kernels of CUDA, cuBLAS, bitsandbytes and the attention kernels, cuBLAS workspaces. Measured as
+    # NVML's used memory minus torch's max reserved minus the GPU's used memory before the process started.
+    "cuda_context_bytes": 900 * BYTES_PER_MIB,
+    # The caching allocator reserves more than the step's short-lived tensors (activations, logits, gradients)
+    # need: block rounding, and freed blocks split by later, smaller tensors (fragmentation). A fraction of those
+    # tensors' bytes at the peak; the weights and LoRA parameters are allocated once and add no slack.
+    "allocator_slack_full_fraction": 0.10,  # without gradient checkpointing
+    # With checkpointing each layer's recomputation lands in the blocks the logits freed, so the next step's
+    # logits need fresh ones: about three times the slack.
+    "allocator_slack_checkpointed_fraction": 0.35,
     # Multiplies the tensors autograd is counted as keeping per token for one decoder layer run in full
     # (see _layer_activation_bytes_per_token): 1.0 = exactly the enumerated tensors.
     "activation_full_scale": 1.0,
     # Multiplies what gradient checkpointing keeps per token per layer: the layer's input hidden state.
     "activation_checkpointed_scale": 1.0,
+    # Multiplies the gradients one layer's backward holds at once (see _backward_transient_bytes_per_token).
+    "backward_transient_scale": 1.0,
     # fp32 [batch, tokens, vocab] tensors alive at once in the loss's backward: the saved log-softmax, the
     # gradient flowing into it and the gradient it hands back.
     "logits_fp32_backward_copies": 3.0,
@@ -68,8 +88,9 @@ class EstimateError(ValueError):
 def load_calibration(path: Path = CALIBRATION_PATH) -> dict[str, float]:
     """DEFAULT_CALIBRATION, with the values fitted to measurements from `path` where that file exists.
 
-    These constants are to be calibrated: `qlora-studio bench --memory` records measured peaks next to the
-    estimate, and the fitted values go in qlora_engine/calibration.json as {"name": number}.
+    The file is {"name": number} with the fitted constants; keys that start with "_" are notes (where and when
+    the measurements were taken) and are ignored. `qlora-studio bench --memory` records measured peaks next to
+    the estimate; calibration_errors() says how far the estimate is from them.
     """
     calibration = dict(DEFAULT_CALIBRATION)
     if not path.is_file():
@@ -78,6 +99,7 @@ def load_calibration(path: Path = CALIBRATION_PATH) -> dict[str, float]:
         fitted = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise EstimateError(f"{path}: not valid JSON (line {exc.lineno})", "Fix or delete the file.") from exc
+    fitted = {name: value for name, value in fitted.items() if not name.startswith("_")}
     unknown = sorted(set(fitted) - set(calibration))
     if unknown:
         raise EstimateError(f"{path}: unknown calibration constant(s) {', '.join(unknown)}",
@@ -328,11 +350,19 @@ def _weight_terms(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> list[T
     ]
 
 
-def _optimizer_state_bytes(params: int, optimizer: str) -> int:
-    """Adam's two moments for one tensor: fp32 (8 bytes/param) or bitsandbytes 8-bit blockwise (~2)."""
-    if optimizer != "paged_adamw_8bit" or params < OPTIMIZER_8BIT_MIN_PARAMS:
-        return 2 * FP32_BYTES * params
-    return 2 * (params + math.ceil(params / OPTIMIZER_8BIT_BLOCKSIZE) * FP32_BYTES)
+def _optimizer_state_bytes(params: int, optimizer: str) -> tuple[int, int]:
+    """Adam's two moments for one tensor, as (bytes in ordinary GPU tensors, bytes in paged memory).
+
+    fp32 is 8 bytes/param; bitsandbytes 8-bit is 2 plus an fp32 absmax per block of 256 (tensors under 4096
+    parameters keep fp32 states). Paged optimizers page the two states of tensors of 100,000 parameters or more.
+    """
+    if optimizer == "paged_adamw_8bit" and params >= OPTIMIZER_8BIT_MIN_PARAMS:
+        state_bytes = 2 * params
+        absmax_bytes = 2 * math.ceil(params / OPTIMIZER_8BIT_BLOCKSIZE) * FP32_BYTES
+    else:
+        state_bytes, absmax_bytes = 2 * FP32_BYTES * params, 0
+    paged = optimizer.startswith("paged") and params >= OPTIMIZER_PAGED_MIN_PARAMS
+    return (absmax_bytes, state_bytes) if paged else (state_bytes + absmax_bytes, 0)
 
 
 OPTIMIZER_NOTES = {
@@ -345,21 +375,35 @@ PAGING_NOTE = ("; paged = CUDA unified memory: it sits on the GPU while there is
                "not an out-of-memory error). torch's memory counters don't include it; NVML does")
 
 
-def _lora_terms(shape: ModelShape, run: RunConfig) -> tuple[list[Term], int]:
+@dataclass(frozen=True)
+class LoraSizes:
+    params: int
+    weight_bytes: int  # fp32 A and B of every targeted layer
+    gradient_bytes: int  # one fp32 gradient per parameter, alive from its layer's backward until zero_grad
+    state_bytes: int  # optimizer states in ordinary GPU tensors
+    paged_state_bytes: int  # optimizer states in paged (unified) memory
+
+
+def _lora_sizes(shape: ModelShape, run: RunConfig) -> LoraSizes:
     """LoRA A (r x in) and B (out x r) on every targeted layer, in fp32; their gradients; the optimizer states."""
     tensors = [run.lora_r * size for linear in targeted_linears(shape, run.target_modules)
                for size in (linear.in_features * linear.copies, linear.out_features * linear.copies)]
     tensors = tensors * shape.num_layers
     params = sum(tensors)
-    state_bytes = sum(_optimizer_state_bytes(count, run.optimizer) for count in tensors)
-    paging = PAGING_NOTE if run.optimizer.startswith("paged") else ""
-    return [
-        Term("lora_weights", params * FP32_BYTES,
-             f"{_millions(params)} trainable parameters in fp32 (rank {run.lora_r} on {run.target_modules})"),
-        Term("lora_gradients", params * FP32_BYTES, "one fp32 gradient per LoRA parameter, kept across "
-             "gradient-accumulation micro-batches"),
-        Term("optimizer_states", state_bytes, OPTIMIZER_NOTES[run.optimizer] + paging),
-    ], params
+    states = [_optimizer_state_bytes(count, run.optimizer) for count in tensors]
+    return LoraSizes(params=params, weight_bytes=params * FP32_BYTES, gradient_bytes=params * FP32_BYTES,
+                     state_bytes=sum(torch_bytes for torch_bytes, _ in states),
+                     paged_state_bytes=sum(paged_bytes for _, paged_bytes in states))
+
+
+def _is_padded(shape: ModelShape, run: RunConfig) -> bool:
+    """Whether attention gets a padding mask.
+
+    The engine pads each micro-batch to its longest row (train.collate), so a batch of one row is never padded:
+    transformers then passes SDPA no mask at all and SDPA runs causal, with GQA's k and v unexpanded. Batches of
+    several rows are counted as padded (rows of one length are the exception). Eager attention always gets masks.
+    """
+    return run.micro_batch_size > 1 or shape.family.eager_attention
 
 
 def _lora_input_bytes_per_token(linear: LinearShape, run: RunConfig, tokens_through: int) -> int:
@@ -369,21 +413,28 @@ def _lora_input_bytes_per_token(linear: LinearShape, run: RunConfig, tokens_thro
 
 
 def _attention_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:
-    """What attention keeps per token for one layer, batches padded (the common case).
+    """What attention keeps per token for one layer.
 
     A padding mask makes transformers expand GQA's k and v to every head before attention. SDPA then keeps q, k,
-    v, its output, the logsumexp and the mask as a 16-bit bias row of max_length. Eager attention (families
-    without an SDPA path) keeps q, k, v and the max_length-long rows of scores: the fp32 softmax, its 16-bit
-    copy, and tanh's output when the scores are soft-capped.
+    v, its output, the logsumexp and the mask as a 16-bit bias row of max_length. Without padding (batch 1) SDPA
+    runs causal with no mask and keeps k and v at their own width. Eager attention (families without an SDPA
+    path) keeps q, k, v and the max_length-long rows of scores: the fp32 softmax, its 16-bit copy, and tanh's
+    output when the scores are soft-capped.
     """
     d, t = dtype_bytes, run.max_length
+    padded = _is_padded(shape, run)
     q_k_v = 3 * shape.q_width * d
     if shape.family.eager_attention:
         per_score = FP32_BYTES + d + (d if shape.attn_logit_softcapping else 0)
         return q_k_v + shape.num_heads * t * per_score
-    # Fused qkv_proj without GQA: v stays a view of the fused output, which keeps its q and k parts alive too.
-    fused_rest = shape.q_width + shape.kv_width if shape.family.fused_projections and not shape.is_gqa else 0
-    return q_k_v + shape.q_width * d + shape.num_heads * FP32_BYTES + t * d + fused_rest * d
+    if not padded:
+        q_k_v = (shape.q_width + 2 * shape.kv_width) * d
+    # Fused qkv_proj: v stays a view of the fused output, which keeps its q and k parts alive too, unless GQA's
+    # expansion for the padding mask copies it.
+    fused_rest = shape.q_width + shape.kv_width if shape.family.fused_projections and not (
+        shape.is_gqa and padded) else 0
+    mask_row = t * d if padded else 0
+    return q_k_v + shape.q_width * d + shape.num_heads * FP32_BYTES + mask_row + fused_rest * d
 
 
 def _layer_activation_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:
@@ -400,6 +451,18 @@ def _layer_activation_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_b
     return norms + qk_norms + _attention_bytes_per_token(shape, run, dtype_bytes) + mlp + lora
 
 
+def _backward_transient_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:
+    """The gradients one layer's backward holds at once, on top of that layer's saved tensors.
+
+    The backward starts at down_proj, the widest input: its LoRA path hands back an fp32 gradient of the
+    intermediate activation, its dropout another, and the 4-bit base layer a 16-bit one.
+    """
+    down_proj = shape.decoder_linears()[-1]
+    lora_targeted = down_proj in targeted_linears(shape, run.target_modules)
+    fp32_copies = (1 + (run.lora_dropout > 0)) if lora_targeted else 0
+    return shape.intermediate_size * shape.experts_per_token * (fp32_copies * FP32_BYTES + dtype_bytes)
+
+
 def _logits_bytes(shape: ModelShape, run: RunConfig, dtype_bytes: int, calibration: dict[str, float]) -> int:
     """The [batch, tokens, vocab] tensors at the loss: the larger of its forward and its backward.
 
@@ -413,44 +476,123 @@ def _logits_bytes(shape: ModelShape, run: RunConfig, dtype_bytes: int, calibrati
     return int(elements * (max(forward_bytes, backward_bytes) + softcap_bytes))
 
 
-def _mask_bytes_per_element(shape: ModelShape, dtype_bytes: int) -> int:
-    """The padding-aware T x T attention mask: boolean for SDPA; for eager attention two additive masks in the
-    compute dtype (Gemma2 alternates full and sliding-window layers)."""
-    return 2 * dtype_bytes if shape.family.eager_attention else 1
+def _mask_bytes_per_element(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:
+    """The padding-aware T x T attention mask: boolean for SDPA, none without padding; for eager attention two
+    additive masks in the compute dtype (Gemma2 alternates full and sliding-window layers)."""
+    if shape.family.eager_attention:
+        return 2 * dtype_bytes
+    return 1 if _is_padded(shape, run) else 0
 
 
-def _activation_terms(shape: ModelShape, run: RunConfig, dtype_bytes: int,
-                      calibration: dict[str, float]) -> list[Term]:
-    """Saved activations and the loss buffers, combined as the step's real peak rather than summed blindly.
+@dataclass(frozen=True)
+class StepPeak:
+    """The short-lived tensors of one training step at its three candidate peaks, in bytes.
 
-    The loss buffers peak at the start of the backward pass; one layer's recomputation (with checkpointing) and
-    the dequantized weight come after the logits are freed, so only what exceeds the loss buffers adds to the peak.
+    The loss: every layer's saved tensors (or checkpoints) and the logits buffers. The start of the backward
+    through the layers: the logits are freed, the last layer runs its backward (recomputed first, with
+    checkpointing). The end of the backward: every LoRA gradient exists, only the first layer's tensors are left.
+    Gradients are set to None after each optimizer step (train.training_step), so with one micro-batch per step
+    they don't exist at the loss; with gradient accumulation they are kept from the previous micro-batch.
     """
+
+    stored: int  # what the forward keeps for the backward: every layer's activations, or its checkpoint
+    mask: int  # the attention mask(s), shared by the layers
+    final_norm: int  # the final RMSNorm's fp32 input, kept for the backward
+    logits: int  # the loss's [batch, tokens, vocab] buffers
+    layer_backward: int  # one layer's saved tensors (recomputed with checkpointing) while its backward runs
+    backward_transient: int  # the gradients that layer's backward holds at once
+    workspace: int  # the dequantized 16-bit weight of the Linear4bit running
+    first_checkpoint: int  # with checkpointing, the first layer's input (still kept at the end)
+    gradients: int  # every LoRA gradient
+    checkpointing: bool
+    accumulating: bool  # gradients kept across micro-batches (grad_accum > 1)
+
+    @property
+    def kept_gradients(self) -> int:
+        return self.gradients if self.accumulating else 0
+
+    @property
+    def at_loss(self) -> int:
+        return self.stored + self.mask + self.final_norm + self.logits + self.kept_gradients
+
+    @property
+    def at_backward_start(self) -> int:
+        recomputed = self.layer_backward if self.checkpointing else 0  # without checkpointing it is in stored
+        return (self.stored + self.mask + recomputed + self.backward_transient + self.workspace
+                + self.kept_gradients)
+
+    @property
+    def at_backward_end(self) -> int:
+        return (self.gradients + self.mask + self.layer_backward + self.backward_transient + self.workspace
+                + self.first_checkpoint)
+
+    @property
+    def peak(self) -> int:
+        return max(self.at_loss, self.at_backward_start, self.at_backward_end)
+
+    @property
+    def moment(self) -> str:
+        return next(name for name, value in (("loss", self.at_loss), ("backward_start", self.at_backward_start),
+                                             ("backward_end", self.at_backward_end)) if value == self.peak)
+
+    @property
+    def gradients_at_peak(self) -> int:
+        """The gradients' share of the peak: kept ones, plus what the end of the backward adds beyond the rest."""
+        before_end = max(self.at_loss, self.at_backward_start)
+        return self.kept_gradients + max(0, self.at_backward_end - before_end - self.kept_gradients)
+
+    @property
+    def activations_at_peak(self) -> int:
+        """The rest of the peak besides the logits and the gradients."""
+        return self.peak - self.logits - self.gradients_at_peak
+
+
+def _step_peak(shape: ModelShape, run: RunConfig, dtype_bytes: int, lora: LoraSizes,
+               calibration: dict[str, float]) -> StepPeak:
     tokens = run.micro_batch_size * run.max_length
     full_layer_bytes = int(tokens * _layer_activation_bytes_per_token(shape, run, dtype_bytes)
                            * calibration["activation_full_scale"])
-    padding_mask_bytes = run.micro_batch_size * run.max_length ** 2 * _mask_bytes_per_element(shape, dtype_bytes)
-    final_norm_bytes = tokens * shape.hidden_size * FP32_BYTES
+    checkpoint_bytes = int(tokens * shape.hidden_size * dtype_bytes * calibration["activation_checkpointed_scale"])
     largest_weight = max(linear.in_features * linear.out_features for linear in shape.decoder_linears())
-    workspace_bytes = int(largest_weight * dtype_bytes * calibration["dequant_workspace_matrices"])
-    if run.gradient_checkpointing:
-        stored_bytes = int(shape.num_layers * tokens * shape.hidden_size * dtype_bytes
-                           * calibration["activation_checkpointed_scale"])
-        after_loss_bytes = full_layer_bytes + workspace_bytes
-        how = (f"gradient checkpointing: each of {shape.num_layers} layers keeps only its input "
-               f"({_gib(stored_bytes)}); one layer at a time is recomputed ({_gib(full_layer_bytes)}), which "
-               "adds only what exceeds the logits, freed by then")
-    else:
-        stored_bytes = shape.num_layers * full_layer_bytes
-        after_loss_bytes = workspace_bytes
-        how = f"no gradient checkpointing: all {shape.num_layers} layers keep their activations"
-    logits_bytes = _logits_bytes(shape, run, dtype_bytes, calibration)
-    beyond_loss_bytes = max(0, after_loss_bytes - final_norm_bytes - logits_bytes)
+    return StepPeak(
+        stored=shape.num_layers * (checkpoint_bytes if run.gradient_checkpointing else full_layer_bytes),
+        mask=run.micro_batch_size * run.max_length ** 2 * _mask_bytes_per_element(shape, run, dtype_bytes),
+        final_norm=tokens * shape.hidden_size * FP32_BYTES,
+        logits=_logits_bytes(shape, run, dtype_bytes, calibration),
+        layer_backward=full_layer_bytes,
+        backward_transient=int(tokens * _backward_transient_bytes_per_token(shape, run, dtype_bytes)
+                               * calibration["backward_transient_scale"]),
+        workspace=int(largest_weight * dtype_bytes * calibration["dequant_workspace_matrices"]),
+        first_checkpoint=checkpoint_bytes if run.gradient_checkpointing else 0,
+        gradients=lora.gradient_bytes, checkpointing=run.gradient_checkpointing, accumulating=run.grad_accum > 1)
+
+
+PEAK_MOMENTS = {"loss": "the peak is at the loss, before the backward",
+                "backward_start": "the peak is at the start of the backward through the layers (logits freed)",
+                "backward_end": "the peak is at the end of the backward, when every LoRA gradient exists"}
+
+
+def _step_terms(shape: ModelShape, run: RunConfig, step: StepPeak) -> list[Term]:
+    """Gradients, activations and the loss buffers, combined as the step's real peak rather than summed blindly."""
     where = f"batch {run.micro_batch_size} x {run.max_length} tokens"
+    if run.gradient_checkpointing:
+        how = (f"gradient checkpointing: each of {shape.num_layers} layers keeps only its input "
+               f"({_gib(step.stored)}); one layer at a time is recomputed ({_gib(step.layer_backward)})")
+    else:
+        how = f"no gradient checkpointing: all {shape.num_layers} layers keep their activations"
+    padding = "padded batch: attention gets a mask" if _is_padded(shape, run) else "one row: no padding mask"
+    if step.accumulating:
+        gradients_note = (f"one fp32 gradient per LoRA parameter ({_gib(step.gradients)}), kept across the "
+                          f"{run.grad_accum} micro-batches of a step")
+    else:
+        gradients_note = (f"one fp32 gradient per LoRA parameter ({_gib(step.gradients)}), built during the "
+                          "backward and freed after each optimizer step: only what the end of the backward adds "
+                          "beyond the earlier peak counts")
     return [
-        Term("activations", stored_bytes + padding_mask_bytes + final_norm_bytes + beyond_loss_bytes,
-             f"{where}; {how}; LoRA inputs are kept in fp32"),
-        Term("logits_and_loss", logits_bytes, f"{where} x {shape.vocab_size:,} vocab: logits in the compute dtype, "
+        Term("lora_gradients", step.gradients_at_peak, gradients_note),
+        Term("activations", step.activations_at_peak,
+             f"{where}; {how}; {padding}; LoRA inputs are kept in fp32; {PEAK_MOMENTS[step.moment]}"),
+        Term("logits_and_loss", step.logits, f"{where} x {shape.vocab_size:,} vocab: logits in the compute dtype, "
              "their fp32 upcast, the fp32 log-softmax and its gradients"
              + ("; plus the final logit soft-capping's tanh" if shape.final_logit_softcapping else "")),
     ]
@@ -458,26 +600,40 @@ def _activation_terms(shape: ModelShape, run: RunConfig, dtype_bytes: int,
 
 def estimate_peak(model_config: dict[str, Any], run: RunConfig,
                   calibration: dict[str, float] | None = None) -> Estimate:
-    """Peak GPU memory of one training step, as named terms that add up to `peak_bytes`."""
+    """Peak GPU memory of one training step, as named terms that add up to `peak_bytes`.
+
+    The terms are what the process adds to the GPU's used memory (NVML): torch's tensors at the step's peak,
+    the allocator's slack over them, the paged optimizer states and the CUDA context.
+    """
     calibration = CALIBRATION if calibration is None else calibration
     shape, reasons = model_shape(model_config)
     dtype_bytes = compute_dtype_bytes(run)
-    weight_terms = _weight_terms(shape, run, dtype_bytes)
-    lora_terms, trainable_params = _lora_terms(shape, run)
-    terms = weight_terms + lora_terms + _activation_terms(shape, run, dtype_bytes, calibration)
-    allocated_bytes = sum(term.bytes for term in terms)
-    terms += [
+    lora = _lora_sizes(shape, run)
+    step = _step_peak(shape, run, dtype_bytes, lora, calibration)
+    step_terms = _step_terms(shape, run, step)
+    paging = (f"; {_gib(lora.paged_state_bytes)} of it paged{PAGING_NOTE}" if lora.paged_state_bytes else "")
+    slack_fraction = calibration["allocator_slack_checkpointed_fraction" if run.gradient_checkpointing
+                                 else "allocator_slack_full_fraction"]
+    short_lived_bytes = sum(term.bytes for term in step_terms)
+    terms = _weight_terms(shape, run, dtype_bytes) + [
+        Term("lora_weights", lora.weight_bytes,
+             f"{_millions(lora.params)} trainable parameters in fp32 (rank {run.lora_r} on {run.target_modules})"),
+        step_terms[0],
+        Term("optimizer_states", lora.state_bytes + lora.paged_state_bytes, OPTIMIZER_NOTES[run.optimizer] + paging),
+        *step_terms[1:],
         Term("cuda_context", int(calibration["cuda_context_bytes"]),
-             "CUDA driver context, cuBLAS and bitsandbytes kernels (measured, not allocated by torch)"),
-        Term("allocator_slack", int(allocated_bytes * calibration["allocator_slack_fraction"]),
-             f"PyTorch's caching allocator reserves ~{calibration['allocator_slack_fraction']:.0%} more than it "
-             "hands out (rounding, fragmentation)"),
+             "CUDA driver context, the kernels of CUDA, cuBLAS, bitsandbytes and attention, cuBLAS workspaces: "
+             "memory the process takes that torch's tensors don't account for (measured)"),
+        Term("allocator_slack", int(short_lived_bytes * slack_fraction),
+             f"PyTorch's caching allocator reserves ~{slack_fraction:.0%} more than the step's short-lived "
+             "tensors (gradients, activations, logits) need: block rounding and fragmentation"
+             + (", worse with checkpointing's recomputation" if run.gradient_checkpointing else "")),
     ]
     linear_params = shape.num_layers * sum(linear.params for linear in shape.decoder_linears())
     embedding_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
     return Estimate(terms=terms, approximate=bool(reasons), reasons=reasons,
                     warnings=_warnings(shape, run), total_params=linear_params + embedding_params,
-                    trainable_params=trainable_params)
+                    trainable_params=lora.params)
 
 
 def _warnings(shape: ModelShape, run: RunConfig) -> list[str]:
@@ -711,6 +867,101 @@ def resolve_model_config(model: str) -> dict[str, Any]:
     if model in ("", "default"):
         return dict(SMOLLM2_135M_CONFIG)
     return load_model_config(model)
+
+
+# ----------------------------------------------------------------------------- against measurements
+MEASURED_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data" / "model_configs"
+# NVML's peak beyond torch's max reserved is the CUDA context, kernels and paged states: about 1.3-1.9 GiB on an
+# H100. Far more means memory from outside the measured step (e.g. freed weights not yet garbage-collected).
+ARTIFACT_OVERHEAD_BYTES = 3 * BYTES_PER_GIB
+
+
+def measured_bytes(row: dict[str, Any]) -> int:
+    """What a `bench --memory` row measured, the number the estimate predicts: the GPU's used memory (NVML) at
+    the peak minus its used memory before the process touched CUDA."""
+    return int(row["nvml_peak_used_bytes"]) - int(row["idle_gpu_used_bytes"])
+
+
+def row_run_config(row: dict[str, Any]) -> RunConfig:
+    """The RunConfig a bench row ran: its RunConfig fields (except model, the architecture's file stem), the
+    rest the defaults, and compute in bf16: what compute_dtype 'auto' is on a CUDA GPU, whatever runs this."""
+    names = {spec.name for spec in dataclasses.fields(RunConfig)} - {"model"}
+    values = {"compute_dtype": "bf16", **{name: row[name] for name in names if name in row}}
+    return RunConfig(**values).validate()
+
+
+def row_artifact(row: dict[str, Any]) -> str:
+    """Why a measured row can't be held against the estimate ('' when it can)."""
+    if row.get("oom"):
+        return "the run ran out of memory: its peak is not the step's"
+    outside = int(row["nvml_peak_used_bytes"]) - int(row["max_reserved_bytes"])
+    if outside > ARTIFACT_OVERHEAD_BYTES:
+        return (f"NVML saw {_gib(outside)} more than torch reserved (expected ~1.3-1.9 GiB): memory from outside "
+                "the measured step, such as the bench's freed random-init weights. An artifact: re-measure this row")
+    return ""
+
+
+@dataclass
+class CalibrationError:
+    model: str
+    max_length: int
+    micro_batch_size: int
+    lora_r: int
+    gradient_checkpointing: bool
+    measured_bytes: int
+    estimate_bytes: int
+    artifact: str  # '' or why the row can't be held against the estimate
+
+    @property
+    def error(self) -> float:
+        """(estimate - measured) / measured: positive when the estimate is too high."""
+        return (self.estimate_bytes - self.measured_bytes) / self.measured_bytes
+
+    @property
+    def label(self) -> str:
+        return (f"{self.model} len {self.max_length} batch {self.micro_batch_size} r {self.lora_r} "
+                f"gc {'on' if self.gradient_checkpointing else 'off'}")
+
+
+def calibration_errors(rows: Iterable[dict[str, Any]], model_configs: Path = MEASURED_MODEL_CONFIGS,
+                       calibration: dict[str, float] | None = None) -> list[CalibrationError]:
+    """The current estimate next to each measured row (bench --memory JSON lines, read as dicts)."""
+    errors = []
+    for row in rows:
+        run = row_run_config(row)
+        estimate = estimate_peak(load_model_config(model_configs / f"{row['model']}.json"), run, calibration)
+        errors.append(CalibrationError(row["model"], run.max_length, run.micro_batch_size, run.lora_r,
+                                       run.gradient_checkpointing, measured_bytes(row), estimate.peak_bytes,
+                                       row_artifact(row)))
+    return errors
+
+
+def calibration_summary(errors: list[CalibrationError]) -> dict[str, Any]:
+    """Median and worst |relative error| over the rows that are not artifacts, and the worst row."""
+    usable = [error for error in errors if not error.artifact]
+    if not usable:
+        return {"rows": 0, "artifacts": len(errors), "median": None, "worst": None, "worst_row": None}
+    worst = max(usable, key=lambda error: abs(error.error))
+    return {"rows": len(usable), "artifacts": len(errors) - len(usable),
+            "median": statistics.median(abs(error.error) for error in usable), "worst": abs(worst.error),
+            "worst_row": worst.label}
+
+
+def calibration_table(errors: list[CalibrationError]) -> str:
+    """The measured table as Markdown (for the README): one line per row, artifacts marked."""
+    lines = ["| model | max_length | batch | rank | checkpointing | measured GiB | estimate GiB | error |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for e in errors:
+        error = "re-measure" if e.artifact else f"{e.error:+.1%}"
+        lines.append(f"| {e.model} | {e.max_length} | {e.micro_batch_size} | {e.lora_r} | "
+                     f"{'on' if e.gradient_checkpointing else 'off'} | {e.measured_bytes / BYTES_PER_GIB:.2f} | "
+                     f"{e.estimate_bytes / BYTES_PER_GIB:.2f} | {error} |")
+    summary = calibration_summary(errors)
+    if summary["rows"]:
+        lines.append("")
+        lines.append(f"{summary['rows']} configurations: median error {summary['median']:.1%}, "
+                     f"worst {summary['worst']:.1%} ({summary['worst_row']})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- qlora-studio estimate

@@ -30,7 +30,7 @@ MERGED_TOP1_AGREEMENT = 0.9
 
 @dataclass
 class Verification:
-    kind: str
+    export: str  # "adapter" or "merged"
     path: str
     max_abs_logit_diff: float
     relative_l2: float

@@ -23,10 +23,10 @@ import torch
 from qlora_engine import checkpoints, data, models
 from qlora_engine.config import DEFAULT_DATA, RunConfig
 from qlora_engine.events import EngineError, EventWriter
+from qlora_engine.resources import resources_dir
 
-RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-SAMPLE_TRAIN = RESOURCES / "sample" / "train.jsonl"
-SAMPLE_HELDOUT = RESOURCES / "sample" / "heldout.jsonl"
+SAMPLE_TRAIN = resources_dir() / "sample" / "train.jsonl"
+SAMPLE_HELDOUT = resources_dir() / "sample" / "heldout.jsonl"
 
 
 def data_path(spec: str) -> Path:

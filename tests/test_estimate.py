@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,12 @@ def test_every_supported_family_gets_an_exact_estimate_of_named_terms(path):
     estimate = estimate_peak(est.load_model_config(path), run())
     assert not estimate.approximate and estimate.reasons == []
     assert [term.name for term in estimate.terms] == TERM_NAMES
-    assert all(term.bytes > 0 and term.note for term in estimate.terms)
+    assert all(term.note for term in estimate.terms)
+    # One micro-batch per step: the gradients count only where they are alive at the peak (often they aren't).
+    assert all(term.bytes > 0 for term in estimate.terms if term.name != "lora_gradients")
     assert estimate.peak_bytes == sum(term.bytes for term in estimate.terms)
+    accumulating = estimate_peak(est.load_model_config(path), run(grad_accum=2))
+    assert all(term.bytes > 0 for term in accumulating.terms)
 
 
 @pytest.mark.parametrize("name, billions", [("llama-3.1-8b", 8.03), ("mistral-7b-v0.1", 7.24),
@@ -141,7 +146,7 @@ def test_double_quantization_saves_about_0_37_bits_per_weight():
 
 def test_lora_rank_scales_lora_weights_gradients_and_states():
     model = config("mistral-7b-v0.3")
-    r8, r16 = estimate_peak(model, run(lora_r=8)), estimate_peak(model, run(lora_r=16))
+    r8, r16 = estimate_peak(model, run(lora_r=8, grad_accum=2)), estimate_peak(model, run(lora_r=16, grad_accum=2))
     for name in ("lora_weights", "lora_gradients", "optimizer_states"):
         assert r16.bytes_of(name) == pytest.approx(2 * r8.bytes_of(name), rel=0.01)
 
@@ -150,6 +155,71 @@ def test_fp32_compute_doubles_the_16bit_layers():
     model = config("qwen2.5-0.5b")
     assert (estimate_peak(model, run(compute_dtype="fp32")).bytes_of("layers_16bit")
             == 2 * estimate_peak(model, run(compute_dtype="bf16")).bytes_of("layers_16bit"))
+
+
+def test_gradients_are_not_counted_at_the_loss_unless_accumulated():
+    """train.training_step sets gradients to None after each step; with accumulation they outlive a micro-batch."""
+    model = config("llama-3.1-8b")
+    single, accumulated = estimate_peak(model, run(max_length=2048)), estimate_peak(model, run(max_length=2048,
+                                                                                                  grad_accum=4))
+    assert "peak is at the loss" in single.terms[TERM_NAMES.index("activations")].note
+    assert single.bytes_of("lora_gradients") == 0
+    assert accumulated.bytes_of("lora_gradients") == accumulated.bytes_of("lora_weights")  # fp32 each
+    assert "kept across the 4 micro-batches" in accumulated.terms[TERM_NAMES.index("lora_gradients")].note
+
+
+def test_a_high_rank_on_short_rows_peaks_at_the_end_of_the_backward_with_every_gradient():
+    estimate = estimate_peak(config("llama-3.1-8b"), run(max_length=64, micro_batch_size=1, lora_r=256))
+    assert "end of the backward" in estimate.terms[TERM_NAMES.index("activations")].note
+    assert 0 < estimate.bytes_of("lora_gradients") <= estimate.bytes_of("lora_weights")
+
+
+def test_a_small_vocabulary_with_checkpointing_peaks_in_the_layers_backward():
+    """Mistral's 32k vocabulary: the recomputed layer and its gradients outweigh the logits."""
+    estimate = estimate_peak(config("mistral-7b-v0.3"), run(max_length=4096, micro_batch_size=2))
+    assert "start of the backward" in estimate.terms[TERM_NAMES.index("activations")].note
+
+
+def test_a_single_row_has_no_padding_mask_and_keeps_gqa_unexpanded():
+    """collate pads to the longest row: batch 1 is never padded, so SDPA runs causal with GQA's k and v as they are."""
+    shape = est.model_shape(config("llama-3.1-8b"))[0]
+    one_row, padded = run(max_length=4096, micro_batch_size=1), run(max_length=4096, micro_batch_size=2)
+    expanded_k_v = 2 * (shape.q_width - shape.kv_width) * 2
+    mask_row = 4096 * 2
+    assert (est._attention_bytes_per_token(shape, padded, 2) - est._attention_bytes_per_token(shape, one_row, 2)
+            == expanded_k_v + mask_row)
+    assert est._mask_bytes_per_element(shape, one_row, 2) == 0 < est._mask_bytes_per_element(shape, padded, 2)
+
+
+def test_only_large_optimizer_states_are_paged():
+    """bitsandbytes pages the states of tensors of 100,000 parameters or more; smaller ones are GPU tensors."""
+    assert est._optimizer_state_bytes(99_999, "paged_adamw_8bit")[1] == 0
+    torch_bytes, paged_bytes = est._optimizer_state_bytes(100_000, "paged_adamw_8bit")
+    assert paged_bytes == 2 * 100_000 and torch_bytes == 2 * 391 * 4  # the fp32 absmax per 256 stay on the GPU
+    assert est._optimizer_state_bytes(100_000, "adamw") == (8 * 100_000, 0)
+    notes = {term.name: term.note for term in estimate_peak(config("llama-3.1-8b"), run(optimizer="adamw")).terms}
+    assert "paged" not in notes["optimizer_states"]
+
+
+def test_allocator_slack_scales_the_short_lived_tensors_more_with_checkpointing():
+    model = config("llama-3.1-8b")
+    for checkpointing, name in ((True, "allocator_slack_checkpointed_fraction"),
+                                (False, "allocator_slack_full_fraction")):
+        estimate = estimate_peak(model, run(max_length=1024, micro_batch_size=1, gradient_checkpointing=checkpointing))
+        short_lived = gib_of(estimate, "lora_gradients", "activations", "logits_and_loss")
+        assert gib_of(estimate, "allocator_slack") == pytest.approx(est.CALIBRATION[name] * short_lived, rel=1e-6)
+    checkpointed, full = (est.CALIBRATION[f"allocator_slack_{kind}_fraction"] for kind in ("checkpointed", "full"))
+    assert checkpointed > 2 * full
+
+
+def test_the_shipped_calibration_is_the_h100_fit_and_is_package_data():
+    fitted = json.loads(est.CALIBRATION_PATH.read_text(encoding="utf-8"))
+    assert "H100" in fitted["_source"] and "memory_measured_h100.jsonl" in fitted["_source"]
+    assert est.load_calibration() == est.CALIBRATION
+    assert all(est.CALIBRATION[name] == value for name, value in fitted.items() if not name.startswith("_"))
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    package_data = re.search(r"\[tool\.setuptools\.package-data\]\s*qlora_engine = \[([^\]]*)\]", pyproject)
+    assert package_data and '"calibration.json"' in package_data.group(1)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -210,10 +280,11 @@ def test_default_model_is_the_bundled_smollm2():
 
 def test_calibration_file_overrides_the_constants(tmp_path):
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"allocator_slack_fraction": 0.25}))
+    path.write_text(json.dumps({"_source": "a note, ignored", "allocator_slack_checkpointed_fraction": 0.6}))
     calibration = est.load_calibration(path)
-    assert calibration["allocator_slack_fraction"] == 0.25
+    assert calibration["allocator_slack_checkpointed_fraction"] == 0.6
     assert calibration["cuda_context_bytes"] == est.DEFAULT_CALIBRATION["cuda_context_bytes"]
+    assert "_source" not in calibration
     slack = estimate_peak(config("llama-3.2-1b"), run(), calibration).bytes_of("allocator_slack")
     assert slack > estimate_peak(config("llama-3.2-1b"), run()).bytes_of("allocator_slack")
 

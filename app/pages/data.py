@@ -212,7 +212,7 @@ class DataPage(Page):
         self.query.run(args + (["--train-on-prompt"] if config.train_on_prompt else []))
 
     def _model_changed(self) -> None:
-        if self.session.model_info is not None and self._scanned_inputs is not None:
+        if self.session.model_info is not None and self.session.config.data:
             self.scan_soon()  # the preview uses the model's tokenizer and chat template
 
     # ------------------------------------------------------------------ showing

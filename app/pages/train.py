@@ -34,6 +34,7 @@ class PresetCard(QPushButton):
         for label in (title, description):
             label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
             layout.addWidget(label)
+        layout.addStretch(1)
         self.setMinimumHeight(self.fontMetrics().height() * 4 + 20)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
@@ -54,6 +55,7 @@ class TrainPage(Page):
         self.form = ConfigForm()
         self.form.changed.connect(lambda name, value: self.session.update_config(**{name: value}))
         scroll = QScrollArea(widgetResizable=True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(self.form)
         self.body.addWidget(scroll, 1)
         self.banner = Banner()

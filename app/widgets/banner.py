@@ -19,11 +19,11 @@ class Banner(QFrame):
         self.hide()
 
     def show_message(self, kind: str, title: str, message: str = "", advice: str = "") -> None:
-        parts = [f"<b>{html.escape(title)}</b>"]
+        parts = [f"<b>{html.escape(title, quote=False)}</b>"]
         if message:
-            parts.append(html.escape(message))
+            parts.append(html.escape(message, quote=False))
         if advice:
-            parts.append(f"<i>What to do:</i> {html.escape(advice)}")
+            parts.append(f"<i>What to do:</i> {html.escape(advice, quote=False)}")
         self.label.setText("<br>".join(parts))
         self.setProperty("kind", kind)
         self.style().unpolish(self)

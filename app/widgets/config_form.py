@@ -80,7 +80,8 @@ def _editor_for(spec: dataclasses.Field) -> QWidget:
     if kind == "bool":
         return QCheckBox()
     if meta["choices"]:
-        combo = QComboBox()
+        combo = QComboBox(minimumContentsLength=6)
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         combo.addItems([str(choice) for choice in meta["choices"]])
         return combo
     if kind == "int":
@@ -121,6 +122,7 @@ class ConfigForm(QWidget):
             box = QGroupBox(GROUP_TITLES.get(group, group.title()))
             form = QFormLayout(box)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)  # narrow window, large font: stack
             for spec in (s for s in specs if s.metadata["group"] == group):
                 self._add_row(form, spec)
             columns[index % 2].addWidget(box)

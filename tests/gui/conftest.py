@@ -50,6 +50,12 @@ def scenario(monkeypatch):
 
 
 @pytest.fixture
+def fake_engine() -> list[str]:
+    """The command that starts tests/gui/fake_engine.py in place of `python -m qlora_engine`."""
+    return FAKE_ENGINE
+
+
+@pytest.fixture
 def window(qtbot, qapp):
     from app.main import create_window
 

@@ -128,11 +128,23 @@ def test_data_page_reports_an_unreadable_file_with_advice(window, qtbot, tmp_pat
     screenshot(window, "data-error")
 
 
-def test_data_page_before_a_scan_is_empty_but_explains(window, screenshot):
-    window.show_page("data")
-    page = window.pages["data"]
+def test_data_page_before_a_scan_is_empty_but_explains(qtbot, tmp_path, fake_engine, screenshot):
+    from app.pages.data import DataPage
+    from app.session import Session
+
+    page = DataPage(Session(tmp_path / "runs", fake_engine))
+    qtbot.addWidget(page)
+    page.resize(1060, 800)
+    page.show()
     assert "No rows to show yet" in page.preview.toPlainText()
-    screenshot(window, "data-empty")
+    assert page.bad_rows.rowCount() == 0
+    screenshot(page, "data-empty")
+
+
+def test_data_page_scans_the_sample_once_the_model_is_known(window, qtbot):
+    page = window.pages["data"]
+    qtbot.waitUntil(lambda: window.session.data_report is not None, timeout=10_000)
+    assert "Quillon Varet" in page.preview.toHtml()
 
 
 # ----------------------------------------------------------------------------- Fit

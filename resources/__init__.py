@@ -1,0 +1,1 @@
+"""Bundled data files of QLoRA Studio (installed as the package qlora_studio_resources)."""
