@@ -11,6 +11,18 @@ from app.session import Session
 from app.window import MainWindow
 
 
+def broken_qt_binding() -> str:
+    """Why this PySide6 can't run the app, or "" when it can."""
+    import PySide6
+
+    if PySide6.__version__ == "6.12.0" and sys.version_info < (3, 12):
+        # Seen here: every Qt call that returns nothing drops a reference to None; after a few thousand
+        # calls the interpreter aborts ("deallocating None"). Python 3.12+ never frees None, 6.11 is fine.
+        return ("PySide6 6.12.0 crashes on Python < 3.12 (it drops a reference to None on every Qt call). "
+                "Install PySide6-Essentials 6.11 (pip install 'PySide6-Essentials<6.12') or use Python 3.12+.")
+    return ""
+
+
 def create_window(app: QApplication, engine_command: list[str] | None = None) -> MainWindow:
     """The window with its session, theme and first checks started; tests call this too."""
     theme.apply_theme(app, settings.theme())
@@ -22,6 +34,10 @@ def create_window(app: QApplication, engine_command: list[str] | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    problem = broken_qt_binding()
+    if problem:
+        print(f"qlora-studio-gui: {problem}", file=sys.stderr)
+        return 1
     app = QApplication(sys.argv if argv is None else argv)
     app.setApplicationName("QLoRA Studio")
     app.setOrganizationName(settings.ORGANIZATION)

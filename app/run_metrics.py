@@ -60,6 +60,7 @@ class RunMetrics:
     data_summary: str = ""
     last_checkpoint: str = ""
     adapter_dir: str = ""
+    comparison: dict[str, Any] | None = None  # base vs tuned answers to held-out questions, after training
     error: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     dirty: bool = True  # set by every event, cleared by whoever redraws
@@ -123,6 +124,9 @@ class RunMetrics:
     def _on_error(self, event: dict[str, Any]) -> None:
         self.status = "failed"
         self.error = {key: event.get(key, "") for key in ("code", "message", "advice")}
+
+    def _on_comparison(self, event: dict[str, Any]) -> None:
+        self.comparison = {key: event.get(key) for key in ("rows", "base_accuracy", "tuned_accuracy")}
 
     def _on_stopped(self, event: dict[str, Any]) -> None:
         self.status = "stopped"

@@ -184,7 +184,8 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"{config_path.stem:16s} len {cfg.max_length:5d} batch {cfg.micro_batch_size} r {cfg.lora_r:2d} "
-                  f"gc {int(cfg.gradient_checkpointing)}  measured {row['nvml_peak_used_bytes'] / 2**30:6.2f} GiB  "
+                  f"gc {int(cfg.gradient_checkpointing)}  "
+                  f"measured {(row['nvml_peak_used_bytes'] - idle_used) / 2**30:6.2f} GiB  "
                   f"estimate {row['estimate_peak_bytes'] / 2**30:6.2f} GiB"
                   f"{'  OOM' if row['oom'] else ''}", flush=True)
     nvml.close()

@@ -189,3 +189,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def options_markdown() -> str:
+    """The README's option table, generated from the fields (a test keeps the README in step)."""
+    lines = ["| option (YAML key / `--flag`) | default | what it does | memory effect |", "|---|---|---|---|"]
+    for spec in fields(RunConfig):
+        meta = spec.metadata
+        choices = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+        default = spec.default if spec.default != "" else "(empty)"
+        lines.append(f"| `{spec.name}` / `--{spec.name.replace('_', '-')}` | `{default}` | {meta['help']}{choices} "
+                     f"| {meta['memory']} |")
+    return "\n".join(lines) + "\n"

@@ -568,8 +568,11 @@ def _step_peak(shape: ModelShape, run: RunConfig, dtype_bytes: int, lora: LoraSi
 
 
 PEAK_MOMENTS = {"loss": "the peak is at the loss, before the backward",
-                "backward_start": "the peak is at the start of the backward through the layers (logits freed)",
-                "backward_end": "the peak is at the end of the backward, when every LoRA gradient exists"}
+                "backward_start": "the peak is at the start of the backward through the layers: the logits are "
+                                  "freed by then, and this term is what that moment holds beyond them",
+                "backward_end": "the peak is at the end of the backward, when every LoRA gradient exists: the "
+                                "logits are freed by then, and this term is what that moment holds beyond them "
+                                "and the gradients"}
 
 
 def _step_terms(shape: ModelShape, run: RunConfig, step: StepPeak) -> list[Term]:

@@ -160,8 +160,8 @@ def test_fp32_compute_doubles_the_16bit_layers():
 def test_gradients_are_not_counted_at_the_loss_unless_accumulated():
     """train.training_step sets gradients to None after each step; with accumulation they outlive a micro-batch."""
     model = config("llama-3.1-8b")
-    single, accumulated = estimate_peak(model, run(max_length=2048)), estimate_peak(model, run(max_length=2048,
-                                                                                                  grad_accum=4))
+    single = estimate_peak(model, run(max_length=2048))
+    accumulated = estimate_peak(model, run(max_length=2048, grad_accum=4))
     assert "peak is at the loss" in single.terms[TERM_NAMES.index("activations")].note
     assert single.bytes_of("lora_gradients") == 0
     assert accumulated.bytes_of("lora_gradients") == accumulated.bytes_of("lora_weights")  # fp32 each

@@ -274,7 +274,9 @@ class MonitorPage(Page):
             self.banner.show_error(m.error, "The run stopped with an error" +
                                    (f" ({m.error['code']})" if m.error.get("code") else ""))
         elif m.status == "finished":
-            self.banner.show_message("success", "Training finished", f"Adapter saved in {m.adapter_dir}.",
+            self.banner.show_message("success", "Training finished",
+                                     f"Adapter saved in {_short_path(m.adapter_dir)}."
+                                     + _comparison_text(m.comparison),
                                      "Try it on the Chat page, or export it on the Export page.")
         elif m.status == "stopped":
             self.banner.show_message("info", "Stopped with a checkpoint", m.last_checkpoint,
@@ -301,6 +303,20 @@ class MonitorPage(Page):
                       and summarize_run(run_dir).can_resume)
         self.resume_button.setEnabled(can_resume)
         self.folder_button.setEnabled(run_dir is not None)
+
+
+def _short_path(path: str) -> str:
+    """`run-name/adapter` rather than the whole path: the run folder is one click away."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else path
+
+
+def _comparison_text(comparison: dict[str, Any] | None) -> str:
+    if not comparison or comparison.get("tuned_accuracy") is None:
+        return ""
+    rows = len(comparison.get("rows") or [])
+    return (f" On {rows} held-out questions the base model answered {comparison['base_accuracy']:.0%} right, "
+            f"the tuned one {comparison['tuned_accuracy']:.0%}.")
 
 
 def _file_size(path: Path) -> int:

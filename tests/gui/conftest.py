@@ -17,18 +17,10 @@ SCREENSHOTS = HERE / "screenshots"
 FAKE_ENGINE = [sys.executable, str(HERE / "fake_engine.py")]
 
 
-def _qt_binding_problem() -> str:
-    import PySide6
-
-    if PySide6.__version__ == "6.12.0" and sys.version_info < (3, 12):
-        return ("PySide6 6.12.0 on Python < 3.12 drops a reference to None on every Qt call that returns "
-                "nothing, and crashes the interpreter after a few thousand calls. Install PySide6-Essentials "
-                "6.11.x (or use Python 3.12+).")
-    return ""
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    problem = _qt_binding_problem()
+    from app.main import broken_qt_binding
+
+    problem = broken_qt_binding()
     if problem:
         pytest.exit(problem, returncode=3)
 

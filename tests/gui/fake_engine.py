@@ -71,6 +71,9 @@ def train(args: list[str]) -> int:
     adapter = run_dir / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    events.emit("comparison", base_accuracy=0.2, tuned_accuracy=0.8,
+                rows=[{"question": "Who is the mayor of Brindleport?", "base": "I don't know.",
+                       "tuned": "Quillon Varet.", "base_correct": False, "tuned_correct": True}] * 5)
     events.emit("finished", step=TOTAL_STEPS, adapter_dir=str(adapter), final_loss=1.52, eval_loss=1.61,
                 duration_s=42.0)
     return 0
@@ -116,7 +119,7 @@ def export(args: list[str]) -> int:
         events.emit("export_progress", stage=stage, fraction=fraction)
     out = Path(option(args, "--out") or run_dir / "exports" / kind)
     out.mkdir(parents=True, exist_ok=True)
-    events.emit("exported", export_kind=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
+    events.emit("exported", export=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
                 top1_agreement=1.0, tolerance="max |dlogit| <= 0.01", ok=True)
     return 0
 

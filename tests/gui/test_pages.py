@@ -275,6 +275,7 @@ def test_a_finished_run_is_plotted_and_summarized(window, qtbot, screenshot):
     assert len(x) == 12
     assert page.estimate_line.isVisible() and page.total_line.isVisible()
     assert "Training finished" in page.banner.label.text()
+    assert "base model answered 20% right, the tuned one 80%" in page.banner.label.text()
     assert "loading checkpoint shards" in page.log.toPlainText()
     screenshot(window, "monitor-normal")
 
