@@ -70,6 +70,7 @@ def style_plot(plot: pg.PlotWidget, title: str, y_label: str = "") -> None:
     item.showGrid(x=True, y=True, alpha=0.25)
     for side in ("left", "bottom"):
         axis = item.getAxis(side)
+        axis.enableAutoSIPrefix(False)  # "GiB (x0.001)" reads worse than 0.87
         axis.setPen(pg.mkPen(colors["border"]))
         axis.setTextPen(pg.mkPen(colors["muted"]))
     if y_label:

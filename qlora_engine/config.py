@@ -85,17 +85,17 @@ class RunConfig:
                             choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),
                             memory="8-bit states use a quarter of 32-bit; paged states move to CPU RAM under "
                             "memory pressure.")
-    learning_rate: float = option(2e-4, "Peak learning rate.", minimum=0.0)
+    learning_rate: float = option(5e-4, "Peak learning rate.", minimum=0.0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.",
                                choices=("cosine", "linear", "constant"))
-    warmup_steps: int = option(5, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
+    warmup_steps: int = option(3, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0.0)
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 = no clipping).", minimum=0.0)
     epochs: float = option(1.0, "Passes over the training data (used when max_steps is 0).", minimum=0.0)
     max_steps: int = option(0, "Optimizer steps to run; 0 = derive from epochs.", minimum=0)
     micro_batch_size: int = option(4, "Sequences per forward pass.",
                                    memory="Activations and logits grow linearly with it.", minimum=1)
-    grad_accum: int = option(1, "Micro-batches per optimizer step (effective batch = micro_batch_size x this).",
+    grad_accum: int = option(2, "Micro-batches per optimizer step (effective batch = micro_batch_size x this).",
                              memory="No memory cost: a larger effective batch without more activations.",
                              minimum=1)
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass instead of storing "

@@ -122,8 +122,8 @@ class MonitorPage(Page):
             "grad_norm": self._curve("grad_norm", "grad_norm", None),
             "tokens_per_s": self._curve("tokens_per_s", "tokens_per_s", None),
         }
-        self.total_line = self._level_line("total", "GPU total", text_below=True)
-        self.estimate_line = self._level_line("estimate", "estimated peak", text_below=False)
+        self.total_line = self._level_line("total", "GPU total")
+        self.estimate_line = self._level_line("estimate", "estimated peak")
         grid.addWidget(self.plots["loss"], 0, 0, 1, 3)
         grid.addWidget(self.plots["vram"], 0, 3, 1, 3)
         grid.addWidget(self.plots["lr"], 1, 0, 1, 2)
@@ -139,8 +139,8 @@ class MonitorPage(Page):
         return self.plots[plot].plot([], [], name=legend, pen=pg.mkPen(color, width=2), symbol=symbol,
                                      symbolSize=7, symbolBrush=color, symbolPen=None)
 
-    def _level_line(self, key: str, label: str, text_below: bool) -> pg.InfiniteLine:
-        anchor = (0, 0) if text_below else (0, 1)
+    def _level_line(self, key: str, label: str) -> pg.InfiniteLine:
+        anchor = (0, 0)  # text hangs below the line, so a line at the top of the plot keeps its label
         line = pg.InfiniteLine(angle=0, pen=pg.mkPen(theme.SERIES_COLORS[key], width=1.5,
                                                       style=Qt.PenStyle.DashLine),
                                label=label, labelOpts={"position": 0.02, "anchors": [anchor, anchor],
@@ -249,6 +249,9 @@ class MonitorPage(Page):
                              if metrics.series[n].count])
         if highest_bytes:
             self.plots["vram"].setYRange(0, highest_bytes / GIB * 1.08, padding=0)
+        no_readings = metrics.step > 0 and not metrics.series["vram_gpu"].count + metrics.series["vram_process"].count
+        self.plots["vram"].getPlotItem().setTitle("GPU memory: none used (this run is on the CPU)" if no_readings
+                                                  else "GPU memory", color=theme.color("text"), size="10pt")
 
     def _show_numbers(self) -> None:
         m = self.metrics

@@ -25,6 +25,13 @@ fi
 } 2>&1 | tee "$out/versions-$stage.txt"
 case "$stage" in
   stash) ls -la "$stash/devmodel"; exit 0 ;;
+  remeasure)  # the first configuration of each model again, after the bench's gc fix
+    timeout 400 python3 -m qlora_engine bench --memory --per-model 1 --out "$out/bench-memory-first.jsonl" 2>&1 \
+      | grep -v -i warn | tee "$out/bench-remeasure.txt" ;;
+  sweep)
+    bash tests/gpu/sweep.sh 2>&1 | tee "$out/sweep.txt"
+    python3 -m pytest -m gpu tests/gpu -k smollm2 -p no:cacheprovider -q -s 2>&1 | grep -v -i warn \
+      | tee "$out/pytest-e2e.txt" ;;
   kernels)
     python3 -m pytest -m gpu tests/gpu -k "not smollm2" -p no:cacheprovider -q -s 2>&1 | tee "$out/pytest-kernels.txt"
     timeout 330 python3 -m qlora_engine bench --memory --models llama-3.2-1b,llama-3.2-3b,mistral-7b-v0.3 \

@@ -485,3 +485,10 @@ def test_shortcuts_start_and_stop(window):
     assert window.start_action.shortcut().toString() == "Ctrl+Return"
     assert window.stop_action.shortcut().toString() == "Ctrl+."
     assert window.start_action.shortcutContext() == Qt.ShortcutContext.ApplicationShortcut
+
+
+def test_a_cpu_run_says_no_gpu_memory_was_used(window):
+    page = window.pages["monitor"]
+    page.metrics.add_event({"kind": "step", "step": 1, "total_steps": 4, "loss": 2.0, "lr": 1e-4, "vram": {}})
+    page.redraw()
+    assert "on the CPU" in page.plots["vram"].getPlotItem().titleLabel.text
