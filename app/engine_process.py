@@ -26,6 +26,8 @@ def default_engine_command() -> list[str]:
     override = os.environ.get(ENGINE_COMMAND_ENV)
     if override:
         return shlex.split(override, posix=os.name != "nt")
+    if getattr(sys, "frozen", False):  # a PyInstaller bundle: its executable runs the engine after --engine
+        return [sys.executable, "--engine"]
     return [sys.executable, "-m", "qlora_engine"]
 
 

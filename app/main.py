@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from app import settings, theme
@@ -38,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"qlora-studio-gui: {problem}", file=sys.stderr)
         return 1
-    app = QApplication(sys.argv if argv is None else argv)
+    argv = list(sys.argv if argv is None else argv)
+    # --smoke-test: open the window, say so, quit (the launchers' end-to-end test); other flags go to Qt.
+    smoke_test = "--smoke-test" in argv
+    app = QApplication([a for a in argv if a != "--smoke-test"])
     app.setApplicationName("QLoRA Studio")
     app.setOrganizationName(settings.ORGANIZATION)
     app.setDesktopFileName("qlora-studio")
     app.setWindowIcon(theme.app_icon())
     window = create_window(app)
     window.show()
+    if smoke_test:
+        QTimer.singleShot(0, lambda: (print("window shown", flush=True), app.quit()))
     exit_code = app.exec()
     if window.detached_processes:
         # Qt would kill a child QProcess while tearing down; leave now so the engine keeps training.

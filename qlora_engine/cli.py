@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in LIGHT_COMMANDS:
         commands.add_parser(name, help=f"see `qlora-studio {name} --help`", add_help=False)
+    commands.add_parser("gui", help="open the desktop app (same as qlora-studio-gui)", add_help=False)
     return parser
 
 
@@ -95,11 +96,18 @@ def add_events_flag(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "gui":  # the desktop app, same as qlora-studio-gui
+        from app.main import main as gui_main
+
+        return gui_main(["qlora-studio-gui", *argv[1:]])
     if argv and argv[0] in LIGHT_COMMANDS:
         module_name, function = LIGHT_COMMANDS[argv[0]]
         module = __import__(module_name, fromlist=[function])
         return getattr(module, function)(argv[1:])
     args = build_parser().parse_args(argv)
+    # Progress bars of downloads and weight loading are noise in the log view and in events.jsonl's client.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
                "data": cmd_data}[args.command]
     return handler(args)

@@ -85,7 +85,7 @@ class RunConfig:
                             choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),
                             memory="8-bit states use a quarter of 32-bit; paged states move to CPU RAM under "
                             "memory pressure.")
-    learning_rate: float = option(5e-4, "Peak learning rate.", minimum=0.0)
+    learning_rate: float = option(1e-3, "Peak learning rate.", minimum=0.0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.",
                                choices=("cosine", "linear", "constant"))
     warmup_steps: int = option(3, "Steps of linear warmup from 0 to the peak learning rate.", minimum=0)

@@ -54,8 +54,13 @@ class EventWriter:
             self._log.write(line + "\n")
             self._log.flush()
         if self.stream is not None:
-            self.stream.write((describe(event) if self.human else line) + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write((describe(event) if self.human else line) + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                # The reader went away (the GUI closed and left the run going): keep training and
+                # keep writing events.jsonl, which is how a reopened window follows the run.
+                self.stream = None
         return event
 
     def close(self) -> None:

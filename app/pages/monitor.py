@@ -68,6 +68,7 @@ class MonitorPage(Page):
         self.redraw_timer = QTimer(self, interval=REDRAW_MS)
         self.redraw_timer.timeout.connect(self.redraw)
         self.redraw_timer.start()
+        self.redraw()
 
         session.training.event.connect(self._on_live_event)
         session.training.log_line.connect(self._on_live_log)
