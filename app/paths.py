@@ -1,11 +1,9 @@
 """Where the app finds its bundled resources and keeps its runs; no Qt widgets here."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import platformdirs
-
+from qlora_engine.cli import runs_root
 from qlora_engine.resources import resources_dir
 
 APP_NAME = "qlora-studio"
@@ -18,6 +16,5 @@ def resource(*parts: str) -> Path:
 
 
 def default_runs_folder() -> Path:
-    """$QLORA_STUDIO_RUNS (as the engine's CLI reads it), else the user data dir's runs/."""
-    override = os.environ.get("QLORA_STUDIO_RUNS")
-    return Path(override) if override else Path(platformdirs.user_data_dir(APP_NAME)) / "runs"
+    """$QLORA_STUDIO_RUNS, else the user data dir's runs/: the same folder the engine's CLI uses."""
+    return runs_root()

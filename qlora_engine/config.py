@@ -77,8 +77,9 @@ class RunConfig:
                              group="quantization")
     double_quant: bool = option(True, "Quantize the quantization constants too.",
                                 memory="Saves about 0.4 bits per parameter.", group="quantization")
-    compute_dtype: str = option("auto", "Dtype of the matmuls: auto = bf16 where the device supports it, else "
-                                "fp16 on CUDA or fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"),
+    compute_dtype: str = option("auto", "Dtype of the matmuls: auto = bf16 where the device supports it (GPUs "
+                                "of compute capability 8+, CPUs with AVX512-BF16), else fp16 on CUDA, fp32 on CPU.",
+                                choices=("auto", "bf16", "fp16", "fp32"),
                                 memory="fp32 doubles activation memory.", group="quantization")
     # --- optimization ---
     optimizer: str = option("paged_adamw_8bit", "Optimizer for the LoRA weights.",

@@ -196,3 +196,39 @@ def test_a_lock_left_by_a_killed_engine_is_taken_over(tmp_path):
     with RunLock(tmp_path) as lock:
         assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid()) and lock.held
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, alpaca_file, tmp_path,
+                                                                            monkeypatch):
+    from qlora_engine.events import EngineError
+
+    real_step = train.training_step
+    calls = []
+
+    def nan_at_step_three(*args, **kwargs):
+        calls.append(1)
+        loss, grad_norm = real_step(*args, **kwargs)
+        return (float("nan"), grad_norm) if len(calls) == 3 else (loss, grad_norm)
+
+    monkeypatch.setattr(train, "training_step", nan_at_step_three)
+    with pytest.raises(EngineError, match="loss became nan at step 3") as caught:
+        run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", save_steps=2))
+    assert caught.value.code == "nan_loss"
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path / "run")] == ["step-2"]
+
+
+def test_cuda_out_of_memory_becomes_an_error_event_with_advice():
+    import torch
+
+    from qlora_engine.cli import report_failure
+
+    emitted = []
+
+    class Recorder:
+        def emit(self, kind, **fields):
+            emitted.append({"kind": kind, **fields})
+
+    exit_code = report_failure(Recorder(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB"))
+    assert exit_code == 1
+    assert emitted[0]["code"] == "cuda_oom" and "8 GiB" in emitted[0]["message"]
+    assert "qlora-studio estimate" in emitted[0]["advice"]
