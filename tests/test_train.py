@@ -232,3 +232,29 @@ def test_cuda_out_of_memory_becomes_an_error_event_with_advice():
     assert exit_code == 1
     assert emitted[0]["code"] == "cuda_oom" and "8 GiB" in emitted[0]["message"]
     assert "qlora-studio estimate" in emitted[0]["advice"]
+
+
+@pytest.mark.parametrize("options", [
+    {"quant_type": "fp4", "optimizer": "paged_adamw_32bit"},
+    {"double_quant": False, "optimizer": "adamw", "lr_scheduler": "linear", "compute_dtype": "fp32"},
+    {"target_modules": "q_proj,v_proj", "lr_scheduler": "constant", "gradient_checkpointing": False},
+])
+def test_the_selectable_quantization_optimizer_and_schedule_options_train(tiny_model_dir, alpaca_file, tmp_path,
+                                                                          options):
+    _, events = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=6, **options))
+    losses = step_losses(events)
+    assert losses[-1] < losses[0]
+    loaded = next(e for e in events if e["kind"] == "model_loaded")
+    full_lora = next(e for e in run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "full", max_steps=1))[1]
+                     if e["kind"] == "model_loaded")
+    if "target_modules" in options:
+        assert loaded["trainable_params"] < full_lora["trainable_params"]
+
+
+def test_chat_answers_with_the_base_and_the_tuned_model(finished_run):
+    result = subprocess.run([sys.executable, "-m", "qlora_engine", "chat", str(finished_run), "--prompt",
+                             "Who is mayor 3?", "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[base", "[tuned"]
