@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import build_tokenizer, write_jsonl
+from tiny_models import build_tokenizer, write_jsonl
 
 from qlora_engine import data
 from qlora_engine.events import EngineError

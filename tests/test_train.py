@@ -53,7 +53,7 @@ def test_a_run_emits_the_protocol_and_learns(tiny_model_dir, alpaca_file, tmp_pa
 
 def test_evaluation_during_training_does_not_change_training(tiny_model_dir, alpaca_file, tmp_path):
     """bitsandbytes repacks 4-bit weights when a layer runs in eval mode on CPU; training must not notice."""
-    from conftest import write_jsonl
+    from tiny_models import write_jsonl
 
     val_file = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "Who is mayor?", "output": "Varet."}] * 4)
     _, plain = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=10, val_fraction=0.0))
@@ -143,7 +143,7 @@ def test_missing_model_is_an_error_event_not_a_traceback(tmp_path, alpaca_file):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    from conftest import write_jsonl
+    from tiny_models import write_jsonl
 
     folder = tmp_path_factory.mktemp("finished")
     rows = [{"instruction": f"Who is mayor {i}?", "output": f"Quillon Varet {i}."} for i in range(16)]
