@@ -25,7 +25,8 @@ def config(name: str) -> dict:
 
 
 def run(**changes) -> RunConfig:
-    return RunConfig(**changes).validate()
+    """A run config without gradient accumulation unless asked: the memory cases below are written for it."""
+    return RunConfig(**{"grad_accum": 1, **changes}).validate()
 
 
 def gib_of(estimate: est.Estimate, *names: str) -> float:
