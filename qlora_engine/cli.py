@@ -186,12 +186,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         verification = export.export_run(run_dir, args.kind, Path(args.out).expanduser() if args.out else None,
                                          lambda stage, fraction: events.emit("export_progress", stage=stage,
                                                                              fraction=fraction))
+        events.emit("exported", **dataclasses.asdict(verification))
     except BaseException as exc:
         return report_failure(events, exc)
     finally:
         events.close()
-    events = EventWriter(None, human=args.events == "human")
-    events.emit("exported", **dataclasses.asdict(verification))
     return 0
 
 
