@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
+from qlora_engine.events import write_failure
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 KEEP_LAST = 2
 STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-step-"
 
 
 @dataclass
@@ -50,21 +53,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (stop right after a scheduled save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = root / f"{TMP_PREFIX}{state.step}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        _fsync_tree(tmp)
+        _move_into_place(tmp, final)
+    except Exception as exc:  # a full disk or an unwritable folder: the earlier checkpoints stay as they were
+        error = write_failure(exc, f"checkpoint step-{state.step}", root,
+                              "resume the run (--resume): it continues from its last complete checkpoint, "
+                              "which is intact")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise
+        raise error from exc
     _prune(run_dir)
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder to step-N; a re-save of the same step (a stop right after a scheduled save)
+    first moves the old one aside, so that no moment has a half-deleted step-N on disk."""
+    if final.exists():
+        old = final.with_name(f".tmp-{final.name}-old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_folder(final.parent)
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
@@ -101,6 +124,18 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` survive a power cut, not only a kill."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _prune(run_dir: Path) -> None:
     for old in complete_checkpoints(run_dir)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
+    # temp folders left by a killed engine (the run lock means no other engine is writing one now)
+    for leftover in checkpoint_root(run_dir).glob(TMP_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from typing import Any
 from platformdirs import user_data_dir
 
 from qlora_engine.config import ConfigError, RunConfig
-from qlora_engine.events import EngineError, EventWriter
+from qlora_engine.events import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, EngineError, EventWriter, write_failure
 from qlora_engine.runlock import RunLock
 
 LIGHT_COMMANDS = {"gpu": ("qlora_engine.hardware", "gpu_main"), "estimate": ("qlora_engine.estimate", "estimate_main"),
@@ -115,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_failure(events: EventWriter, exc: BaseException) -> int:
     """Turn any failure into an `error` event with advice; exit code 1."""
+    if isinstance(exc, Exception) and not isinstance(exc, (EngineError, ConfigError)) and (
+            not isinstance(exc, OSError) or exc.errno in DISK_FULL_ERRNOS | NOT_WRITABLE_ERRNOS):
+        exc = write_failure(exc, "a file", None, "try again; a run continues from its last complete checkpoint "
+                                                 "with --resume", verb="read or write") or exc
+    if is_cuda_oom(exc):
+        exc = cuda_oom_error(exc)
     if isinstance(exc, (EngineError, ConfigError)):
-        events.emit("error", code=getattr(exc, "code", "bad_config"), message=exc.message, advice=exc.advice)
-        return 1
-    if type(exc).__name__ == "OutOfMemoryError":
-        events.emit("error", code="cuda_oom", message=f"the GPU ran out of memory: {str(exc).splitlines()[0]}",
-                    advice="Lower micro_batch_size or max_length, enable gradient_checkpointing, or run "
-                           "`qlora-studio estimate` to see what fits.")
+        events.emit("error", code=getattr(exc, "code", "bad_config"), message=exc.message, advice=exc.advice,
+                    **getattr(exc, "details", {}))
         return 1
     if isinstance(exc, KeyboardInterrupt):
         events.emit("error", code="interrupted", message="stopped at once by a second interrupt, no checkpoint",
@@ -131,6 +134,76 @@ def report_failure(events: EventWriter, exc: BaseException) -> int:
     events.emit("error", code="internal", message=f"{type(exc).__name__}: {exc}",
                 advice="This is a bug in QLoRA Studio; the log above has the details.")
     return 1
+
+
+# ----------------------------------------------------------------------------- out of GPU memory
+def is_cuda_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def measured_gpu_memory() -> dict[str, int]:
+    """This process's peak and the GPU's free and total memory, read after an out-of-memory error."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    try:
+        free_bytes, total_bytes = torch.cuda.mem_get_info()
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
+                "free_bytes": free_bytes, "gpu_total_bytes": total_bytes}
+    except RuntimeError:  # the CUDA context itself is broken: say what we know without figures
+        return {}
+
+
+def cuda_oom_error(exc: BaseException, cfg: RunConfig | None = None, step: int | None = None) -> EngineError:
+    """The out-of-memory error with the measured peak, the estimate, and the estimator's fixes for this GPU."""
+    memory = measured_gpu_memory()
+    tried = re.search(r"Tried to allocate ([\d.]+ \w+)", str(exc))
+    message = "the GPU ran out of memory" + (f" during step {step}" if step else "")
+    message += f" (it tried to allocate {tried.group(1)} more)" if tried else ""
+    if memory:
+        message += f": this run used up to {_gib(memory['peak_bytes'])} of the GPU's {_gib(memory['gpu_total_bytes'])}"
+    details: dict[str, Any] = {"step": step, **memory}
+    # What the run had to itself: what is free now plus what it held (freed when this process exits).
+    plan = _estimator_plan(cfg, memory["free_bytes"] + memory["reserved_bytes"]) if memory else None
+    if plan is None:
+        return EngineError("cuda_oom", message, OOM_ADVICE, **details)
+    details.update(estimate_peak_bytes=plan.peak_bytes, fixes=[
+        {"description": fix.description, "config_changes": fix.config_changes} for fix in plan.fixes])
+    message += f"; the estimate for this configuration is {_gib(plan.peak_bytes)}"
+    return EngineError("cuda_oom", message, _oom_advice(plan), **details)
+
+
+OOM_ADVICE = ("Lower micro_batch_size or max_length, enable gradient_checkpointing, or run `qlora-studio estimate` "
+              "to see what fits.")
+
+
+def _oom_advice(plan: Any) -> str:
+    fitting = [fix.description for fix in plan.fixes if fix.fits_after][:2]
+    if fitting:
+        return (f"The estimator's fix for this GPU: {fitting[0]}" + (f"; or {fitting[1]}" if fitting[1:] else "")
+                + ". Start the run again with that change.")
+    if plan.verdict == "won't fit":
+        return (f"Even the estimator's smallest settings don't fit in the {_gib(plan.free_bytes)} this run had: "
+                "pick a smaller model, or close other programs using the GPU.")
+    return ("The estimate says this fits, so another program is probably using GPU memory: close it and resume "
+            "the run (its last checkpoint is kept). " + OOM_ADVICE)
+
+
+def _estimator_plan(cfg: RunConfig | None, free_bytes: int) -> Any:
+    """estimate.advise for this run against the memory it had; None when the model's shape can't be read."""
+    from qlora_engine import estimate
+
+    if cfg is None:
+        return None
+    try:
+        return estimate.advise(estimate.resolve_model_config(cfg.model), cfg, free_bytes)
+    except estimate.EstimateError:
+        return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
 
 
 # ----------------------------------------------------------------------------- train
@@ -160,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qlora_engine import train
 
     events = EventWriter(None, human=args.events == "human")
+    cfg = None
     try:
         cfg, run_dir = resolve_train_config(args)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +244,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         with RunLock(run_dir):
             result = train.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
     except BaseException as exc:  # every failure becomes an error event
+        if is_cuda_oom(exc):
+            last_step = events.last_of_kind.get("step", {}).get("step", 0)
+            exc = cuda_oom_error(exc, cfg, last_step + 1)
         return report_failure(events, exc)
     finally:
         events.close()

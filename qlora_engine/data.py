@@ -5,8 +5,10 @@ trained-token mask. Reading is line-exact so that every bad row is reported by i
 """
 from __future__ import annotations
 
+import csv
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "model": "assistant"}
 PLAIN_TEMPLATE_USER = "### Instruction:\n{content}\n\n### Response:\n"
 IGNORE_INDEX = -100
+CHARS_PER_TOKEN_BOUND = 64
+
+
+class RowError(ValueError):
+    """Why one row can't be used; it becomes a BadRow report next to the row's line number."""
 
 
 @dataclass
@@ -80,7 +87,9 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
         return _read_json_array(path)
     if suffix == ".txt":
         return _read_text_lines(path)
-    return _read_table(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    return _read_parquet(path)
 
 
 def _looks_like_json_lines(path: Path) -> bool:
@@ -103,9 +112,17 @@ def _read_json_lines(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
                 continue
             try:
                 records.append((number, json.loads(text)))
-            except json.JSONDecodeError as exc:
-                bad.append(BadRow(path.name, number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            except (ValueError, RecursionError) as exc:
+                bad.append(BadRow(path.name, number, f"not valid JSON ({_json_problem(exc)})"))
     return records, bad
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(":")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"
 
 
 def _read_json_array(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
@@ -117,6 +134,9 @@ def _read_json_array(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
     except json.JSONDecodeError as exc:
         raise EngineError("bad_dataset", f"{path} line {exc.lineno}: not valid JSON ({exc.msg})",
                           "Fix the JSON at that line, or save the data as .jsonl (one row per line).") from exc
+    except (ValueError, RecursionError) as exc:
+        raise EngineError("bad_dataset", f"{path}: not valid JSON ({_json_problem(exc)})",
+                          "Fix the JSON, or save the data as .jsonl (one row per line) to see the line.") from exc
     if not isinstance(data, list):
         raise EngineError("bad_dataset", f"{path}: expected a JSON list of rows, got {type(data).__name__}",
                           "Put the rows in a top-level list [ {...}, {...} ].")
@@ -138,22 +158,55 @@ def _read_text_lines(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
     return records, bad
 
 
-def _read_table(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
-    """CSV and Parquet through `datasets`; CSV line = row index + 2 (the header is line 1)."""
+def _read_csv(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
+    """CSV rows by the line they start on (a quoted field may span lines); a row with broken quoting, the wrong
+    number of fields or bytes that are not UTF-8 is a bad row. An empty cell counts as a missing field."""
+    undecodable: dict[int, str] = {}
+
+    def decoded_lines() -> Iterator[str]:
+        for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                undecodable[number] = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                yield raw.decode("utf-8", errors="replace")
+
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a row may be megabytes long: it is truncated later
+    reader = csv.reader(decoded_lines(), strict=True)  # strict: a stray quote is an error, not a silent merge
+    header = [name.lstrip("\ufeff").strip() for name in next(reader, [])]
+    records, bad = [], []
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            runs_on = f" (the row runs on to line {reader.line_num})" if reader.line_num > first_line else ""
+            bad.append(BadRow(path.name, first_line, f"broken CSV quoting: {exc}{runs_on}"))
+            continue
+        lines = range(first_line, reader.line_num + 1)
+        problem = next((undecodable[n] for n in lines if n in undecodable), None)
+        if problem is None and len(fields) != len(header) and any(field.strip() for field in fields):
+            problem = f"{len(fields)} field(s), but the header has {len(header)}"
+        if problem:
+            bad.append(BadRow(path.name, first_line, problem))
+        elif any(field.strip() for field in fields):  # blank lines are skipped
+            records.append((first_line, {name: value or None for name, value in zip(header, fields)}))
+    return records, bad
+
+
+def _read_parquet(path: Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
+    """Parquet rows through `datasets`, numbered from 1 (a binary file has no lines)."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        if path.suffix.lower() == ".csv":
-            table = datasets.Dataset.from_csv(str(path), keep_in_memory=True)
-            first_line = 2
-        else:
-            table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-            first_line = 1
-    except Exception as exc:  # pandas / pyarrow parser errors carry the line in their message
-        raise EngineError("bad_dataset", f"{path}: could not be read as {path.suffix[1:]} ({exc})",
-                          "Check the quoting and column count near the line named, or export the file again.") from exc
-    return [(index + first_line, row) for index, row in enumerate(table)], []
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as exc:  # pyarrow's many error types: the file is not readable parquet
+        raise EngineError("bad_dataset", f"{path}: could not be read as parquet ({exc})",
+                          "Export the file again, or save the data as .jsonl or .csv.") from exc
+    return [(index, row) for index, row in enumerate(table, start=1)], []
 
 
 # ----------------------------------------------------------------------------- formats
@@ -182,9 +235,9 @@ def detect_majority_format(records: list[tuple[int, Any]]) -> str | None:
 
 
 def normalize(record: Any, data_format: str, line: int) -> Example:
-    """The row as an Example, or ValueError with a reason a person can act on."""
+    """The row as an Example, or RowError with a reason a person can act on."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected an object with fields, got {type(record).__name__}")
+        raise RowError(f"expected an object with fields, got {type(record).__name__}")
     if data_format == "text":
         return Example(line, text=_text_field(record, "text"))
     if data_format == "alpaca":
@@ -201,46 +254,57 @@ def normalize(record: Any, data_format: str, line: int) -> Example:
                                                                                     response=True)}])
     if data_format == "chat":
         return Example(line, messages=_chat_messages(record))
-    raise ValueError(f"unknown format {data_format!r}")
+    raise RowError(f"unknown format {data_format!r}")
 
 
 def _text_field(record: dict, name: str, *, required: bool = True, response: bool = False) -> str:
     value = record.get(name)
     if value is None:
         if required:
-            raise ValueError(f"missing field '{name}'")
+            raise RowError(f"missing field '{name}'")
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"field '{name}' must be text, got {type(value).__name__}")
+        raise RowError(f"field '{name}' must be text, got {type(value).__name__}")
+    _check_encodable(value, f"field '{name}'")
     if required and not value.strip():
-        raise ValueError(f"empty {'response' if response else 'field'} '{name}'")
+        raise RowError(f"empty {'response' if response else 'field'} '{name}'")
     return value
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(f"{where} holds an invalid character (a lone surrogate \\u{ord(text[exc.start]):04x} at "
+                       f"character {exc.start + 1})") from None
 
 
 def _chat_messages(record: dict) -> list[dict[str, str]]:
     if "messages" not in record and "conversations" not in record:
-        raise ValueError("missing field 'messages' (or ShareGPT 'conversations')")
+        raise RowError("missing field 'messages' (or ShareGPT 'conversations')")
     key = "messages" if "messages" in record else "conversations"
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"field '{key}' must be a non-empty list of turns")
+        raise RowError(f"field '{key}' must be a non-empty list of turns")
     messages = []
     for index, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
-            raise ValueError(f"turn {index} of '{key}' must be an object")
+            raise RowError(f"turn {index} of '{key}' must be an object")
         raw_role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         role = SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise ValueError(f"turn {index}: unknown role {raw_role!r} (expected user/assistant/system)")
+            raise RowError(f"turn {index}: unknown role {raw_role!r} (expected user/assistant/system)")
         if not isinstance(content, str):
-            raise ValueError(f"turn {index}: content must be text, got {type(content).__name__}")
+            raise RowError(f"turn {index}: content must be text, got {type(content).__name__}")
+        _check_encodable(content, f"turn {index}")
         messages.append({"role": role, "content": content})
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers:
-        raise ValueError("no assistant turn to learn from")
+        raise RowError("no assistant turn to learn from")
     if not all(m["content"].strip() for m in answers):
-        raise ValueError("empty response in an assistant turn")
+        raise RowError("empty response in an assistant turn")
     return messages
 
 
@@ -296,13 +360,19 @@ def prompt_text(question: str, tokenizer: Any) -> str:
 
 def tokenize(example: Example, tokenizer: Any, max_length: int, train_on_prompt: bool) -> Tokenized:
     text, spans = render(example, tokenizer)
+    # Only the first max_length tokens are kept, so a huge row (a 10 MB line takes ~20 s to tokenize whole) is cut
+    # first, far beyond where those tokens end: tokens average far fewer than CHARS_PER_TOKEN_BOUND characters
+    # (a pathological row of only very long tokens keeps fewer than max_length tokens, and is still truncated).
+    cut = len(text) > max_length * CHARS_PER_TOKEN_BOUND
+    if cut:
+        text = text[: max_length * CHARS_PER_TOKEN_BOUND]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     if train_on_prompt:
         mask = [True] * len(ids)
     else:
         mask = [any(start <= token_start < end for start, end in spans) for token_start, _ in offsets]
-    truncated = len(ids) > max_length
+    truncated = cut or len(ids) > max_length
     return Tokenized(ids[:max_length], mask[:max_length], example.line, truncated)
 
 
@@ -330,7 +400,7 @@ def prepare_file(path: Path, tokenizer: Any, *, data_format: str, max_length: in
     for line, record in records:
         try:
             example = normalize(record, chosen, line)
-        except ValueError as exc:
+        except RowError as exc:
             report.bad_rows.append(BadRow(path.name, line, str(exc)))
             continue
         tokenized = tokenize(example, tokenizer, max_length, train_on_prompt)

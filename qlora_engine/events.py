@@ -4,7 +4,9 @@ One JSON object per line on stdout, the same lines appended to <run_dir>/events.
 """
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,13 +21,59 @@ KINDS = ("started", "model_loaded", "data_ready", "step", "eval", "checkpoint", 
 
 
 class EngineError(Exception):
-    """An error a user can hit and act on; it becomes an `error` event with code, message and advice."""
+    """An error a user can hit and act on; it becomes an `error` event with code, message and advice.
 
-    def __init__(self, code: str, message: str, advice: str = "") -> None:
+    `details` are extra fields of that event (e.g. a `cuda_oom` error's measured peak and the estimator's fixes).
+    """
+
+    def __init__(self, code: str, message: str, advice: str = "", **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.advice = advice
+        self.details = details
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NOT_WRITABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+# Writers that bypass Python's files report a full disk in their own exception types: safetensors raises
+# SafetensorError "... No space left on device (os error 28)", torch.save a RuntimeError "unexpected pos ...".
+# So a failed write also counts as a full disk when the folder it went to has less than this left.
+LOW_SPACE_BYTES = 64 * 2**20
+NO_SPACE_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+def write_failure(exc: BaseException, what: str, folder: Path | None, then: str,
+                  verb: str = "write") -> EngineError | None:
+    """A failed write of `what` into `folder` as an error a person can act on; None when `exc` is not one.
+
+    Any OSError is a write failure; another exception only when it says so or the folder's disk is (nearly) full.
+    `then` ends the advice: what to do once the disk has room or the folder is writable.
+    """
+    where = getattr(exc, "filename", None) or folder
+    at = f" ({where})" if where else ""
+    if isinstance(exc, OSError) and exc.errno not in DISK_FULL_ERRNOS:
+        return EngineError("write_failed", f"could not {verb} {what}{at}: {exc.strerror or exc}",
+                           f"Check that the folder exists and is writable (or pick another folder), then {then}.")
+    if not isinstance(exc, OSError) and not (any(text in str(exc) for text in NO_SPACE_TEXTS)
+                                             or _free_bytes(folder) < LOW_SPACE_BYTES):
+        return None
+    free = _free_bytes(folder)
+    left = f", {free / 2**20:.1f} MiB left there" if free != float("inf") else ""
+    return EngineError("disk_full", f"the disk is full: could not {verb} {what}{at}{left}",
+                       f"Free some disk space (or move the folder to a drive with room), then {then}.")
+
+
+def _free_bytes(folder: Path | None) -> float:
+    """Free space on the drive holding `folder` (its nearest existing parent); infinite when unknown."""
+    if folder is None:
+        return float("inf")
+    for candidate in (Path(folder), *Path(folder).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return float("inf")
 
 
 def make_event(kind: str, **fields: Any) -> dict[str, Any]:
@@ -43,16 +91,23 @@ class EventWriter:
         self.stream = stream
         self.human = human
         self._log: IO[str] | None = None
+        self.last_of_kind: dict[str, dict[str, Any]] = {}  # e.g. the last `step`, to say where a failure hit
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(log_path, "a", encoding="utf-8")
+            if self._log.tell() and not _ends_with_newline(log_path):  # a line cut short by a kill
+                self._log.write("\n")
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = make_event(kind, **fields)
         line = json.dumps(event, default=_json_default)
+        self.last_of_kind[kind] = event
         if self._log is not None:
-            self._log.write(line + "\n")
-            self._log.flush()
+            try:
+                self._log.write(line + "\n")
+                self._log.flush()
+            except OSError:  # disk full or folder gone: the events still reach stdout, and the error is reported
+                self._close_log_quietly()
         if self.stream is not None:
             try:
                 self.stream.write((describe(event) if self.human else line) + "\n")
@@ -65,8 +120,24 @@ class EventWriter:
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError:  # its buffer could not be written (disk full); nothing more to do
+                pass
             self._log = None
+
+    def _close_log_quietly(self) -> None:
+        log, self._log = self._log, None
+        try:
+            log.close()
+        except OSError:
+            pass
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 def _json_default(value: Any) -> Any:

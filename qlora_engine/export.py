@@ -5,6 +5,7 @@ fixed prompt compared with the trained model's, and only then renamed into place
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import torch
 
 from qlora_engine import models
 from qlora_engine.config import RunConfig, write_text_atomic
-from qlora_engine.events import EngineError
+from qlora_engine.events import EngineError, write_failure
+from qlora_engine.runlock import process_alive
 
 FIXED_PROMPT = "Tell me one thing you learned, in one sentence."
 # Adapter export reloads the same weights: logits must agree to float rounding.
@@ -88,13 +90,13 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
 
     cfg = run_config(run_dir)
     out = out or run_dir / "exports" / kind
+    recover_interrupted_export(out)
     device = models.resolve_device(cfg.device)
     progress("loading the trained model", 0.1)
     base, tokenizer, compute_dtype = _load_base(cfg, device)
     trained = PeftModel.from_pretrained(base, run_dir / "adapter")
     reference = fixed_prompt_logits(trained, tokenizer, device)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         if kind == "adapter":
             progress("writing the adapter", 0.4)
@@ -105,7 +107,7 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             base, _, _ = _load_base(cfg, device)
             exported = fixed_prompt_logits(PeftModel.from_pretrained(base, tmp), tokenizer, device)
         else:
-            del trained, base
+            del trained, base  # the 4-bit model goes before the 16-bit one is built
             progress("dequantizing the base and merging LoRA", 0.3)
             save_dtype = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
             merged = merged_model(cfg, run_dir / "adapter", device, save_dtype)
@@ -116,17 +118,21 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             progress("reloading with AutoModelForCausalLM.from_pretrained", 0.8)
             exported = fixed_prompt_logits(models.load_plain_model(tmp, dtype=save_dtype, device=device),
                                            tokenizer, device)
-    except OSError as exc:
+        verification = compare_logits(kind, out, reference, exported)
+        if verification.ok:
+            _replace_folder(tmp, out)
+    except Exception as exc:  # a full disk, an unwritable destination: no partial export is left behind
+        error = write_failure(exc, f"the {kind} export", out.parent,
+                              "export again; an earlier export there is left as it was")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EngineError("export_failed", f"writing {tmp}: {exc.strerror or exc}",
-                          "Free disk space or pick another destination, then export again.") from exc
-    verification = compare_logits(kind, out, reference, exported)
+        if error is None:
+            raise
+        raise error from exc
     if not verification.ok:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EngineError("export_mismatch", f"the {kind} export's logits differ from the trained model "
                           f"(max {verification.max_abs_logit_diff}, relative {verification.relative_l2})",
                           "Nothing was written. Report this with the run folder.")
-    _replace_folder(tmp, out)
     write_text_atomic(run_dir / "exports" / f"{kind}-verification.json", json.dumps(asdict(verification), indent=1))
     progress("verified", 1.0)
     return verification
@@ -164,6 +170,22 @@ def dequantize_linear4bit(model: Any, dtype: torch.dtype) -> None:
             delattr(model, marker)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def recover_interrupted_export(out: Path) -> None:
+    """Tidy up after an export that was killed: its temp folder goes, and a previous export it had moved aside
+    to make room comes back if the new one never got into place. Folders of a running export are left alone."""
+    if not out.parent.is_dir():
+        return
+    for prefix in (".old-", ".tmp-"):  # old ones first: a restored export is then not deleted as a leftover
+        for leftover in sorted(out.parent.glob(f"{prefix}{glob.escape(out.name)}-*")):
+            owner = leftover.name.rpartition("-")[2]
+            if owner.isdigit() and process_alive(int(owner)):
+                continue
+            if prefix == ".old-" and not out.exists():
+                os.replace(leftover, out)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:

@@ -9,7 +9,8 @@ from qlora_engine.events import EngineError
 LOCK_NAME = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a lock's or a temp folder's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,7 +51,7 @@ class RunLock:
 
     def _owner_alive(self) -> bool:
         owner = self._owner()
-        return owner is not None and _alive(owner)
+        return owner is not None and process_alive(owner)
 
     def release(self) -> None:
         if self.held:
