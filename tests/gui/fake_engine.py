@@ -1,7 +1,8 @@
 """A stand-in for `python -m qlora_engine` that speaks the same protocol in milliseconds, for GUI tests.
 
 FAKE_ENGINE_SCENARIO picks how `train` behaves: ok (default), slow (waits for `stop` on stdin), crash (a few
-steps, a traceback, exit 1), error (an `error` event with advice, exit 1). A path containing "broken" makes
+steps, a traceback, exit 1), error (an `error` event with advice, exit 1), oom (a checkpoint at step 2, then the
+real engine's `cuda_oom` error for an 8 GiB card, exit 1). A path containing "broken" makes
 model-info, data, chat and export fail with an error object or event.
 """
 from __future__ import annotations
@@ -52,11 +53,16 @@ def train(args: list[str]) -> int:
             print("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access",
                   file=sys.stderr, flush=True)
             return 1
+        if SCENARIO == "oom" and step == 3:
+            events.emit("error", **_cuda_oom_error(step))
+            return 1
         if SCENARIO == "error" and step == 3:
             events.emit("error", code="cuda_oom", message="the GPU ran out of memory at step 3",
                         advice="Lower micro_batch_size or max_length, or enable gradient_checkpointing.")
             return 1
         _emit_step(events, step)
+        if SCENARIO == "oom" and step == 2:
+            events.emit("checkpoint", step=step, path=str(_write_checkpoint(run_dir, step)))
         if step % 4 == 0:
             events.emit("eval", step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08))
         if SCENARIO == "slow":
@@ -85,6 +91,18 @@ def _emit_step(events: EventWriter, step: int) -> None:
     events.emit("step", step=step, total_steps=TOTAL_STEPS, epoch=step / TOTAL_STEPS, loss=3.0 * 0.93**step,
                 lr=2e-4 * min(1.0, step / 3), grad_norm=1.0 / math.sqrt(step), tokens_per_s=2300.0 + 10 * step,
                 eta_s=5.0 * (TOTAL_STEPS - step), vram=vram)
+
+
+def _cuda_oom_error(step: int) -> dict:
+    """The error the real engine builds when SmolLM2 at batch 8 x 2048 tokens runs out of an 8 GiB card."""
+    from qlora_engine import cli
+    from qlora_engine.config import RunConfig
+
+    cli.measured_gpu_memory = lambda: {"peak_bytes": int(7.6 * GIB), "reserved_bytes": int(7.8 * GIB),
+                                       "free_bytes": int(0.1 * GIB), "gpu_total_bytes": 8 * GIB}
+    error = cli.cuda_oom_error(RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB"),
+                               RunConfig(micro_batch_size=8, max_length=2048), step)
+    return {"code": error.code, "message": error.message, "advice": error.advice, **error.details}
 
 
 def _watch_stdin(stop: threading.Event) -> None:

@@ -1,0 +1,28 @@
+"""The window survives the engine's failures: it stays up, says what happened and what to do, and can start again."""
+from __future__ import annotations
+
+
+def test_an_engine_out_of_gpu_memory_shows_the_peak_and_the_fix_and_the_window_stays_usable(window, qtbot, scenario,
+                                                                                          screenshot):
+    scenario("oom")
+    with qtbot.waitSignal(window.session.training.exited, timeout=20_000) as exited:
+        window.start_training()
+    assert exited.args == [1]
+    assert not window.session.training.is_running(), "no engine process is left holding the GPU"
+    page = window.pages["monitor"]
+    page.redraw()
+    assert window.isVisible() and page.metrics.status == "failed"
+    shown = page.banner.label.text()
+    assert "cuda_oom" in shown and "during step 3" in shown
+    assert "this run used up to 7.60 GiB of the GPU's 8.00 GiB" in shown
+    assert "The estimator's fix for this GPU: micro-batch 2 with gradient accumulation 8" in shown
+    assert page.metrics.last_checkpoint.endswith("step-2"), "the checkpoint before the error is still offered"
+    assert window.start_action.isEnabled()
+    screenshot(window, "monitor-cuda-oom")
+
+    scenario("ok")  # the user applies the fix and starts again: the same window runs it to the end
+    with qtbot.waitSignal(window.session.training.exited, timeout=20_000) as exited:
+        window.start_training()
+    assert exited.args == [0]
+    page.redraw()
+    assert page.metrics.status == "finished" and "Training finished" in page.banner.label.text()
