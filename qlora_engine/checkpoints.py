@@ -64,7 +64,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
         _fsync_tree(tmp)
-        _move_into_place(tmp, final)
+        replace_folder(tmp, final, root / f".tmp-{final.name}-old-{os.getpid()}")
     except Exception as exc:  # a full disk or an unwritable folder: the earlier checkpoints stay as they were
         error = write_failure(exc, f"checkpoint step-{state.step}", root,
                               "resume the run (--resume): it continues from its last complete checkpoint, "
@@ -77,11 +77,11 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     return final
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished temp folder to step-N; a re-save of the same step (a stop right after a scheduled save)
-    first moves the old one aside, so that no moment has a half-deleted step-N on disk."""
+def replace_folder(tmp: Path, final: Path, old: Path) -> None:
+    """Move the complete folder `tmp` to `final`. An existing `final` is first moved to `old` and removed after,
+    so that no moment has a half-deleted `final` on disk (a re-save of a step, a new export over an earlier one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        old = final.with_name(f".tmp-{final.name}-old-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -125,7 +125,9 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` survive a power cut, not only a kill."""
+    """Make a rename in `folder` survive a power cut, not only a kill (POSIX only: Windows can't open a folder)."""
+    if os.name != "posix":
+        return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from qlora_engine import models
+from qlora_engine.checkpoints import replace_folder
 from qlora_engine.config import RunConfig, write_text_atomic
 from qlora_engine.events import EngineError, write_failure
 from qlora_engine.runlock import process_alive
@@ -120,7 +121,7 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
                                            tokenizer, device)
         verification = compare_logits(kind, out, reference, exported)
         if verification.ok:
-            _replace_folder(tmp, out)
+            replace_folder(tmp, out, out.with_name(f".old-{out.name}-{os.getpid()}"))
     except Exception as exc:  # a full disk, an unwritable destination: no partial export is left behind
         error = write_failure(exc, f"the {kind} export", out.parent,
                               "export again; an earlier export there is left as it was")
@@ -186,14 +187,3 @@ def recover_interrupted_export(out: Path) -> None:
                 os.replace(leftover, out)
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _replace_folder(tmp: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)

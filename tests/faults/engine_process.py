@@ -32,7 +32,7 @@ point, step = sys.argv[1], int(sys.argv[2])
 ours = f".tmp-step-{step}-"
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 real_save, real_fsync, real_prune = torch.save, checkpoints._fsync_tree, checkpoints._prune
-real_safe_save, real_replace_folder, real_replace = peft.peft_model.safe_save_file, export._replace_folder, os.replace
+real_safe_save, real_replace_folder, real_replace = peft.peft_model.safe_save_file, export.replace_folder, os.replace
 
 def save(obj, path, *args, **kwargs):
     if point == "torn_file" and Path(path).parent.name.startswith(ours) and Path(path).name == "rng.pt":
@@ -56,8 +56,8 @@ def safe_save(tensors, filename, *args, **kwargs):
         die()
     return real_safe_save(tensors, filename, *args, **kwargs)
 
-def replace_folder(tmp, final):
-    real_replace_folder(tmp, final)
+def replace_folder(tmp, final, old):
+    real_replace_folder(tmp, final, old)
     if point == "export_moved_not_recorded":
         die()
 
@@ -67,7 +67,7 @@ def replace(src, dst):
         die()
 
 torch.save, checkpoints._fsync_tree, checkpoints._prune = save, fsync, prune
-peft.peft_model.safe_save_file, export._replace_folder, os.replace = safe_save, replace_folder, replace
+peft.peft_model.safe_save_file, export.replace_folder, os.replace = safe_save, replace_folder, replace
 sys.exit(cli.main(sys.argv[3:]))
 """
 
