@@ -1,4 +1,5 @@
 """`qlora-studio bench --memory`: measured peak GPU memory of the engine's training step next to the estimate.
+(`qlora-studio bench --speed`, the engine against the plain HF stack, lives in speedbench.py.)
 
 For each architecture a worker process builds a random-init model of that exact shape straight on the
 GPU, quantizes it the way loading does (bitsandbytes Linear4bit), then runs the engine's own LoRA setup,
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_engine import speedbench
 from qlora_engine.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,19 +87,27 @@ class NvmlPeak:
         self._thread.join()
 
 
-def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig) -> Any:
-    """A random-init model of this shape on the GPU, every decoder Linear turned into a bitsandbytes Linear4bit."""
-    import bitsandbytes as bnb
+def random_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
+    """A random-init model of this shape, built straight on the device in the compute dtype."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_engine.models import resolve_compute_dtype
 
-    dtype = resolve_compute_dtype(cfg.compute_dtype, "cuda")
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     values = {k: v for k, v in model_config.items() if k not in ("architectures", "transformers_version")}
     config = AutoConfig.for_model(**values)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
+    """A random-init model of this shape on the device, every decoder Linear turned into a bitsandbytes Linear4bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    model = random_model(model_config, cfg, device)
+    dtype = model.dtype
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
@@ -106,14 +116,15 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig) -> Any:
                                       quant_type=cfg.quant_type, device="meta")
         quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
                                              compress_statistics=cfg.double_quant,
-                                             quant_type=cfg.quant_type).to("cuda")
+                                             quant_type=cfg.quant_type).to(device)
         if module.bias is not None:
             quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
         del module
     gc.collect()  # the replaced 16-bit modules reference each other: free them before anything is measured
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return model
 
 
@@ -198,13 +209,20 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
-    parser.add_argument("--out", default="bench-memory.jsonl", help="JSON lines, one measured configuration each")
+    parser.add_argument("--out", help="--memory: JSON lines, one configuration each (default bench-memory.jsonl); "
+                        "--speed: one JSON file of every result")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG_JSON", "RUNS_JSON"), help=argparse.SUPPRESS)
+    speedbench.add_speed_arguments(parser)
     args = parser.parse_args(argv)
+    if args.speed_worker:
+        return speedbench.speed_worker(args.speed_worker)
+    if args.speed:
+        return speedbench.speed_main(args)
+    args.out = args.out or "bench-memory.jsonl"
     if args.worker:
         return memory_worker(Path(args.worker[0]), json.loads(args.worker[1]), Path(args.out))
     if not args.memory:
-        parser.error("choose what to measure: --memory")
+        parser.error("choose what to measure: --memory or --speed")
     only = set(args.models.split(",")) if args.models else None
     failures = 0
     for name, runs in grid_runs(only, args.per_model).items():

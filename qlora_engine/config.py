@@ -102,6 +102,16 @@ class RunConfig:
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass instead of storing "
                                           "them.", memory="Cuts activation memory to about one layer's worth; "
                                           "about 30% slower.")
+    packing: bool = option(True, "Lay the examples of a micro-batch end to end in one row instead of padding them "
+                           "(each attends only to itself; same loss).", memory="No padding: activations only for "
+                           "real tokens.", group="speed")
+    fused_lora: bool = option(True, "Run each 4-bit layer and its LoRA adapter as one fused operation (fewer kernels, "
+                              "no fp32 copies of activations) instead of peft's layer-by-layer path.",
+                              memory="Saves the fp32 copies peft makes of each adapter's input.", group="speed")
+    chunked_loss: bool = option(True, "Compute lm_head and the loss a chunk of tokens at a time, only where a label "
+                                "is trained, never holding the full logits (Llama, Mistral, Qwen, Gemma, Phi-3).",
+                                memory="Removes the logits term: about 2 x tokens x vocabulary x 4 bytes.",
+                                group="speed")
     seed: int = option(42, "Random seed for LoRA init, data order and dropout.")
     # --- run ---
     run_dir: str = option("", "Run folder; empty = a new folder under the runs directory.", group="run")

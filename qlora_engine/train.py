@@ -4,6 +4,7 @@ Readable top to bottom in `run_training`. Events go through an EventWriter; noth
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine import checkpoints, data, models
+from qlora_engine import checkpoints, data, lm_loss, lora_nf4, models, packing
 from qlora_engine.config import DEFAULT_DATA, RunConfig
 from qlora_engine.events import EngineError, EventWriter
 from qlora_engine.resources import resources_dir
@@ -104,6 +105,10 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
+def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device: str) -> dict[str, Any]:
+    return packing.collate_packed(rows, device) if cfg.packing else collate(rows, pad_id, device)
+
+
 # ----------------------------------------------------------------------------- model setup
 def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any) -> Any:
     model = models.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
@@ -125,10 +130,22 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise EngineError("bad_config", f"target_modules: {exc}",
                           "Use 'all-linear' or names of linear layers in this model, e.g. q_proj,v_proj.") from exc
+    if cfg.packing:
+        packing.use_packed_attention(peft_model)
+    if cfg.fused_lora:
+        lora_nf4.use_fused_lora(peft_model)
+    return peft_model
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the model's modules and parameters: hundreds of thousands) out of the cyclic
+    garbage collector's sight: its full collections then scan only what a step creates, not the whole model."""
+    gc.collect()
+    gc.freeze()
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -170,14 +187,14 @@ def inference_mode(model: Any) -> Iterator[None]:
             module.training = mode
 
 
-def evaluate(model: Any, examples: list[data.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
+def evaluate(model: Any, examples: list[data.Tokenized], cfg: RunConfig, pad_id: int, device: str) -> float:
     """Mean loss per trained token over the validation examples."""
     loss_sum, token_count = 0.0, 0
     with inference_mode(model):
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], pad_id, device)
+        for start in range(0, len(examples), cfg.micro_batch_size):
+            batch = micro_batch(examples[start:start + cfg.micro_batch_size], cfg, pad_id, device)
             count = trained_tokens(batch)
-            loss_sum += float(model(**batch, num_items_in_batch=1).loss)
+            loss_sum += float(lm_loss.causal_lm_loss(model, batch, 1, chunked=cfg.chunked_loss))
             token_count += count
     return loss_sum / max(token_count, 1)
 
@@ -199,7 +216,8 @@ def seed_everything(seed: int) -> None:
 
 
 def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trainable: list[torch.nn.Parameter],
-                  optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, float]:
+                  optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  chunked_loss: bool = True) -> tuple[float, float]:
     """One optimizer step over the micro-batches; the loss is the mean over every trained token of the step.
 
     A non-finite loss skips the update (the caller decides what to do), so the weights stay the last good ones.
@@ -207,7 +225,7 @@ def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trai
     items = sum(trained_tokens(b) for b in micro_batches)
     step_loss = 0.0
     for batch in micro_batches:
-        loss = model(**batch, num_items_in_batch=items).loss
+        loss = lm_loss.causal_lm_loss(model, batch, items, chunked=chunked_loss)
         loss.backward()
         step_loss += float(loss.detach())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
@@ -268,6 +286,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device))
     optimizer = build_optimizer(cfg, trainable)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
+    freeze_heap()
 
     state = checkpoints.TrainerState(step=0, micro_index=0, total_steps=total_steps, seed=cfg.seed)
     if resume:
@@ -291,9 +310,10 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     eval_loss = None
     while state.step < total_steps:
         step_started_s = time.time()
-        micro_batches = [collate(batcher.batch(state.micro_index + k), batcher.pad_id, device)
+        micro_batches = [micro_batch(batcher.batch(state.micro_index + k), cfg, batcher.pad_id, device)
                          for k in range(cfg.grad_accum)]
-        step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm)
+        step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm,
+                                             cfg.chunked_loss)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
                               "Lower the learning rate, or use compute_dtype bf16/fp32 instead of fp16. "
@@ -303,7 +323,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         state.micro_index += cfg.grad_accum
         last_loss = step_loss
         step_times_s.append(time.time() - step_started_s)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        tokens = sum(packing.real_tokens(b) for b in micro_batches)
         events.emit("step", step=state.step, total_steps=total_steps,
                     epoch=round(state.micro_index / batcher.batches_per_epoch, 4), loss=round(step_loss, 5),
                     lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm, 5),
@@ -356,7 +376,7 @@ def _emit_data_ready(events: EventWriter, prepared: PreparedRun, total_steps: in
 
 def _emit_eval(events: EventWriter, model: Any, prepared: PreparedRun, cfg: RunConfig, pad_id: int, device: str,
                step: int) -> float:
-    eval_loss = evaluate(model, prepared.val_examples, cfg.micro_batch_size, pad_id, device)
+    eval_loss = evaluate(model, prepared.val_examples, cfg, pad_id, device)
     events.emit("eval", step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3))
     return eval_loss
 

@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 from qlora_engine.config import RunConfig
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA adapter", "quantization": "4-bit quantization",
-                "train": "Optimization", "run": "Run"}
+                "train": "Optimization", "speed": "Speed", "run": "Run"}
 INT_LIMIT = 2**31 - 1
 
 

@@ -1,0 +1,377 @@
+"""`qlora-studio bench --speed`: the engine against the plain Hugging Face QLoRA stack, side by side, on this GPU.
+
+Every (stack, workload) runs in a process of its own on a random-init model of the chosen architecture, built with
+the same seed, so every stack starts from the same weights and sees the same real-text token stream. Recorded:
+tokens/s (non-padding), torch's peak allocated memory and NVML's peak GPU used after the model is built, and the
+loss of every step (speed that changes the result does not count). Workloads:
+  fixed     batch 1 x max_length rows of real text, one optimizer step per row
+  variable  micro-batches of 4 instruction-like examples (lengths: median 250 tokens, long tail to 4096; loss on
+            the response part), padded to the longest by the plain stacks, packed by the engine
+  long      one row of each length in --lengths (memory against sequence length)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from qlora_engine.config import RunConfig
+from qlora_engine.resources import resources_dir
+
+TEXT_TOKENS = resources_dir() / "bench" / "text_tokens.npy"
+STACKS = {
+    "plain": "plain HF QLoRA",
+    "plain_liger": "plain HF QLoRA + Liger kernels",
+    "lora16": "16-bit LoRA (no quantization)",
+    "engine": "QLoRA Studio engine",
+    "engine_unfused": "engine, fused LoRA off",
+    "engine_baseline": "engine, packing, chunked loss and fused LoRA off",
+}
+ENGINE_SWITCHES = {"engine": {}, "engine_unfused": {"fused_lora": False},
+                   "engine_baseline": {"packing": False, "chunked_loss": False, "fused_lora": False}}
+VARIABLE_MEDIAN_TOKENS, VARIABLE_MAX_TOKENS, VARIABLE_BATCH, PROMPT_FRACTION = 250, 4096, 4, 0.3
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------- workloads
+def text_stream() -> Any:
+    import numpy as np
+
+    return np.load(TEXT_TOKENS).astype("int64")
+
+
+def take(stream: Any, start: int, length: int) -> list[int]:
+    """`length` tokens from the stream starting at `start`, wrapping around."""
+    return [int(stream[(start + i) % len(stream)]) for i in range(length)]
+
+
+def variable_lengths(count: int, seed: int = 0) -> list[int]:
+    """Instruction-dataset lengths: log-normal with the median at 250 tokens, a long tail cut at 4096."""
+    import random
+
+    rng = random.Random(seed)
+    return [max(32, min(VARIABLE_MAX_TOKENS, round(rng.lognormvariate(math.log(VARIABLE_MEDIAN_TOKENS), 0.9))))
+            for _ in range(count)]
+
+
+def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int]) -> list[list[Any]]:
+    """Per step, its examples as data.Tokenized (ids, trained mask). Same for every stack."""
+    from qlora_engine.data import Tokenized
+
+    stream = text_stream()
+    if workload == "fixed":
+        return [[Tokenized(take(stream, step * max_length, max_length), [True] * max_length, step, False)]
+                for step in range(steps)]
+    if workload == "long":
+        return [[Tokenized(take(stream, 0, length), [True] * length, 0, False)] for length in lengths]
+    sizes, offset, steps_rows = variable_lengths(steps * VARIABLE_BATCH), 0, []
+    for step in range(steps):
+        rows = []
+        for size in sizes[step * VARIABLE_BATCH:(step + 1) * VARIABLE_BATCH]:
+            prompt = int(size * PROMPT_FRACTION)
+            rows.append(Tokenized(take(stream, offset, size), [False] * prompt + [True] * (size - prompt), step, False))
+            offset += size
+        steps_rows.append(rows)
+    return steps_rows
+
+
+# ----------------------------------------------------------------------------- the stacks
+def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device: str) -> Any:
+    """The same random-init weights for every stack: 4-bit for QLoRA stacks, bf16 for lora16."""
+    import torch
+
+    from qlora_engine import bench
+
+    torch.manual_seed(0)
+    if stack == "plain_liger":
+        _apply_liger(model_config)
+    if stack == "lora16":
+        return bench.random_model(model_config, cfg, device)
+    model = bench.random_quantized_model(model_config, cfg, device)
+    model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
+    return model
+
+
+def _apply_liger(model_config: dict[str, Any]) -> None:
+    import liger_kernel.transformers as liger
+
+    patch = getattr(liger, f"apply_liger_kernel_to_{model_config['model_type']}")
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(model, optimizer, step function) for a stack; the step takes a list of Tokenized rows, returns the loss."""
+    import torch
+
+    from qlora_engine import train
+
+    if stack in ENGINE_SWITCHES:
+        cfg = dataclasses.replace(cfg, **ENGINE_SWITCHES[stack])
+        model = train.attach_lora(base, cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = train.build_optimizer(cfg, trainable)
+        train.freeze_heap()
+
+        def engine_step(rows: list[Any]) -> float:
+            batch = train.micro_batch(rows, cfg, 0, cfg.device)
+            loss, _ = train.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
+            return loss
+
+        return model, optimizer, engine_step
+    model = _plain_peft_model(stack, base, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.build_optimizer(cfg, trainable)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" else nullcontext()
+
+    def plain_step(rows: list[Any]) -> float:
+        batch = train.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, optimizer, plain_step
+
+
+def _plain_peft_model(stack: str, base: Any, cfg: RunConfig) -> Any:
+    """What a hand-written HF script (or Trainer with bf16=True) does: the QLoRA recipe as documented by peft."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base.config.use_cache = False
+    if stack == "lora16":
+        base.requires_grad_(False)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+# ----------------------------------------------------------------------------- one measured process
+def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: RunConfig, steps: int, warmup: int,
+               lengths: list[int], profile: bool = False) -> dict[str, Any]:
+    import torch
+
+    device = cfg.device
+    base = build_base(stack, model_config, cfg, device)
+    gc.collect()
+    nvml = _nvml_peak() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        nvml.reset()
+    model, optimizer, step = setup_stack(stack, base, cfg)
+    step_rows = workload_rows(workload, steps, cfg.max_length, lengths)
+    losses, step_s, tokens, oom, peaks = [], [], [], None, []
+    for index, rows in enumerate(step_rows):
+        if device == "cuda" and workload == "long":
+            torch.cuda.reset_peak_memory_stats()
+            nvml.reset()
+        started = time.perf_counter()
+        try:
+            losses.append(round(step(rows), 5))
+        except torch.cuda.OutOfMemoryError as exc:
+            oom = {"step": index, "length": sum(len(r.input_ids) for r in rows), "message": str(exc).split("\n")[0]}
+            break
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_s.append(time.perf_counter() - started)
+        tokens.append(sum(len(r.input_ids) for r in rows))
+        if workload == "long":
+            peaks.append(_peaks(device, nvml) | {"length": tokens[-1], "step_s": round(step_s[-1], 3)})
+    measured = slice(warmup, None) if len(step_s) > warmup else slice(0, None)
+    result = {"stack": stack, "workload": workload, "losses": losses, "step_s": [round(s, 4) for s in step_s],
+              "tokens_per_s": round(sum(tokens[measured]) / sum(step_s[measured]), 1) if step_s else None,
+              "oom": oom, "per_length": peaks, **_peaks(device, nvml)}
+    if profile and not oom:
+        result["profile"] = _profile(step, step_rows[-1])
+    if nvml is not None:
+        nvml.close()
+    del model, optimizer
+    return result
+
+
+def _peaks(device: str, nvml: Any) -> dict[str, Any]:
+    if device != "cuda":
+        return {}
+    import torch
+
+    time.sleep(0.05)  # let the sampler see the end of the step
+    return {"max_allocated_bytes": torch.cuda.max_memory_allocated(), "nvml_peak_used_bytes": nvml.peak_bytes,
+            "gpu": torch.cuda.get_device_name(0)}
+
+
+def _nvml_peak() -> Any:
+    from qlora_engine.bench import NvmlPeak
+
+    return NvmlPeak()
+
+
+def _profile(step: Any, rows: list[Any]) -> str:
+    """The top GPU kernels of two steps: where the time of a step goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step(rows)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+
+
+# ----------------------------------------------------------------------------- the command
+def speed_main(args: argparse.Namespace) -> int:
+    config_path = _model_config_path(args.model)
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else []
+    results = []
+    for workload in args.workloads.split(","):
+        for stack in args.stacks.split(","):
+            if stack not in STACKS:
+                raise SystemExit(f"unknown stack {stack!r}: choose from {', '.join(STACKS)}")
+            if workload == "long" and stack not in ENGINE_SWITCHES and not args.long_all_stacks:
+                continue
+            results.append(_spawn(stack, workload, config_path, args, lengths))
+    print(format_table([r for r in results if r["workload"] != "long"], args.model))
+    print(format_lengths(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "max_length": args.max_length,
+                                              "results": results}, indent=1))
+    return 0 if all(r.get("error") is None for r in results) else 1
+
+
+def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int]) -> dict:
+    job = {"stack": stack, "workload": workload, "config": str(config_path), "max_length": args.max_length,
+           "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
+           "profile": bool(args.profile and stack in args.profile.split(","))}
+    command = [sys.executable, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
+    print(f"--- {stack} / {workload}", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    marker = "SPEED_RESULT "
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
+        print("\n".join(tail), flush=True)
+        return {"stack": stack, "workload": workload, "error": tail[-1] if tail else f"exit {done.returncode}"}
+    result = json.loads(lines[-1][len(marker):])
+    if result.get("profile"):
+        print(result.pop("profile"), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+    return result
+
+
+def speed_worker(job_json: str) -> int:
+    job = json.loads(job_json)
+    model_config = json.loads(Path(job["config"]).read_text())
+    cfg = bench_config(job["device"], job["max_length"])
+    result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
+                        job["lengths"], job["profile"])
+    print("SPEED_RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def bench_config(device: str, max_length: int) -> RunConfig:
+    """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit."""
+    return RunConfig(device=device, max_length=max_length, micro_batch_size=1, grad_accum=1, lora_r=16,
+                     lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, compute_dtype="bf16" if device == "cuda"
+                     else "fp32", gradient_checkpointing=True, optimizer="paged_adamw_8bit").validate()
+
+
+def _model_config_path(name: str) -> Path:
+    from qlora_engine.bench import MODEL_CONFIGS
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return path
+    known = MODEL_CONFIGS / f"{name}.json"
+    if not known.is_file():
+        raise SystemExit(f"{name}: not a model folder, config.json or known architecture "
+                         f"({', '.join(sorted(p.stem for p in MODEL_CONFIGS.glob('*.json')))})")
+    return known
+
+
+def format_table(results: list[dict[str, Any]], model: str) -> str:
+    """One table per workload; ratios against the plain stack of the same workload."""
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in results):
+        rows = [r for r in results if r["workload"] == workload]
+        plain = next((r for r in rows if r["stack"] == "plain" and not r.get("error") and not r.get("oom")), None)
+        lines += [f"\n{model}, workload '{workload}'",
+                  "| stack | tokens/s | vs plain | peak allocated GiB | vs plain | GPU used GiB | first / last loss "
+                  "| max loss diff vs plain |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(_table_row(r, plain))
+    return "\n".join(lines)
+
+
+def format_lengths(results: list[dict[str, Any]], budget_gib: float = 8.0) -> str:
+    """The long workload: memory and time per sequence length, and the longest row measured within the budget."""
+    lines = []
+    for r in (r for r in results if r["workload"] == "long" and r.get("per_length")):
+        lines += [f"\n{STACKS.get(r['stack'], r['stack'])}: one row of each length, batch 1",
+                  "| tokens | peak allocated GiB | GPU used GiB | step s | tokens/s |", "|---:|---:|---:|---:|---:|"]
+        for point in r["per_length"]:
+            lines.append(f"| {point['length']} | {_gib(point, 'max_allocated_bytes')} | "
+                         f"{_gib(point, 'nvml_peak_used_bytes')} | {point['step_s']:.2f} | "
+                         f"{point['length'] / point['step_s']:.0f} |")
+        within = [p["length"] for p in r["per_length"] if p.get("nvml_peak_used_bytes", 0) <= budget_gib * GIB]
+        lines.append(f"longest measured row within {budget_gib:g} GiB of GPU memory: "
+                     f"{max(within) if within else 'none'} tokens"
+                     + (f"; out of memory at {r['oom']['length']} tokens" if r.get("oom") else ""))
+    return "\n".join(lines)
+
+
+def _gib(values: dict[str, Any], key: str) -> str:
+    return f"{values[key] / GIB:.2f}" if key in values else ""
+
+
+def _table_row(r: dict[str, Any], plain: dict[str, Any] | None) -> str:
+    name = STACKS.get(r["stack"], r["stack"])
+    if r.get("error"):
+        return f"| {name} | failed: {r['error'][:80]} | | | | | | |"
+    if r.get("oom"):
+        return f"| {name} | out of memory at {r['oom']['length']} tokens | | | | | | |"
+
+    def ratio(key: str) -> str:
+        return f"{r[key] / plain[key]:.2f}x" if plain and r.get(key) and plain.get(key) else ""
+
+    allocated, used = _gib(r, "max_allocated_bytes"), _gib(r, "nvml_peak_used_bytes")
+    losses = r.get("losses") or []
+    curve = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else ""
+    diff = ""
+    if plain and r["stack"] != "plain" and losses and plain.get("losses"):
+        count = min(len(losses), len(plain["losses"]))
+        diff = f"{max(abs(a - b) / abs(b) for a, b in zip(losses[:count], plain['losses'][:count])):.2%}"
+    return (f"| {name} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | {allocated} | "
+            f"{ratio('max_allocated_bytes')} | {used} | {curve} | {diff} |")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speed", action="store_true", help="tokens/s and memory: the engine vs the plain HF stack")
+    parser.add_argument("--model", default="llama-3.1-8b",
+                        help="architecture from the grid, a model folder or a config.json (random-init weights)")
+    parser.add_argument("--workloads", default="fixed", help="comma list of: fixed, variable, long")
+    parser.add_argument("--stacks", default="plain,engine", help=f"comma list of: {', '.join(STACKS)}")
+    parser.add_argument("--max-length", type=int, default=2048, help="row length of the fixed workload")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per stack (fixed, variable)")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of tokens/s")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="row lengths of the long workload")
+    parser.add_argument("--long-all-stacks", action="store_true", help="run the long workload on every stack")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only to try the bench out")
+    parser.add_argument("--profile", default="", help="comma list of stacks to profile (top GPU kernels)")
+    parser.add_argument("--speed-worker", help=argparse.SUPPRESS)
