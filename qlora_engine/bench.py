@@ -128,16 +128,18 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device:
     return model
 
 
-def padded_random_batch(batch_size: int, length: int, vocab_size: int, generator: Any) -> dict[str, Any]:
-    """Row 0 at full length, the others shorter and right-padded: what real data looks like to the engine."""
+def random_micro_batch(cfg: RunConfig, vocab_size: int, generator: Any) -> dict[str, Any]:
+    """Row 0 at full length, the others a quarter shorter: what real data looks like to the engine, which pads
+    them to the longest (or packs them end to end, with packing on)."""
     import torch
 
-    ids = torch.randint(0, vocab_size, (batch_size, length), generator=generator)
-    attention = torch.ones_like(ids)
-    for row in range(1, batch_size):
-        attention[row, (3 * length) // 4:] = 0
-    labels = ids.masked_fill(attention == 0, -100)
-    return {"input_ids": ids.cuda(), "attention_mask": attention.cuda(), "labels": labels.cuda()}
+    from qlora_engine import train
+    from qlora_engine.data import Tokenized
+
+    lengths = [cfg.max_length] + [(3 * cfg.max_length) // 4] * (cfg.micro_batch_size - 1)
+    rows = [Tokenized(torch.randint(0, vocab_size, (n,), generator=generator).tolist(), [True] * n, 0, False)
+            for n in lengths]
+    return train.micro_batch(rows, cfg, 0, "cuda")
 
 
 def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: NvmlPeak) -> dict[str, Any]:
@@ -157,9 +159,9 @@ def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: N
     step_s, oom = [], False
     try:
         for _ in range(MEASURED_STEPS):
-            batch = padded_random_batch(cfg.micro_batch_size, cfg.max_length, vocab, generator)
+            batch = random_micro_batch(cfg, vocab, generator)
             started = time.perf_counter()
-            train.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm)
+            train.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
             torch.cuda.synchronize()
             step_s.append(time.perf_counter() - started)
     except torch.cuda.OutOfMemoryError:
@@ -186,11 +188,13 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
     model_config = json.loads(config_path.read_text())
     base_cfg = RunConfig(device="cuda")
     base = random_quantized_model(model_config, base_cfg)
+    base.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
     with open(out_path, "a", encoding="utf-8") as out:
         for run in runs:
             cfg = dataclasses.replace(base_cfg, **run).validate()
             row = measure_one(base, model_config, cfg, nvml)
-            row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used,
+            row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used, "packing": cfg.packing,
+                        "chunked_loss": cfg.chunked_loss, "fused_lora": cfg.fused_lora,
                         "gpu": torch.cuda.get_device_name(0)})
             out.write(json.dumps(row) + "\n")
             out.flush()

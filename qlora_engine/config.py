@@ -38,6 +38,12 @@ def option(default: Any, help: str, *, choices: tuple = (), memory: str = "", gr
     return field(default=default, metadata=meta)
 
 
+# Architectures whose logits are exactly lm_head(hidden): the chunked loss (lm_loss.py) handles them, and the
+# estimate counts one chunk of logits for them instead of all.
+CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3", "olmo2")
+CHUNK_LOGITS_BYTES = 256 * 2**20  # fp32 logits of one chunk; 512 tokens for a 128k vocabulary
+
+
 @dataclass
 class RunConfig:
     # --- model ---

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.config import ConfigError, RunConfig
+from qlora_engine.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES, ConfigError, RunConfig
 
 BYTES_PER_MIB = 2**20
 BYTES_PER_GIB = 2**30
@@ -403,11 +403,17 @@ def _is_padded(shape: ModelShape, run: RunConfig) -> bool:
     transformers then passes SDPA no mask at all and SDPA runs causal, with GQA's k and v unexpanded. Batches of
     several rows are counted as padded (rows of one length are the exception). Eager attention always gets masks.
     """
+    if run.packing:  # one row of examples end to end: no padding, so no mask
+        return shape.family.eager_attention
     return run.micro_batch_size > 1 or shape.family.eager_attention
 
 
-def _lora_input_bytes_per_token(linear: LinearShape, run: RunConfig, tokens_through: int) -> int:
-    """peft casts each LoRA layer's input to fp32 for its own dropout and lora_A, which keep it (and the mask)."""
+def _lora_input_bytes_per_token(linear: LinearShape, run: RunConfig, tokens_through: int, dtype_bytes: int) -> int:
+    """peft casts each LoRA layer's input to fp32 for its own dropout and lora_A, which keep it (and the mask).
+    The fused layer (fused_lora) keeps the input in the compute dtype, with dropout its dropped copy and the mask."""
+    if run.fused_lora:
+        copies = 2 if run.lora_dropout > 0 else 1
+        return tokens_through * (linear.in_features * copies + run.lora_r) * dtype_bytes
     mask_bytes = 1 if run.lora_dropout > 0 else 0
     return tokens_through * (linear.in_features * (FP32_BYTES + mask_bytes) + run.lora_r * FP32_BYTES)
 
@@ -427,8 +433,8 @@ def _attention_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_bytes: i
     if shape.family.eager_attention:
         per_score = FP32_BYTES + d + (d if shape.attn_logit_softcapping else 0)
         return q_k_v + shape.num_heads * t * per_score
-    if not padded:
-        q_k_v = (shape.q_width + 2 * shape.kv_width) * d
+    if not padded and not run.packing:
+        q_k_v = (shape.q_width + 2 * shape.kv_width) * d  # packed rows: the varlen kernel gets k and v expanded
     # Fused qkv_proj: v stays a view of the fused output, which keeps its q and k parts alive too, unless GQA's
     # expansion for the padding mask copies it.
     fused_rest = shape.q_width + shape.kv_width if shape.family.fused_projections and not (
@@ -446,8 +452,8 @@ def _layer_activation_bytes_per_token(shape: ModelShape, run: RunConfig, dtype_b
     norms = shape.family.norms_per_layer * shape.hidden_size * FP32_BYTES
     qk_norms = (shape.q_width + shape.kv_width) * FP32_BYTES if shape.family.qk_norm else 0
     mlp = 3 * shape.intermediate_size * dtype_bytes * shape.experts_per_token
-    lora = sum(_lora_input_bytes_per_token(linear, run, shape.experts_per_token if linear.copies > 1 else 1)
-               for linear in targeted_linears(shape, run.target_modules))
+    lora = sum(_lora_input_bytes_per_token(linear, run, shape.experts_per_token if linear.copies > 1 else 1,
+                                           dtype_bytes) for linear in targeted_linears(shape, run.target_modules))
     return norms + qk_norms + _attention_bytes_per_token(shape, run, dtype_bytes) + mlp + lora
 
 
@@ -459,6 +465,8 @@ def _backward_transient_bytes_per_token(shape: ModelShape, run: RunConfig, dtype
     """
     down_proj = shape.decoder_linears()[-1]
     lora_targeted = down_proj in targeted_linears(shape, run.target_modules)
+    if run.fused_lora:  # the LoRA part of the input gradient, then the sum the 4-bit part is added into
+        return shape.intermediate_size * shape.experts_per_token * dtype_bytes * (2 if lora_targeted else 1)
     fp32_copies = (1 + (run.lora_dropout > 0)) if lora_targeted else 0
     return shape.intermediate_size * shape.experts_per_token * (fp32_copies * FP32_BYTES + dtype_bytes)
 
@@ -469,11 +477,23 @@ def _logits_bytes(shape: ModelShape, run: RunConfig, dtype_bytes: int, calibrati
     Forward: the logits in the compute dtype, their fp32 upcast and the fp32 log-softmax it keeps.
     Backward: the log-softmax, its incoming and its outgoing fp32 gradient (the 16-bit logits are freed by then).
     """
-    elements = run.micro_batch_size * run.max_length * shape.vocab_size
+    tokens = run.micro_batch_size * run.max_length
+    if chunked_loss(shape, run):
+        # one chunk of logits: 16-bit, fp32 (turned into the gradient in place), the gradient back in 16-bit;
+        # for the whole row, the trained positions' hidden states and their gradient
+        chunk = min(tokens, max(1, CHUNK_LOGITS_BYTES // (FP32_BYTES * shape.vocab_size)))
+        return chunk * shape.vocab_size * (2 * dtype_bytes + FP32_BYTES) + 2 * tokens * shape.hidden_size * dtype_bytes
+    elements = tokens * shape.vocab_size
     forward_bytes = dtype_bytes + (FP32_BYTES if dtype_bytes != FP32_BYTES else 0) + FP32_BYTES
     backward_bytes = FP32_BYTES * calibration["logits_fp32_backward_copies"]
     softcap_bytes = dtype_bytes if shape.final_logit_softcapping else 0  # tanh keeps its output
     return int(elements * (max(forward_bytes, backward_bytes) + softcap_bytes))
+
+
+def chunked_loss(shape: ModelShape, run: RunConfig) -> bool:
+    """Whether the engine computes this model's loss a chunk at a time (lm_loss.py), never holding all logits."""
+    return (run.chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and not shape.final_logit_softcapping
+            )
 
 
 def _mask_bytes_per_element(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:
@@ -583,7 +603,17 @@ def _step_terms(shape: ModelShape, run: RunConfig, step: StepPeak) -> list[Term]
                f"({_gib(step.stored)}); one layer at a time is recomputed ({_gib(step.layer_backward)})")
     else:
         how = f"no gradient checkpointing: all {shape.num_layers} layers keep their activations"
-    padding = "padded batch: attention gets a mask" if _is_padded(shape, run) else "one row: no padding mask"
+    padding = "padded batch: attention gets a mask" if _is_padded(shape, run) else (
+        "examples packed end to end: no padding mask" if run.packing else "one row: no padding mask")
+    lora_inputs = ("the fused LoRA layers keep their inputs in the compute dtype" if run.fused_lora
+                   else "peft's LoRA layers keep fp32 copies of their inputs")
+    if chunked_loss(shape, run):
+        logits_note = (f"{where} x {shape.vocab_size:,} vocab, computed a chunk of tokens at a time: one chunk of "
+                       "logits (16-bit, fp32, gradient) and the trained positions' hidden states and gradient")
+    else:
+        logits_note = (f"{where} x {shape.vocab_size:,} vocab: logits in the compute dtype, their fp32 upcast, the "
+                       "fp32 log-softmax and its gradients"
+                       + ("; plus the final logit soft-capping's tanh" if shape.final_logit_softcapping else ""))
     if step.accumulating:
         gradients_note = (f"one fp32 gradient per LoRA parameter ({_gib(step.gradients)}), kept across the "
                           f"{run.grad_accum} micro-batches of a step")
@@ -594,10 +624,8 @@ def _step_terms(shape: ModelShape, run: RunConfig, step: StepPeak) -> list[Term]
     return [
         Term("lora_gradients", step.gradients_at_peak, gradients_note),
         Term("activations", step.activations_at_peak,
-             f"{where}; {how}; {padding}; LoRA inputs are kept in fp32; {PEAK_MOMENTS[step.moment]}"),
-        Term("logits_and_loss", step.logits, f"{where} x {shape.vocab_size:,} vocab: logits in the compute dtype, "
-             "their fp32 upcast, the fp32 log-softmax and its gradients"
-             + ("; plus the final logit soft-capping's tanh" if shape.final_logit_softcapping else "")),
+             f"{where}; {how}; {padding}; {lora_inputs}; {PEAK_MOMENTS[step.moment]}"),
+        Term("logits_and_loss", step.logits, logits_note),
     ]
 
 
@@ -889,7 +917,9 @@ def row_run_config(row: dict[str, Any]) -> RunConfig:
     """The RunConfig a bench row ran: its RunConfig fields (except model, the architecture's file stem), the
     rest the defaults, and compute in bf16: what compute_dtype 'auto' is on a CUDA GPU, whatever runs this."""
     names = {spec.name for spec in dataclasses.fields(RunConfig)} - {"model"}
-    values = {"compute_dtype": "bf16", **{name: row[name] for name in names if name in row}}
+    # Rows measured before the speed switches existed ran peft's path with padded batches and full logits.
+    earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False}
+    values = {"compute_dtype": "bf16", **earlier_engine, **{name: row[name] for name in names if name in row}}
     return RunConfig(**values).validate()
 
 

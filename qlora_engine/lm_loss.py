@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from qlora_engine.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES
+
 IGNORE_INDEX = -100
-CHUNK_LOGITS_BYTES = 256 * 2**20  # fp32 logits of one chunk; 512 tokens for a 128k vocabulary
-PLAIN_LM_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3", "olmo2"}
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -70,7 +70,7 @@ def supports_chunked_loss(causal_lm: Any) -> bool:
     """True for decoders whose logits are exactly lm_head(hidden) and whose lm_head is frozen and bias-free."""
     config = causal_lm.config
     head = causal_lm.get_output_embeddings()
-    return (getattr(config, "model_type", None) in PLAIN_LM_HEAD_TYPES
+    return (getattr(config, "model_type", None) in CHUNKED_LOSS_MODEL_TYPES
             and not getattr(config, "final_logit_softcapping", None)
             and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
             and hasattr(causal_lm, "model"))

@@ -40,15 +40,22 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].numel())
 
 
-def use_packed_attention(model: Any) -> None:
-    """Switch the model (and its PEFT wrapper) to the packed-aware attention registered here."""
+def use_packed_attention(model: Any, max_length: int) -> bool:
+    """Switch the model (and its PEFT wrapper) to the packed-aware attention registered here, where it computes
+    what the model's own attention does: not for soft-capped scores, nor a sliding window shorter than a row.
+    Otherwise transformers' own attention handles the packed row (with a materialized block mask)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = causal_lm.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if getattr(config, "attn_logit_softcapping", None) or (window and window < max_length):
+        return False
     AttentionInterface.register(ATTENTION_NAME, packed_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _mask_for_padded_batches_only)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     causal_lm.set_attn_implementation(ATTENTION_NAME)
+    return True
 
 
 def _mask_for_padded_batches_only(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

@@ -26,7 +26,10 @@ def config(name: str) -> dict:
 
 def run(**changes) -> RunConfig:
     """A run config without gradient accumulation unless asked: the memory cases below are written for it."""
-    return RunConfig(**{"grad_accum": 1, **changes}).validate()
+    # The memory model of peft's layer-by-layer path with padded batches and full logits unless a test says
+    # otherwise; the engine's default speed switches are tested on their own below.
+    return RunConfig(**{"grad_accum": 1, "packing": False, "chunked_loss": False, "fused_lora": False,
+                        **changes}).validate()
 
 
 def gib_of(estimate: est.Estimate, *names: str) -> float:
@@ -462,3 +465,30 @@ def test_activation_model_matches_what_autograd_saves_on_cpu(model_type, extra):
     layers_bytes = 2 * batch * length * est._layer_activation_bytes_per_token(shape, chosen, 2)
     loss_bytes = 4 * batch * length * (1000 + 256)  # the saved fp32 log-softmax and the final norm's input
     assert layers_bytes + loss_bytes == pytest.approx(sum(saved_bytes.values()), rel=0.01)
+
+
+def test_the_chunked_loss_replaces_the_full_logits_with_one_chunk():
+    llama = config("llama-3.1-8b")
+    full = est.estimate_peak(llama, run(max_length=4096))
+    chunked = est.estimate_peak(llama, run(max_length=4096, chunked_loss=True))
+    assert full.bytes_of("logits_and_loss") > 4 * 2**30  # 4096 x 128,256 fp32 logits and their gradients
+    assert chunked.bytes_of("logits_and_loss") < 2**30
+    assert chunked.peak_bytes < full.peak_bytes - 2 * 2**30
+    gemma2 = config("gemma-2-2b")  # soft-capped logits: transformers' own loss, all logits
+    assert (est.estimate_peak(gemma2, run(chunked_loss=True)).bytes_of("logits_and_loss")
+            == est.estimate_peak(gemma2, run()).bytes_of("logits_and_loss"))
+
+
+def test_the_fused_lora_layer_keeps_16bit_inputs_instead_of_fp32_copies():
+    llama = config("llama-3.1-8b")
+    peft_path = est.estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024))
+    fused = est.estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024, fused_lora=True))
+    assert fused.bytes_of("activations") < 0.95 * peft_path.bytes_of("activations")
+
+
+def test_packed_rows_have_no_padding_mask():
+    llama = config("llama-3.2-1b")
+    padded = est.estimate_peak(llama, run(micro_batch_size=4, max_length=2048))
+    packed = est.estimate_peak(llama, run(micro_batch_size=4, max_length=2048, packing=True))
+    assert "no padding mask" in next(t.note for t in packed.terms if t.name == "activations")
+    assert packed.peak_bytes < padded.peak_bytes

@@ -20,7 +20,7 @@ def tiny_causal_lm(model_dir, device="cpu", dtype=torch.float32):
 
 def packed_logits_error(model, rows, device):
     """Largest |logit difference| between each example inside a packed row and the same example run alone."""
-    packing.use_packed_attention(model)
+    packing.use_packed_attention(model, 4096)
     batch = packing.collate_packed(rows, device)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
@@ -59,7 +59,7 @@ def test_packed_and_padded_micro_batches_give_the_same_loss_and_gradient(tiny_mo
     rows = random_rows([9, 30, 4, 17])
     results = []
     for batch in (train.collate(rows, 0, "cpu"), packing.collate_packed(rows, "cpu")):
-        packing.use_packed_attention(model)
+        packing.use_packed_attention(model, 4096)
         loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
         loss.backward()
         results.append((float(loss), norm.grad.clone()))
