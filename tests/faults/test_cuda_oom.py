@@ -1,8 +1,9 @@
 """Out of GPU memory: the run stops with a `cuda_oom` error that carries the measured peak and the estimator's fix,
 the last checkpoint stays, and the engine process exits, so it holds no GPU memory.
 
-On the CPU the out-of-memory error is injected at step 3 and the GPU's figures are those of a made-up 4 GiB card;
-the gpu-marked test runs, on the real card, a configuration the estimate says won't fit.
+On the CPU the out-of-memory error is injected at step 3 and the GPU's figures are those of a made-up card too
+small for the run by the estimate; the gpu-marked test runs, on the real card, a configuration the estimate says
+won't fit.
 """
 from __future__ import annotations
 
@@ -21,12 +22,23 @@ from qlora_engine import checkpoints, cli, estimate, train
 from qlora_engine.config import RunConfig
 from qlora_engine.events import read_events
 
-GIB = 2**30
-# A 4 GiB card, read after the error: this run holds 3.8 GiB (its peak 3.6 GiB), 0.1 GiB is left.
-FOUR_GIB_CARD = {"peak_bytes": int(3.6 * GIB), "reserved_bytes": int(3.8 * GIB), "free_bytes": int(0.1 * GIB),
-                 "gpu_total_bytes": 4 * GIB}
-TORCH_MESSAGE = ("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 4.00 GiB of which "
-                 "100.00 MiB is free.")
+GIB, MIB = 2**30, 2**20
+TORCH_MESSAGE = "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 4.00 GiB."
+# 64 rows of up to 4096 tokens per micro-batch: a large estimate (the data's rows are short, so the CPU run is quick)
+OPTIONS = {"micro_batch_size": 64, "max_length": 4096, "max_steps": 6, "save_steps": 2, "eval_steps": 0}
+
+
+def card_too_small_for(cfg: RunConfig) -> dict[str, int]:
+    """A made-up card, read after the error, on which `cfg` won't fit by the estimate but the estimator's first fix
+    does: the run held all but 100 MiB of it."""
+    model_config = estimate.resolve_model_config(cfg.model)
+    peak_bytes = estimate.estimate_peak(model_config, cfg).peak_bytes
+    for run_bytes in (int(peak_bytes * fraction) for fraction in (0.7, 0.5, 0.35, 0.25)):
+        plan = estimate.advise(model_config, cfg, run_bytes)
+        if plan.verdict == "won't fit" and plan.fixes and plan.fixes[0].fits_after:
+            return {"peak_bytes": run_bytes - 300 * MIB, "reserved_bytes": run_bytes - 100 * MIB,
+                    "free_bytes": 100 * MIB, "gpu_total_bytes": run_bytes + 500 * MIB}
+    raise AssertionError(f"no card size where the estimator has a fix for {cfg}")
 
 
 def test_running_out_of_gpu_memory_reports_the_measured_peak_and_the_estimators_fix(
@@ -39,25 +51,24 @@ def test_running_out_of_gpu_memory_reports_the_measured_peak_and_the_estimators_
             raise torch.cuda.OutOfMemoryError(TORCH_MESSAGE)
         return real_step(*args, **kwargs)
 
+    cfg = RunConfig(model=str(tiny_model_dir), data=str(faults_data_file), **OPTIONS)
+    card = card_too_small_for(cfg)
     monkeypatch.setattr(train, "training_step", step_until_the_memory_runs_out)
-    monkeypatch.setattr(cli, "measured_gpu_memory", lambda: dict(FOUR_GIB_CARD))
+    monkeypatch.setattr(cli, "measured_gpu_memory", lambda: dict(card))
     run_dir = tmp_path / "run"
-    # 64 rows of up to 4096 tokens per micro-batch: the estimate is ~7 GiB (the data's rows are short, so the
-    # CPU run itself is quick).
-    code = engine_in_process("--model", str(tiny_model_dir), "--data", str(faults_data_file),
-                             "--run-dir", str(run_dir), "--micro-batch-size", "64", "--max-length", "4096",
-                             "--max-steps", "6", "--save-steps", "2", "--eval-steps", "0", "--events", "jsonl")
+    code = engine_in_process("--model", cfg.model, "--data", cfg.data, "--run-dir", str(run_dir), "--events", "jsonl",
+                             *[f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()])
 
     error = list(read_events(run_dir / "events.jsonl"))[-1]
     assert code == 1 and error["kind"] == "error" and error["code"] == "cuda_oom"
-    assert error["step"] == 3 and error["peak_bytes"] == FOUR_GIB_CARD["peak_bytes"]
+    assert error["step"] == 3 and error["peak_bytes"] == card["peak_bytes"]
     assert "during step 3 (it tried to allocate 2.50 GiB more)" in error["message"]
-    assert "this run used up to 3.60 GiB of the GPU's 4.00 GiB" in error["message"]
+    assert (f"this run used up to {card['peak_bytes'] / GIB:.2f} GiB of the GPU's {card['gpu_total_bytes'] / GIB:.2f} "
+            "GiB") in error["message"]
 
-    model_config = estimate.resolve_model_config(str(tiny_model_dir))
-    cfg = RunConfig.load(run_dir / "config.yaml")
-    plan = estimate.advise(model_config, cfg, FOUR_GIB_CARD["free_bytes"] + FOUR_GIB_CARD["reserved_bytes"])
-    assert plan.verdict == "won't fit" and plan.fixes[0].fits_after
+    model_config = estimate.resolve_model_config(cfg.model)
+    plan = estimate.advise(model_config, RunConfig.load(run_dir / "config.yaml"),
+                           card["free_bytes"] + card["reserved_bytes"])
     assert error["estimate_peak_bytes"] == plan.peak_bytes
     assert f"the estimate for this configuration is {plan.peak_bytes / GIB:.2f} GiB" in error["message"]
     assert error["advice"].startswith(f"The estimator's fix for this GPU: {plan.fixes[0].description}")
@@ -69,7 +80,7 @@ def test_running_out_of_gpu_memory_reports_the_measured_peak_and_the_estimators_
 
 
 def test_when_the_estimate_says_it_fits_the_advice_points_at_other_programs_on_the_gpu(tiny_model_dir, monkeypatch):
-    big_card = {**FOUR_GIB_CARD, "free_bytes": 70 * GIB, "gpu_total_bytes": 80 * GIB}
+    big_card = {"peak_bytes": 3 * GIB, "reserved_bytes": 4 * GIB, "free_bytes": 70 * GIB, "gpu_total_bytes": 80 * GIB}
     monkeypatch.setattr(cli, "measured_gpu_memory", lambda: dict(big_card))
     error = cli.cuda_oom_error(torch.cuda.OutOfMemoryError(TORCH_MESSAGE), RunConfig(model=str(tiny_model_dir)), 5)
     assert error.code == "cuda_oom" and error.details["fixes"] == []

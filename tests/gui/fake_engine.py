@@ -2,7 +2,7 @@
 
 FAKE_ENGINE_SCENARIO picks how `train` behaves: ok (default), slow (waits for `stop` on stdin), crash (a few
 steps, a traceback, exit 1), error (an `error` event with advice, exit 1), oom (a checkpoint at step 2, then the
-real engine's `cuda_oom` error for an 8 GiB card, exit 1). A path containing "broken" makes
+real engine's `cuda_oom` error for a card too small by half, exit 1). A path containing "broken" makes
 model-info, data, chat and export fail with an error object or event.
 """
 from __future__ import annotations
@@ -94,14 +94,16 @@ def _emit_step(events: EventWriter, step: int) -> None:
 
 
 def _cuda_oom_error(step: int) -> dict:
-    """The error the real engine builds when SmolLM2 at batch 8 x 2048 tokens runs out of an 8 GiB card."""
-    from qlora_engine import cli
+    """The error the real engine builds when SmolLM2 at batch 8 x 2048 tokens runs out of a card that the estimate
+    says is too small by half (it held all but 100 MiB of it)."""
+    from qlora_engine import cli, estimate
     from qlora_engine.config import RunConfig
 
-    cli.measured_gpu_memory = lambda: {"peak_bytes": int(7.6 * GIB), "reserved_bytes": int(7.8 * GIB),
-                                       "free_bytes": int(0.1 * GIB), "gpu_total_bytes": 8 * GIB}
-    error = cli.cuda_oom_error(RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB"),
-                               RunConfig(micro_batch_size=8, max_length=2048), step)
+    cfg = RunConfig(micro_batch_size=8, max_length=2048)
+    card_bytes = estimate.estimate_peak(estimate.resolve_model_config(cfg.model), cfg).peak_bytes // 2
+    cli.measured_gpu_memory = lambda: {"peak_bytes": card_bytes - 2**28, "reserved_bytes": card_bytes - 2**27,
+                                       "free_bytes": 2**27, "gpu_total_bytes": card_bytes + 2**29}
+    error = cli.cuda_oom_error(RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB"), cfg, step)
     return {"code": error.code, "message": error.message, "advice": error.advice, **error.details}
 
 

@@ -1,6 +1,10 @@
 """The window survives the engine's failures: it stays up, says what happened and what to do, and can start again."""
 from __future__ import annotations
 
+import html
+
+from qlora_engine.events import read_events
+
 
 def test_an_engine_out_of_gpu_memory_shows_the_peak_and_the_fix_and_the_window_stays_usable(window, qtbot, scenario,
                                                                                           screenshot):
@@ -12,10 +16,11 @@ def test_an_engine_out_of_gpu_memory_shows_the_peak_and_the_fix_and_the_window_s
     page = window.pages["monitor"]
     page.redraw()
     assert window.isVisible() and page.metrics.status == "failed"
-    shown = page.banner.label.text()
-    assert "cuda_oom" in shown and "during step 3" in shown
-    assert "this run used up to 7.60 GiB of the GPU's 8.00 GiB" in shown
-    assert "The estimator's fix for this GPU: micro-batch 2 with gradient accumulation 8" in shown
+    shown = html.unescape(page.banner.label.text())
+    error = list(read_events(window.session.run_dir / "events.jsonl"))[-1]
+    assert "cuda_oom" in shown and error["message"] in shown and error["advice"] in shown
+    assert "during step 3" in shown and f"this run used up to {error['peak_bytes'] / 2**30:.2f} GiB" in shown
+    assert f"The estimator's fix for this GPU: {error['fixes'][0]['description']}" in shown
     assert page.metrics.last_checkpoint.endswith("step-2"), "the checkpoint before the error is still offered"
     assert window.start_action.isEnabled()
     screenshot(window, "monitor-cuda-oom")
