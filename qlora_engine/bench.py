@@ -122,6 +122,7 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
         del module
+    model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
     gc.collect()  # the replaced 16-bit modules reference each other: free them before anything is measured
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -188,7 +189,6 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
     model_config = json.loads(config_path.read_text())
     base_cfg = RunConfig(device="cuda")
     base = random_quantized_model(model_config, base_cfg)
-    base.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
     with open(out_path, "a", encoding="utf-8") as out:
         for run in runs:
             cfg = dataclasses.replace(base_cfg, **run).validate()

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from qlora_engine.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES
-
-IGNORE_INDEX = -100
+from qlora_engine.data import IGNORE_INDEX
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from qlora_engine.data import IGNORE_INDEX
+
 ATTENTION_NAME = "qlora_packed"
 
 
@@ -26,11 +27,11 @@ def collate_packed(rows: list[Any], device: str) -> dict[str, torch.Tensor]:
     starts = torch.cumsum(lengths, 0) - lengths
     trained[starts] = False
     labels = torch.where(trained, ids, IGNORE_INDEX)
-    cu_seq_lens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    cu_seq_lens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(device, torch.int32)
     longest = int(lengths.max())
     return {"input_ids": ids.unsqueeze(0).to(device), "position_ids": positions.unsqueeze(0).to(device),
-            "labels": labels.unsqueeze(0).to(device), "cu_seq_lens_q": cu_seq_lens.to(device),
-            "cu_seq_lens_k": cu_seq_lens.to(device), "max_length_q": longest, "max_length_k": longest}
+            "labels": labels.unsqueeze(0).to(device), "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

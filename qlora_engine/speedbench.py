@@ -96,9 +96,7 @@ def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device:
         _apply_liger(model_config)
     if stack == "lora16":
         return bench.random_model(model_config, cfg, device)
-    model = bench.random_quantized_model(model_config, cfg, device)
-    model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
-    return model
+    return bench.random_quantized_model(model_config, cfg, device)
 
 
 def _apply_liger(model_config: dict[str, Any]) -> None:
@@ -166,10 +164,12 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
                lengths: list[int], profile: bool = False) -> dict[str, Any]:
     import torch
 
+    from qlora_engine import bench
+
     device = cfg.device
     base = build_base(stack, model_config, cfg, device)
     gc.collect()
-    nvml = _nvml_peak() if device == "cuda" else None
+    nvml = bench.NvmlPeak() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -213,12 +213,6 @@ def _peaks(device: str, nvml: Any) -> dict[str, Any]:
     time.sleep(0.05)  # let the sampler see the end of the step
     return {"max_allocated_bytes": torch.cuda.max_memory_allocated(), "nvml_peak_used_bytes": nvml.peak_bytes,
             "gpu": torch.cuda.get_device_name(0)}
-
-
-def _nvml_peak() -> Any:
-    from qlora_engine.bench import NvmlPeak
-
-    return NvmlPeak()
 
 
 def _profile(step: Any, rows: list[Any]) -> str:
