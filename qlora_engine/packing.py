@@ -43,7 +43,8 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def use_packed_attention(model: Any, max_length: int) -> bool:
     """Switch the model (and its PEFT wrapper) to the packed-aware attention registered here, where it computes
-    what the model's own attention does: not for soft-capped scores, nor a sliding window shorter than a row.
+    what the model's own attention does: not for soft-capped scores, nor a sliding window shorter than an example
+    (`max_length`; attention never crosses examples, so a packed row's length does not matter).
     Otherwise transformers' own attention handles the packed row (with a materialized block mask)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

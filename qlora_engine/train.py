@@ -135,7 +135,7 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
         raise EngineError("bad_config", f"target_modules: {exc}",
                           "Use 'all-linear' or names of linear layers in this model, e.g. q_proj,v_proj.") from exc
     if cfg.packing:
-        packing.use_packed_attention(peft_model, cfg.max_length * cfg.micro_batch_size)
+        packing.use_packed_attention(peft_model, cfg.max_length)
     if cfg.fused_lora:
         lora_nf4.use_fused_lora(peft_model)
     return peft_model

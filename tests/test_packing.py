@@ -99,3 +99,12 @@ def test_models_that_transform_their_logits_keep_transformers_loss(tiny_model_di
     assert lm_loss.supports_chunked_loss(model)
     model.config.model_type = "gemma2"  # soft-capped logits
     assert not lm_loss.supports_chunked_loss(model)
+
+
+def test_packed_attention_is_used_unless_a_sliding_window_is_shorter_than_an_example(tiny_model_dir):
+    model = tiny_causal_lm(tiny_model_dir)
+    model.config.sliding_window = 64
+    assert packing.use_packed_attention(model, max_length=64)  # rows of several 64-token examples: still exact
+    assert not packing.use_packed_attention(model, max_length=128)
+    model.config.sliding_window, model.config.attn_logit_softcapping = None, 50.0
+    assert not packing.use_packed_attention(model, max_length=64)
