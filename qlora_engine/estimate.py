@@ -918,7 +918,7 @@ def row_run_config(row: dict[str, Any]) -> RunConfig:
     rest the defaults, and compute in bf16: what compute_dtype 'auto' is on a CUDA GPU, whatever runs this."""
     names = {spec.name for spec in dataclasses.fields(RunConfig)} - {"model"}
     # Rows measured before the speed switches existed ran peft's path with padded batches and full logits.
-    earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False}
+    earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False, "compile_layers": False}
     values = {"compute_dtype": "bf16", **earlier_engine, **{name: row[name] for name in names if name in row}}
     return RunConfig(**values).validate()
 

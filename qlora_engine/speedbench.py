@@ -33,11 +33,14 @@ STACKS = {
     "plain_liger": "plain HF QLoRA + Liger kernels",
     "lora16": "16-bit LoRA (no quantization)",
     "engine": "QLoRA Studio engine",
-    "engine_unfused": "engine, fused LoRA off",
-    "engine_baseline": "engine, packing, chunked loss and fused LoRA off",
+    "engine_eager": "engine, compiled layers off",
+    "engine_unfused": "engine, fused LoRA and compiled layers off",
+    "engine_baseline": "engine, every speed switch off",
 }
-ENGINE_SWITCHES = {"engine": {}, "engine_unfused": {"fused_lora": False},
-                   "engine_baseline": {"packing": False, "chunked_loss": False, "fused_lora": False}}
+ENGINE_SWITCHES = {"engine": {}, "engine_eager": {"compile_layers": False},
+                   "engine_unfused": {"fused_lora": False, "compile_layers": False},
+                   "engine_baseline": {"packing": False, "chunked_loss": False, "fused_lora": False,
+                                       "compile_layers": False}}
 VARIABLE_MEDIAN_TOKENS, VARIABLE_MAX_TOKENS, VARIABLE_BATCH, PROMPT_FRACTION = 250, 4096, 4, 0.3
 GIB = 2**30
 
@@ -224,7 +227,11 @@ def _profile(step: Any, rows: list[Any]) -> str:
         for _ in range(2):
             step(rows)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    if os.environ.get("QLORA_BENCH_TRACE"):  # a Chrome trace of the two steps, to see where the GPU waits
+        prof.export_chrome_trace(os.environ["QLORA_BENCH_TRACE"])
+    averages = prof.key_averages()
+    return "\n".join(averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
+                     for key in ("cuda_time_total", "self_cpu_time_total"))
 
 
 # ----------------------------------------------------------------------------- the command
@@ -250,6 +257,7 @@ def speed_main(args: argparse.Namespace) -> int:
 def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int]) -> dict:
     job = {"stack": stack, "workload": workload, "config": str(config_path), "max_length": args.max_length,
            "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
+           "lora_dropout": args.lora_dropout,
            "profile": bool(args.profile and stack in args.profile.split(","))}
     command = [sys.executable, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
     print(f"--- {stack} / {workload}", flush=True)
@@ -270,18 +278,21 @@ def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespac
 def speed_worker(job_json: str) -> int:
     job = json.loads(job_json)
     model_config = json.loads(Path(job["config"]).read_text())
-    cfg = bench_config(job["device"], job["max_length"])
+    cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"])
     result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
                         job["lengths"], job["profile"])
     print("SPEED_RESULT " + json.dumps(result), flush=True)
     return 0
 
 
-def bench_config(device: str, max_length: int) -> RunConfig:
-    """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit."""
+def bench_config(device: str, max_length: int, lora_dropout: float = 0.0) -> RunConfig:
+    """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit.
+    LoRA dropout 0 by default, so that every stack computes the same function and the loss curves can be held
+    against each other (each stack draws its dropout masks its own way)."""
     return RunConfig(device=device, max_length=max_length, micro_batch_size=1, grad_accum=1, lora_r=16,
-                     lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, compute_dtype="bf16" if device == "cuda"
-                     else "fp32", gradient_checkpointing=True, optimizer="paged_adamw_8bit").validate()
+                     lora_alpha=32, lora_dropout=lora_dropout, learning_rate=2e-4,
+                     compute_dtype="bf16" if device == "cuda" else "fp32", gradient_checkpointing=True,
+                     optimizer="paged_adamw_8bit").validate()
 
 
 def _model_config_path(name: str) -> Path:
@@ -366,6 +377,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of tokens/s")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="row lengths of the long workload")
     parser.add_argument("--long-all-stacks", action="store_true", help="run the long workload on every stack")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="LoRA dropout of every stack (0: the same function, loss curves comparable)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only to try the bench out")
     parser.add_argument("--profile", default="", help="comma list of stacks to profile (top GPU kernels)")
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)

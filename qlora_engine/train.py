@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine import checkpoints, data, lm_loss, lora_nf4, models, packing
+from qlora_engine import checkpoints, data, layer_compile, lm_loss, lora_nf4, models, packing
 from qlora_engine.config import DEFAULT_DATA, RunConfig
 from qlora_engine.events import EngineError, EventWriter
 from qlora_engine.resources import resources_dir
@@ -138,6 +138,8 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
         packing.use_packed_attention(peft_model, cfg.max_length)
     if cfg.fused_lora:
         lora_nf4.use_fused_lora(peft_model)
+    if cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
+        layer_compile.compile_layers(peft_model)
     return peft_model
 
 

@@ -1,0 +1,69 @@
+"""The compiled layers and the in-torch 4-bit dequantization they trace compute what the eager engine computes."""
+import bitsandbytes as bnb
+import pytest
+import torch
+from test_packing import random_rows
+
+from qlora_engine import layer_compile, lm_loss, lora_nf4, train
+from qlora_engine.config import RunConfig
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 40), (3, 100)])  # whole blocks; a last partial block; tiny
+def test_dequantize_in_torch_equals_bitsandbytes(quant_type, nested, shape):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested,
+                                                 quant_type=quant_type)
+    expected = bnb.functional.dequantize_4bit(packed, state).to(torch.bfloat16)
+    second = state.state2 if nested else None
+    layout = lora_nf4.Layout(tuple(shape), 64, second.blocksize if nested else 0, quant_type)
+    args = (packed, state.absmax, second.absmax if nested else None, second.code if nested else None,
+            state.offset if nested else None, state.code, layout, torch.bfloat16)
+    assert torch.equal(lora_nf4.dequantize_in_torch(*args), expected)
+    assert torch.equal(lora_nf4.dequantize(*args), expected)  # the eager route: bitsandbytes' own kernels
+    assert (expected - weight.bfloat16()).abs().max() > 0  # it was quantized
+
+
+def loss_and_grads(model_dir, compiled: bool, dropout: float = 0.0, graphs: list | None = None):
+    cfg = RunConfig(model=str(model_dir), lora_dropout=dropout, packing=False, compute_dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    model = train.build_model(cfg, model_dir, "cpu", torch.float32)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    if compiled:  # aot_eager: dynamo's trace and AOTAutograd's joint graph, run without generating code
+        torch._dynamo.reset()
+        aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+        def recording(graph, inputs):
+            graphs.append(graph.print_readable(print_output=False))
+            return aot_eager(graph, inputs)
+
+        assert layer_compile.compile_layers(model, backend=recording, fullgraph=True) == 2 * 2
+    batch = train.collate(random_rows([20, 33]), 0, "cpu")
+    torch.manual_seed(1)
+    loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_layers_trace_whole_and_match_eager(tiny_model_dir):
+    """fullgraph: the fused LoRA function, the dequantization and the attention trace without one graph break,
+    through gradient checkpointing; loss and every adapter gradient as eager."""
+    eager_loss, eager_grads = loss_and_grads(tiny_model_dir, compiled=False)
+    graphs = []
+    compiled_loss, compiled_grads = loss_and_grads(tiny_model_dir, compiled=True, graphs=graphs)
+    assert len(graphs) == 2  # attention and MLP: compiled once, reused by the second layer
+    assert all("autograd_function_apply" in g and "rshift" in g and "bitsandbytes" not in g for g in graphs)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_compiling_is_for_cuda_only():
+    assert "CUDA" in layer_compile.compile_supported("cpu")
+    cfg = RunConfig()
+    assert cfg.compile_layers  # on by default; attach_lora asks compile_supported first
