@@ -45,6 +45,7 @@ def engine_losses_and_grads(model_dir, compiled: bool):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
+    model.train()  # as the engine trains: gradient checkpointing on around the compiled blocks
     losses = []
     for lengths in ([70, 190, 30, 120], [50, 300], [128, 64, 200, 17]):
         batch = packing.collate_packed(random_rows(lengths), "cuda")
@@ -56,7 +57,7 @@ def engine_losses_and_grads(model_dir, compiled: bool):
 
 
 def test_compiled_layers_match_eager_on_cuda(tiny_model_dir):
-    """Inductor's code for the decoder layers (the 4-bit dequantization, the fused LoRA function and
+    """Inductor's code for the attention and MLP blocks (the 4-bit dequantization, the fused LoRA function and
     FlashAttention varlen inside) gives the eager engine's losses and adapter gradients, without a graph break."""
     from torch._dynamo.utils import counters
 
@@ -65,7 +66,7 @@ def test_compiled_layers_match_eager_on_cuda(tiny_model_dir):
     eager_losses, eager_grads = engine_losses_and_grads(tiny_model_dir, compiled=False)
     assert not counters["stats"]["unique_graphs"]
     compiled_losses, compiled_grads = engine_losses_and_grads(tiny_model_dir, compiled=True)
-    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert counters["stats"]["unique_graphs"] >= 2, "nothing was compiled"
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-2)  # bf16, fused in another order
     cosine = torch.nn.functional.cosine_similarity(compiled_grads, eager_grads, dim=0)
