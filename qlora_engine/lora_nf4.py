@@ -64,20 +64,6 @@ def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) ->
     return head if full == values.numel() else torch.cat((head, values[full:] * scales[-1]))
 
 
-def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """out += alpha * a @ b, in place: the matmul accumulates into `out`. (Traced, a plain addmm_ would become an
-    out-of-place addmm that first copies `out`, a full activation, for every layer.)"""
-    if torch.compiler.is_compiling():
-        torch.ops.qlora_studio.addmm_into(out, a, b, alpha)
-    else:
-        out.addmm_(a, b, alpha=alpha)
-
-
-@torch.library.custom_op("qlora_studio::addmm_into", mutates_args={"out"})
-def _addmm_into_op(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    out.addmm_(a, b, alpha=alpha)
-
-
 class LoraOver4bit(torch.autograd.Function):
     """y = x W^T (+ bias) + scaling * dropout(x) A^T B^T, W a frozen 4-bit weight dequantized when needed."""
 
@@ -94,7 +80,7 @@ class LoraOver4bit(torch.autograd.Function):
             keep = torch.empty_like(rows).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
             rows = rows * keep
         down = rows @ lora_a.to(x.dtype).t()
-        addmm_into(out, down, lora_b.to(x.dtype).t(), scaling)
+        out.addmm_(down, lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.save_for_backward(rows, keep, down, lora_a, lora_b, packed, *quant)
         ctx.scaling, ctx.layout = scaling, layout
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -112,8 +98,7 @@ class LoraOver4bit(torch.autograd.Function):
             if keep is not None:
                 lora_part.mul_(keep)
             weight = dequantize(packed, *quant, ctx.layout, grad.dtype)
-            addmm_into(lora_part, grad, weight, 1.0)
-            grad_x = lora_part.view(*grad_out.shape[:-1], weight.shape[1])
+            grad_x = torch.addmm(lora_part, grad, weight).view(*grad_out.shape[:-1], weight.shape[1])
         return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None,
                 *([None] * len(quant)))
 

@@ -57,7 +57,7 @@ def test_compiled_layers_trace_whole_and_match_eager(tiny_model_dir):
     graphs = []
     compiled_loss, compiled_grads = loss_and_grads(tiny_model_dir, compiled=True, graphs=graphs)
     assert len(graphs) == 2  # attention and MLP, each compiled once and reused by the second layer
-    assert all(op in graph for graph in graphs for op in ("autograd_function_apply", "rshift", "addmm_into"))
+    assert all(op in graph for graph in graphs for op in ("autograd_function_apply", "rshift"))
     assert not any("bitsandbytes" in graph for graph in graphs)  # dequantized in torch operations, fused by Inductor
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     assert compiled_grads.keys() == eager_grads.keys()
