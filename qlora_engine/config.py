@@ -119,8 +119,10 @@ class RunConfig:
                                 memory="Removes the logits term: about 2 x tokens x vocabulary x 4 bytes.",
                                 group="speed")
     compile_layers: bool = option(True, "torch.compile each layer's attention and MLP (CUDA GPUs with Triton; off "
-                                  "elsewhere): far fewer kernel launches, fused norms, rotary and 4-bit "
-                                  "dequantization. The first step takes a minute or two longer.", group="speed")
+                                  "elsewhere): far fewer kernel launches; rotary embedding, SwiGLU and the 4-bit "
+                                  "dequantization fused. The first step takes a minute or two longer.",
+                                  memory="Measured no higher than without it (Llama-3.1-8B on an H100); the "
+                                  "estimate counts the uncompiled path.", group="speed")
     seed: int = option(42, "Random seed for LoRA init, data order and dropout.")
     # --- run ---
     run_dir: str = option("", "Run folder; empty = a new folder under the runs directory.", group="run")

@@ -1,14 +1,18 @@
-"""Regional torch.compile: the attention and MLP block of each decoder layer compiled, on CUDA.
+"""Regional torch.compile: each decoder layer compiled, on CUDA.
 
 A checkpointed QLoRA step of an 8B model launches about fifteen thousand kernels, each from Python; on a fast GPU
-the step waits on the CPU (measured: 0.31 s of GPU work in a 0.65 s step). Compiled, each block is one call into
-Inductor's generated code: elementwise work (rotary embedding, SwiGLU, the 4-bit dequantization inside the fused
-LoRA layer) fused into a few Triton kernels, the matmuls still cuBLAS. Every layer has the same code, so a block is
-compiled once (the first step takes a minute longer) and reused by all layers. The blocks, not the whole layers:
-gradient checkpointing then stays outside the compiled code whichever way transformers wraps it (around the layer's
-call up to 5.1x, inside its forward since), and a whole layer with the checkpoint traced inside did not compile on
-the GPU machine's torch 2.11 (measured: no faster than eager). On the CPU, and on GPUs Triton does not support,
-nothing changes.
+the step waits on the CPU (measured: 0.31 s of GPU work in a 0.65 s step). Compiled, a layer is two calls into
+Inductor's generated code, its forward and its backward: elementwise work (norms, residual adds, rotary embedding,
+SwiGLU, the 4-bit dequantization inside the fused LoRA layer) fused into a few Triton kernels, the matmuls still
+cuBLAS. Every layer has the same code, so it is compiled once (the first step takes a minute longer) and reused.
+
+Gradient checkpointing is done by the compiler, not by transformers' wrapper: the layer is compiled without the
+wrapper and the compiled backward recomputes what it needs (activation memory budget 0: only the layer's inputs are
+kept, as with checkpointing). Measured on an H100 (Llama-3.1-8B, 2048 tokens, one session): the eager engine's peak
+memory (6.88 GiB) at 7615 tokens/s, where compiling the attention and MLP blocks inside transformers' checkpoint (a
+forward, a recompute and a backward call per block, Python hooks on every saved tensor) ran at 4482; tracing the
+checkpoint itself inside the compiled layer did not compile on torch 2.11. On the CPU, and on GPUs Triton does not
+support, nothing changes.
 """
 from __future__ import annotations
 
@@ -34,14 +38,18 @@ def compile_supported(device: torch.device | str) -> str | None:
 
 
 def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = False) -> int:
-    """Compile the attention and MLP block of every decoder layer of `model` in place; returns how many blocks.
-    `backend` and `fullgraph` are for tests (aot_eager traces and differentiates exactly like Inductor, without
-    generating code; fullgraph raises on any graph break)."""
+    """Compile every decoder layer of `model` in place; returns how many. A layer that transformers would
+    checkpoint is compiled without that checkpoint: the compiled backward recomputes what it needs instead
+    (activation memory budget 0, the same trade as checkpointing: only the layer's inputs are kept).
+    `backend` and `fullgraph` are for tests (aot_eager_decomp_partition traces, differentiates and partitions
+    like Inductor, without generating code; fullgraph raises on any graph break)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    blocks = [child for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)
-              for child in layer.children() if any(isinstance(m, torch.nn.Linear) for m in child.modules())]
-    for block in blocks:
-        block.compile(backend=backend, fullgraph=fullgraph, dynamic=None)
-    return len(blocks)
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        if layer.gradient_checkpointing:
+            layer.gradient_checkpointing = False
+            torch._functorch.config.activation_memory_budget = 0.0
+        layer.compile(backend=backend, fullgraph=fullgraph, dynamic=None)
+    return len(layers)

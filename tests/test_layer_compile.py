@@ -35,13 +35,13 @@ def loss_and_grads(model_dir, compiled: bool, dropout: float = 0.0, graphs: list
             torch.nn.init.normal_(param, std=0.02)
     if compiled:  # aot_eager: dynamo's trace and AOTAutograd's joint graph, run without generating code
         torch._dynamo.reset()
-        aot_eager = torch._dynamo.lookup_backend("aot_eager")
+        aot_eager = torch._dynamo.lookup_backend("aot_eager_decomp_partition")
 
         def recording(graph, inputs):
             graphs.append(graph.print_readable(print_output=False))
             return aot_eager(graph, inputs)
 
-        assert layer_compile.compile_layers(model, backend=recording, fullgraph=True) == 2 * 2
+        assert layer_compile.compile_layers(model, backend=recording, fullgraph=True) == 2
     model.train()
     batch = train.collate(random_rows([20, 33]), 0, "cpu")
     torch.manual_seed(1)
@@ -51,12 +51,12 @@ def loss_and_grads(model_dir, compiled: bool, dropout: float = 0.0, graphs: list
 
 
 def test_compiled_layers_trace_whole_and_match_eager(tiny_model_dir):
-    """fullgraph: the fused LoRA function, the dequantization and the attention trace without one graph break;
-    in training mode, with gradient checkpointing around them, loss and every adapter gradient as eager."""
+    """fullgraph: the decoder layer with the fused LoRA function, the dequantization and the attention traces
+    without one graph break; in training mode, loss and every adapter gradient as the eager engine's."""
     eager_loss, eager_grads = loss_and_grads(tiny_model_dir, compiled=False)
     graphs = []
     compiled_loss, compiled_grads = loss_and_grads(tiny_model_dir, compiled=True, graphs=graphs)
-    assert len(graphs) == 2  # attention and MLP, each compiled once and reused by the second layer
+    assert len(graphs) == 1  # compiled once, reused by the second layer
     assert all(op in graph for graph in graphs for op in ("autograd_function_apply", "rshift"))
     assert not any("bitsandbytes" in graph for graph in graphs)  # dequantized in torch operations, fused by Inductor
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
@@ -69,3 +69,35 @@ def test_compiling_is_for_cuda_only():
     assert "CUDA" in layer_compile.compile_supported("cpu")
     cfg = RunConfig()
     assert cfg.compile_layers  # on by default; attach_lora asks compile_supported first
+
+
+def saved_activation_bytes(model_dir, compiled: bool) -> int:
+    """Bytes of the tensors a forward keeps for the backward, other than the model's own weights and buffers."""
+    cfg = RunConfig(model=str(model_dir), packing=False, compute_dtype="fp32", device="cpu")
+    model = train.build_model(cfg, model_dir, "cpu", torch.float32)
+    model.train()
+    if compiled:
+        torch._dynamo.reset()
+        layer_compile.compile_layers(model, backend="aot_eager_decomp_partition", fullgraph=True)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in own:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    batch = train.collate(random_rows([200, 330]), 0, "cpu")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch)).backward()
+    return sum(kept.values())
+
+
+def test_compiled_layers_recompute_like_gradient_checkpointing(tiny_model_dir):
+    """transformers' checkpoint is taken off the compiled layers and the compiler recomputes instead: the forward
+    keeps about what the checkpointed eager layers keep (measured 1.4x on this tiny model; its default trade-off
+    keeps 13x)."""
+    checkpointed = saved_activation_bytes(tiny_model_dir, compiled=False)
+    compiled = saved_activation_bytes(tiny_model_dir, compiled=True)
+    assert torch._functorch.config.activation_memory_budget == 0.0
+    assert compiled < 2 * checkpointed, (compiled, checkpointed)
