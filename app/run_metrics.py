@@ -124,6 +124,10 @@ class RunMetrics:
     def _on_error(self, event: dict[str, Any]) -> None:
         self.status = "failed"
         self.error = {key: event.get(key, "") for key in ("code", "message", "advice")}
+        # an out-of-memory error carries the peak measured when it struck: higher than any step's report
+        self.peak_process_bytes = max(self.peak_process_bytes, event.get("peak_bytes") or 0)
+        self.gpu_total_bytes = event.get("gpu_total_bytes") or self.gpu_total_bytes
+        self.estimate_peak_bytes = event.get("estimate_peak_bytes") or self.estimate_peak_bytes
 
     def _on_comparison(self, event: dict[str, Any]) -> None:
         self.comparison = {key: event.get(key) for key in ("rows", "base_accuracy", "tuned_accuracy")}

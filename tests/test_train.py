@@ -258,3 +258,43 @@ def test_chat_answers_with_the_base_and_the_tuned_model(finished_run):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert [line.split("]")[0] for line in lines] == ["[base", "[tuned"]
+
+
+class FolderWriter:
+    """Stands in for a PEFT model or tokenizer: save_pretrained writes one file, or fails like a full disk."""
+
+    def __init__(self, name: str, fail: bool = False):
+        self.name, self.fail = name, fail
+
+    def save_pretrained(self, folder):
+        import errno
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.name).write_text("weights")
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+
+def test_the_final_adapter_replaces_the_old_one_and_clears_what_a_killed_save_left(tmp_path):
+    killed = tmp_path / f"{train.ADAPTER_TMP_PREFIX}12345"
+    killed.mkdir()
+    (killed / "half.safetensors").write_text("half")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "old.bin").write_text("old")
+    final = train.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json"), tmp_path)
+    assert sorted(p.name for p in final.iterdir()) == ["adapter_model.safetensors", "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_full_disk_while_writing_the_final_adapter_is_an_error_with_advice_and_keeps_the_old_one(tmp_path):
+    from qlora_engine.events import EngineError
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_text("the previous run's")
+    with pytest.raises(EngineError) as caught:
+        train.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json", fail=True),
+                           tmp_path)
+    assert caught.value.code == "disk_full" and "the final adapter" in caught.value.message
+    assert "--resume" in caught.value.advice
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "the previous run's"

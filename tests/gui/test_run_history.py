@@ -38,6 +38,16 @@ def test_vram_is_plotted_and_the_totals_kept():
     assert metrics.estimate_peak_bytes == 3 * 2**30 and metrics.progress == 0.1
 
 
+def test_an_out_of_memory_error_sets_the_peak_vram_to_what_was_measured_when_it_struck():
+    metrics = RunMetrics()
+    metrics.add_event(step(1) | {"vram": {"max_allocated": 5 * 2**30, "gpu_total": 8 * 2**30}})
+    metrics.add_event({"kind": "error", "code": "cuda_oom", "message": "the GPU ran out of memory during step 2",
+                       "advice": "Lower max_length", "peak_bytes": 7 * 2**30, "gpu_total_bytes": 8 * 2**30,
+                       "estimate_peak_bytes": 9 * 2**30})
+    assert metrics.status == "failed" and metrics.error["code"] == "cuda_oom"
+    assert metrics.peak_process_bytes == 7 * 2**30 and metrics.estimate_peak_bytes == 9 * 2**30
+
+
 def write_run(runs, name: str, kinds: list[tuple[str, dict]]):
     run_dir = runs / name
     RunConfig().save(run_dir / "config.yaml")
