@@ -288,6 +288,9 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     events.emit("model_loaded", model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device))
+    if cfg.compile_layers and layer_compile.compile_supported(device) is None:
+        print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
+              "longer", file=sys.stderr, flush=True)
     optimizer = build_optimizer(cfg, trainable)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     freeze_heap()

@@ -101,3 +101,24 @@ def test_compiled_layers_recompute_like_gradient_checkpointing(tiny_model_dir):
     compiled = saved_activation_bytes(tiny_model_dir, compiled=True)
     assert torch._functorch.config.activation_memory_budget == 0.0
     assert compiled < 2 * checkpointed, (compiled, checkpointed)
+
+
+def test_a_compiler_that_fails_leaves_the_layers_running_eagerly(tiny_model_dir, monkeypatch):
+    """On a machine where Inductor or Triton breaks, training goes on uncompiled with the same loss."""
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # restored after the test
+
+    def broken_backend(graph, inputs):
+        raise RuntimeError("no working C compiler")
+
+    cfg = RunConfig(model=str(tiny_model_dir), packing=False, compute_dtype="fp32", device="cpu")
+    losses = []
+    for backend in (None, broken_backend):
+        torch.manual_seed(0)
+        model = train.build_model(cfg, tiny_model_dir, "cpu", torch.float32)
+        model.train()
+        if backend:
+            torch._dynamo.reset()
+            layer_compile.compile_layers(model, backend=backend)
+        batch = train.collate(random_rows([20, 33]), 0, "cpu")
+        losses.append(float(lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
