@@ -10,6 +10,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,9 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step}"
     tmp = root / f"{TMP_PREFIX}{state.step}-{os.getpid()}"
-    try:
+    # a full disk or an unwritable folder: the earlier checkpoints stay as they were
+    with writing_folder(tmp, f"checkpoint step-{state.step}", root,
+                        "resume the run (--resume): it continues from its last complete checkpoint, which is intact"):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp / "adapter")
@@ -65,16 +69,23 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         replace_folder(tmp, final, root / f".tmp-{final.name}-old-{os.getpid()}")
-    except Exception as exc:  # a full disk or an unwritable folder: the earlier checkpoints stay as they were
-        error = write_failure(exc, f"checkpoint step-{state.step}", root,
-                              "resume the run (--resume): it continues from its last complete checkpoint, "
-                              "which is intact")
+    _prune(run_dir)
+    return final
+
+
+@contextmanager
+def writing_folder(tmp: Path, what: str, folder: Path, then: str) -> Iterator[None]:
+    """Around writing `what` into the temp folder `tmp`: on any failure `tmp` is removed, and a failed write (full
+    disk, unwritable folder; see events.write_failure, judged before `tmp` frees its space) becomes an EngineError
+    whose advice ends with `then`. Other exceptions pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_failure(exc, what, folder, then)
         shutil.rmtree(tmp, ignore_errors=True)
         if error is None:
             raise
         raise error from exc
-    _prune(run_dir)
-    return final
 
 
 def replace_folder(tmp: Path, final: Path, old: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from qlora_engine import models
-from qlora_engine.checkpoints import replace_folder
+from qlora_engine.checkpoints import replace_folder, writing_folder
 from qlora_engine.config import RunConfig, write_text_atomic
-from qlora_engine.events import EngineError, write_failure
+from qlora_engine.events import EngineError
 from qlora_engine.runlock import process_alive
 
 FIXED_PROMPT = "Tell me one thing you learned, in one sentence."
@@ -98,7 +98,9 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
     trained = PeftModel.from_pretrained(base, run_dir / "adapter")
     reference = fixed_prompt_logits(trained, tokenizer, device)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    try:
+    # a full disk, an unwritable destination: no partial export is left behind
+    with writing_folder(tmp, f"the {kind} export", out.parent,
+                        "export again; an earlier export there is left as it was"):
         if kind == "adapter":
             progress("writing the adapter", 0.4)
             trained.save_pretrained(tmp)
@@ -122,13 +124,6 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
         verification = compare_logits(kind, out, reference, exported)
         if verification.ok:
             replace_folder(tmp, out, out.with_name(f".old-{out.name}-{os.getpid()}"))
-    except Exception as exc:  # a full disk, an unwritable destination: no partial export is left behind
-        error = write_failure(exc, f"the {kind} export", out.parent,
-                              "export again; an earlier export there is left as it was")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if error is None:
-            raise
-        raise error from exc
     if not verification.ok:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EngineError("export_mismatch", f"the {kind} export's logits differ from the trained model "

@@ -23,7 +23,7 @@ import torch
 
 from qlora_engine import checkpoints, data, layer_compile, lm_loss, lora_nf4, models, packing
 from qlora_engine.config import DEFAULT_DATA, RunConfig
-from qlora_engine.events import EngineError, EventWriter, write_failure
+from qlora_engine.events import EngineError, EventWriter
 from qlora_engine.resources import resources_dir
 
 ADAPTER_TMP_PREFIX, ADAPTER_OLD_PREFIX = ".tmp-adapter-", ".old-adapter-"
@@ -400,18 +400,12 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> Path:
     tmp = run_dir / f"{ADAPTER_TMP_PREFIX}{os.getpid()}"
     for leftover in [*run_dir.glob(ADAPTER_TMP_PREFIX + "*"), *run_dir.glob(ADAPTER_OLD_PREFIX + "*")]:
         shutil.rmtree(leftover, ignore_errors=True)
-    try:
+    # a full disk or an unwritable folder: the final checkpoint holds the same adapter
+    with checkpoints.writing_folder(tmp, "the final adapter", run_dir, "run the same command with --resume: the run "
+                                    "is complete in its last checkpoint and only the adapter is written again"):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         checkpoints.replace_folder(tmp, final, run_dir / f"{ADAPTER_OLD_PREFIX}{os.getpid()}")
-    except Exception as exc:  # a full disk or an unwritable folder: the final checkpoint holds the same adapter
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = write_failure(exc, "the final adapter", run_dir,
-                              "run the same command with --resume: the run is complete in its last checkpoint and "
-                              "only the adapter is written again")
-        if error is None:
-            raise
-        raise error from exc
     return final
 
 
