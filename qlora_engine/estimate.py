@@ -492,8 +492,7 @@ def _logits_bytes(shape: ModelShape, run: RunConfig, dtype_bytes: int, calibrati
 
 def chunked_loss(shape: ModelShape, run: RunConfig) -> bool:
     """Whether the engine computes this model's loss a chunk at a time (lm_loss.py), never holding all logits."""
-    return (run.chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and not shape.final_logit_softcapping
-            )
+    return run.chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and not shape.final_logit_softcapping
 
 
 def _mask_bytes_per_element(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> int:

@@ -143,7 +143,7 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     dropout = layer.lora_dropout[name]
     dropout_p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     compute_dtype = base.compute_dtype or x.dtype
-    quant = [getattr(layer, BUFFER_PREFIX + key) for key in QUANT_TENSORS]
+    packed, *quant = [getattr(layer, BUFFER_PREFIX + key) for key in ("packed", *QUANT_TENSORS)]
     out = LoraOver4bit.apply(x.to(compute_dtype), layer.lora_A[name].weight, layer.lora_B[name].weight, base.bias,
-                             layer.scaling[name], dropout_p, layer.fused_layout, layer.fused_lora_packed, *quant)
+                             layer.scaling[name], dropout_p, layer.fused_layout, packed, *quant)
     return out.to(x.dtype)

@@ -142,6 +142,8 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
         lora_nf4.use_fused_lora(peft_model)
     if cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
         layer_compile.compile_layers(peft_model)
+        print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
+              "longer", file=sys.stderr, flush=True)
     return peft_model
 
 
@@ -288,9 +290,6 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     events.emit("model_loaded", model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device))
-    if cfg.compile_layers and layer_compile.compile_supported(device) is None:
-        print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
-              "longer", file=sys.stderr, flush=True)
     optimizer = build_optimizer(cfg, trainable)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     freeze_heap()
