@@ -31,6 +31,7 @@ TEXT_TOKENS = resources_dir() / "bench" / "text_tokens.npy"
 STACKS = {
     "plain": "plain HF QLoRA",
     "plain_liger": "plain HF QLoRA + Liger kernels",
+    "plain_fp32": "plain HF QLoRA computed in fp32 (the reference)",
     "lora16": "16-bit LoRA (no quantization)",
     "engine": "QLoRA Studio engine",
     "engine_eager": "engine, compiled layers off",
@@ -128,10 +129,10 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
             return loss
 
         return model, optimizer, engine_step
-    model = _plain_peft_model(stack, base, cfg)
+    model = plain_peft_model(stack, base, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.build_optimizer(cfg, trainable)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" else nullcontext()
+    autocast = plain_autocast(stack, model, cfg)
 
     def plain_step(rows: list[Any]) -> float:
         batch = train.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
@@ -146,7 +147,20 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
     return model, optimizer, plain_step
 
 
-def _plain_peft_model(stack: str, base: Any, cfg: RunConfig) -> Any:
+def plain_autocast(stack: str, model: Any, cfg: RunConfig) -> Any:
+    """The plain stacks' precision: bf16 autocast as Trainer(bf16=True); plain_fp32, the reference the other
+    stacks' loss curves are held against, keeps the same 4-bit weights and computes everything else in fp32."""
+    import torch
+
+    if stack == "plain_fp32":
+        for module in model.modules():
+            if hasattr(module, "compute_dtype"):  # bitsandbytes' 4-bit layers
+                module.compute_dtype = torch.float32
+        return nullcontext()
+    return torch.autocast(cfg.device, dtype=torch.bfloat16) if cfg.compute_dtype == "bf16" else nullcontext()
+
+
+def plain_peft_model(stack: str, base: Any, cfg: RunConfig) -> Any:
     """What a hand-written HF script (or Trainer with bf16=True) does: the QLoRA recipe as documented by peft."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

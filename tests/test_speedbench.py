@@ -12,15 +12,16 @@ def test_speed_bench_runs_the_plain_stack_and_the_engine_side_by_side_with_the_s
     config, out = tmp_path / "config.json", tmp_path / "speed.json"
     config.write_text(json.dumps(TINY_LLAMA))
     done = subprocess.run([sys.executable, "-m", "qlora_engine", "bench", "--speed", "--device", "cpu", "--model",
-                           str(config), "--stacks", "plain,engine", "--workloads", "fixed", "--steps", "3",
+                           str(config), "--stacks", "plain,engine,plain_fp32", "--workloads", "fixed", "--steps", "3",
                            "--warmup", "1", "--max-length", "64", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| plain HF QLoRA |" in done.stdout and "| QLoRA Studio engine |" in done.stdout
     results = {r["stack"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"plain", "engine"} and not any(r.get("error") or r.get("oom") for r in results.values())
+    assert set(results) == {"plain", "engine", "plain_fp32"}
+    assert not any(r.get("error") or r.get("oom") for r in results.values())
     assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in results.values())
     # fp32 on the CPU, dropout 0: packing, the chunked loss and the fused LoRA layer compute what peft does
-    for plain, engine in zip(results["plain"]["losses"], results["engine"]["losses"]):
-        assert abs(plain - engine) <= 1e-3 * abs(plain)
+    for plain, engine, reference in zip(*(results[s]["losses"] for s in ("plain", "engine", "plain_fp32"))):
+        assert abs(plain - engine) <= 1e-3 * abs(plain) and abs(plain - reference) <= 1e-3 * abs(plain)
     assert results["plain"]["losses"][0] != results["plain"]["losses"][-1]  # it trained
