@@ -195,7 +195,8 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
             row = measure_one(base, model_config, cfg, nvml)
             row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used, "packing": cfg.packing,
                         "chunked_loss": cfg.chunked_loss, "fused_lora": cfg.fused_lora,
-                        "compile_layers": cfg.compile_layers, "gpu": torch.cuda.get_device_name(0)})
+                        "compile_layers": cfg.compile_layers, "fp32_residual": cfg.fp32_residual,
+                        "gpu": torch.cuda.get_device_name(0)})
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"{config_path.stem:16s} len {cfg.max_length:5d} batch {cfg.micro_batch_size} r {cfg.lora_r:2d} "

@@ -95,8 +95,18 @@ def add_events_flag(parser: argparse.ArgumentParser) -> None:
                         help="stdout as readable lines (human) or one JSON event per line (jsonl, for the GUI)")
 
 
+def use_expandable_segments() -> None:
+    """torch's CUDA allocator grows its segments in place instead of caching fixed blocks: measured on an H100
+    (Llama-3.1-8B, one 16,384-token row), the same step left 5.4 GiB reserved but unusable with the default and ran
+    out of memory within 23 GiB; with expandable segments it used 19.5 GiB in all. Set before torch touches CUDA;
+    a user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins."""
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    use_expandable_segments()
     if argv and argv[0] == "gui":  # the desktop app, same as qlora-studio-gui
         from app.main import main as gui_main
 

@@ -87,6 +87,12 @@ class RunConfig:
                                 "of compute capability 8+, CPUs with AVX512-BF16), else fp16 on CUDA, fp32 on CPU.",
                                 choices=("auto", "bf16", "fp16", "fp32"),
                                 memory="fp32 doubles activation memory.", group="quantization")
+    fp32_residual: bool = option(True, "Carry the hidden state from layer to layer in fp32 and add each layer's "
+                                 "output (base + adapter) into it in fp32, the matmuls staying in the compute dtype: "
+                                 "the precision of peft's prepare_model_for_kbit_training under autocast. In bf16 "
+                                 "much of an adapter's early contribution is rounded away and training is slower.",
+                                 memory="What checkpointing keeps per layer doubles (4 instead of 2 bytes per "
+                                 "hidden value).", group="quantization")
     # --- optimization ---
     optimizer: str = option("paged_adamw_8bit", "Optimizer for the LoRA weights.",
                             choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),

@@ -571,7 +571,8 @@ def _step_peak(shape: ModelShape, run: RunConfig, dtype_bytes: int, lora: LoraSi
     tokens = run.micro_batch_size * run.max_length
     full_layer_bytes = int(tokens * _layer_activation_bytes_per_token(shape, run, dtype_bytes)
                            * calibration["activation_full_scale"])
-    checkpoint_bytes = int(tokens * shape.hidden_size * dtype_bytes * calibration["activation_checkpointed_scale"])
+    residual_bytes = FP32_BYTES if run.fp32_residual else dtype_bytes
+    checkpoint_bytes = int(tokens * shape.hidden_size * residual_bytes * calibration["activation_checkpointed_scale"])
     largest_weight = max(linear.in_features * linear.out_features for linear in shape.decoder_linears())
     return StepPeak(
         stored=shape.num_layers * (checkpoint_bytes if run.gradient_checkpointing else full_layer_bytes),
@@ -917,7 +918,8 @@ def row_run_config(row: dict[str, Any]) -> RunConfig:
     rest the defaults, and compute in bf16: what compute_dtype 'auto' is on a CUDA GPU, whatever runs this."""
     names = {spec.name for spec in dataclasses.fields(RunConfig)} - {"model"}
     # Rows measured before the speed switches existed ran peft's path with padded batches and full logits.
-    earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False, "compile_layers": False}
+    earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False, "compile_layers": False,
+                      "fp32_residual": False}
     values = {"compute_dtype": "bf16", **earlier_engine, **{name: row[name] for name in names if name in row}}
     return RunConfig(**values).validate()
 

@@ -61,7 +61,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], items: int, chunk
     trained = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained)
     weight = causal_lm.get_output_embeddings().weight
-    return ChunkedLinearCrossEntropy.apply(hidden, weight.to(hidden.dtype), labels.index_select(0, trained),
+    return ChunkedLinearCrossEntropy.apply(hidden.to(weight.dtype), weight, labels.index_select(0, trained),
                                            float(items))
 
 

@@ -69,7 +69,7 @@ class LoraOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, bias: torch.Tensor | None,
-                scaling: float, dropout_p: float, layout: Layout, packed: torch.Tensor,
+                scaling: float, dropout_p: float, out_dtype: torch.dtype, layout: Layout, packed: torch.Tensor,
                 *quant: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         weight = dequantize(packed, *quant, layout, x.dtype)
@@ -80,7 +80,10 @@ class LoraOver4bit(torch.autograd.Function):
             keep = torch.empty_like(rows).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
             rows = rows * keep
         down = rows @ lora_a.to(x.dtype).t()
-        out.addmm_(down, lora_b.to(x.dtype).t(), alpha=scaling)
+        if out_dtype == x.dtype:
+            out.addmm_(down, lora_b.to(x.dtype).t(), alpha=scaling)
+        else:  # summed in out_dtype (fp32): the adapter's small contribution is not rounded away (see residual.py)
+            out = torch.add(out.to(out_dtype), down @ lora_b.to(x.dtype).t(), alpha=scaling)
         ctx.save_for_backward(rows, keep, down, lora_a, lora_b, packed, *quant)
         ctx.scaling, ctx.layout = scaling, layout
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -88,7 +91,7 @@ class LoraOver4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         dropped_rows, keep, down, lora_a, lora_b, packed, *quant = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dropped_rows.dtype)
         grad_down = (grad @ lora_b.to(grad.dtype)).mul_(ctx.scaling)
         grad_b = (grad.t() @ down).mul_(ctx.scaling)
         grad_a = grad_down.t() @ dropped_rows
@@ -99,7 +102,7 @@ class LoraOver4bit(torch.autograd.Function):
                 lora_part.mul_(keep)
             weight = dequantize(packed, *quant, ctx.layout, grad.dtype)
             grad_x = torch.addmm(lora_part, grad, weight).view(*grad_out.shape[:-1], weight.shape[1])
-        return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None,
+        return (grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None, None,
                 *([None] * len(quant)))
 
 
@@ -144,6 +147,7 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     dropout_p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     compute_dtype = base.compute_dtype or x.dtype
     packed, *quant = [getattr(layer, BUFFER_PREFIX + key) for key in ("packed", *QUANT_TENSORS)]
-    out = LoraOver4bit.apply(x.to(compute_dtype), layer.lora_A[name].weight, layer.lora_B[name].weight, base.bias,
-                             layer.scaling[name], dropout_p, layer.fused_layout, packed, *quant)
-    return out.to(x.dtype)
+    # in the compute dtype, as a matmul under autocast; a layer that writes an fp32 residual stream in fp32
+    out_dtype = getattr(layer, "residual_dtype", None) or compute_dtype
+    return LoraOver4bit.apply(x.to(compute_dtype), layer.lora_A[name].weight, layer.lora_B[name].weight, base.bias,
+                              layer.scaling[name], dropout_p, out_dtype, layer.fused_layout, packed, *quant)

@@ -35,10 +35,12 @@ STACKS = {
     "lora16": "16-bit LoRA (no quantization)",
     "engine": "QLoRA Studio engine",
     "engine_eager": "engine, compiled layers off",
+    "engine_bf16_residual": "engine, bf16 residual stream",
     "engine_unfused": "engine, fused LoRA and compiled layers off",
     "engine_baseline": "engine, every speed switch off",
 }
 ENGINE_SWITCHES = {"engine": {}, "engine_eager": {"compile_layers": False},
+                   "engine_bf16_residual": {"fp32_residual": False},
                    "engine_unfused": {"fused_lora": False, "compile_layers": False},
                    "engine_baseline": {"packing": False, "chunked_loss": False, "fused_lora": False,
                                        "compile_layers": False}}
@@ -178,12 +180,14 @@ def plain_peft_model(stack: str, base: Any, cfg: RunConfig) -> Any:
 
 # ----------------------------------------------------------------------------- one measured process
 def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: RunConfig, steps: int, warmup: int,
-               lengths: list[int], profile: bool = False) -> dict[str, Any]:
+               lengths: list[int], profile: bool = False, gpu_memory_gib: float = 0.0) -> dict[str, Any]:
     import torch
 
     from qlora_engine import bench
 
     device = cfg.device
+    if device == "cuda" and gpu_memory_gib:
+        _cap_gpu_memory(gpu_memory_gib)
     base = build_base(stack, model_config, cfg, device)
     gc.collect()
     nvml = bench.NvmlPeak() if device == "cuda" else None
@@ -211,7 +215,8 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
         if workload == "long":
             peaks.append(_peaks(device, nvml) | {"length": tokens[-1], "step_s": round(step_s[-1], 3)})
     measured = slice(warmup, None) if len(step_s) > warmup else slice(0, None)
-    result = {"stack": stack, "workload": workload, "losses": losses, "step_s": [round(s, 4) for s in step_s],
+    result = {"stack": stack, "workload": workload, "gpu_memory_gib": gpu_memory_gib or None, "losses": losses,
+              "step_s": [round(s, 4) for s in step_s],
               "tokens_per_s": round(sum(tokens[measured]) / sum(step_s[measured]), 1) if step_s else None,
               "oom": oom, "per_length": peaks, **_peaks(device, nvml)}
     if profile and not oom:
@@ -220,6 +225,17 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
         nvml.close()
     del model, optimizer
     return result
+
+
+def _cap_gpu_memory(gpu_memory_gib: float) -> None:
+    """Run as on a card of `gpu_memory_gib`: torch's allocator may hold that much minus what is already used (the
+    CUDA context); past it, an allocation frees torch's cached blocks and retries, then raises out-of-memory."""
+    import torch
+
+    torch.cuda.init()
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    allowed_bytes = gpu_memory_gib * GIB - (total_bytes - free_bytes)
+    torch.cuda.set_per_process_memory_fraction(max(0.0, allowed_bytes) / total_bytes)
 
 
 def _peaks(device: str, nvml: Any) -> dict[str, Any]:
@@ -271,7 +287,7 @@ def speed_main(args: argparse.Namespace) -> int:
 def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int]) -> dict:
     job = {"stack": stack, "workload": workload, "config": str(config_path), "max_length": args.max_length,
            "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
-           "lora_dropout": args.lora_dropout,
+           "lora_dropout": args.lora_dropout, "gpu_memory_gib": args.gpu_memory_gib,
            "profile": bool(args.profile and stack in args.profile.split(","))}
     command = [sys.executable, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
     print(f"--- {stack} / {workload}", flush=True)
@@ -294,7 +310,7 @@ def speed_worker(job_json: str) -> int:
     model_config = json.loads(Path(job["config"]).read_text())
     cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"])
     result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
-                        job["lengths"], job["profile"])
+                        job["lengths"], job["profile"], job.get("gpu_memory_gib", 0.0))
     print("SPEED_RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -342,7 +358,8 @@ def format_lengths(results: list[dict[str, Any]], budget_gib: float = 8.0) -> st
     """The long workload: memory and time per sequence length, and the longest row measured within the budget."""
     lines = []
     for r in (r for r in results if r["workload"] == "long" and r.get("per_length")):
-        lines += [f"\n{STACKS.get(r['stack'], r['stack'])}: one row of each length, batch 1",
+        card = f", as on a {r['gpu_memory_gib']:g} GiB card" if r.get("gpu_memory_gib") else ""
+        lines += [f"\n{STACKS.get(r['stack'], r['stack'])}: one row of each length, batch 1{card}",
                   "| tokens | peak allocated GiB | GPU used GiB | step s | tokens/s |", "|---:|---:|---:|---:|---:|"]
         for point in r["per_length"]:
             lines.append(f"| {point['length']} | {_gib(point, 'max_allocated_bytes')} | "
@@ -390,6 +407,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per stack (fixed, variable)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of tokens/s")
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="row lengths of the long workload")
+    parser.add_argument("--gpu-memory-gib", type=float, default=0.0,
+                        help="run as on a card with this much memory (torch's allocator capped; 0 = the whole GPU)")
     parser.add_argument("--long-all-stacks", action="store_true", help="run the long workload on every stack")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="LoRA dropout of every stack (0: the same function, loss curves comparable)")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine import checkpoints, data, layer_compile, lm_loss, lora_nf4, models, packing
+from qlora_engine import checkpoints, data, layer_compile, lm_loss, lora_nf4, models, packing, residual
 from qlora_engine.config import DEFAULT_DATA, RunConfig
 from qlora_engine.events import EngineError, EventWriter
 from qlora_engine.resources import resources_dir
@@ -136,6 +136,8 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
     except ValueError as exc:
         raise EngineError("bad_config", f"target_modules: {exc}",
                           "Use 'all-linear' or names of linear layers in this model, e.g. q_proj,v_proj.") from exc
+    if cfg.fp32_residual:
+        residual.keep_residual_fp32(peft_model.get_base_model())
     if cfg.packing:
         packing.use_packed_attention(peft_model, cfg.max_length)
     if cfg.fused_lora:
