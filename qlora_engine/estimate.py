@@ -782,6 +782,9 @@ def _candidate_fixes(model_config: dict[str, Any], run: RunConfig, free_bytes: i
         candidates.append(("double quantization on", {"double_quant": True}))
     if run.compute_dtype == "fp32":
         candidates.append(("16-bit compute (auto: bf16 where supported)", {"compute_dtype": "auto"}))
+    elif run.fp32_residual and run.gradient_checkpointing:
+        candidates.append(("bf16 residual stream (fp32_residual off: early training a little slower)",
+                           {"fp32_residual": False}))
     return candidates
 
 

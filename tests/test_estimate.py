@@ -332,6 +332,14 @@ def test_checkpointing_is_suggested_when_it_is_off():
     assert {"gradient_checkpointing": True} in [fix.config_changes for fix in advice.fixes]
 
 
+def test_a_bf16_residual_is_offered_for_long_rows_and_saves_half_the_checkpoint():
+    model, long_rows = config("llama-3.1-8b"), run(max_length=32768, micro_batch_size=1, fp32_residual=True)
+    advice = advise(model, long_rows, 24 * GIB)
+    fix = next(fix for fix in advice.fixes if fix.config_changes == {"fp32_residual": False})
+    kept_values = 32768 * model["hidden_size"] * model["num_hidden_layers"]
+    assert fix.saving_bytes >= 2 * kept_values  # 2 of the 4 bytes per kept hidden value, and its allocator slack
+
+
 def test_smaller_batch_fix_keeps_the_effective_batch():
     failing = run(micro_batch_size=8, grad_accum=2, max_length=2048)
     advice = advise(config("llama-3.1-8b"), failing, 16 * GIB)

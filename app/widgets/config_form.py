@@ -35,7 +35,7 @@ INT_LIMIT = 2**31 - 1
 LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "val": "validation", "grad": "gradient", "accum": "accumulation",
                "quant": "quantization", "dir": "folder"}
 LABELS = {"lora_r": "LoRA rank (r)", "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
-          "micro_batch_size": "Micro-batch size"}
+          "micro_batch_size": "Micro-batch size", "fp32_residual": "fp32 residual stream"}
 
 
 def option_label(name: str) -> str:
