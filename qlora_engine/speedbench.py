@@ -134,7 +134,7 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
     model = plain_peft_model(stack, base, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.build_optimizer(cfg, trainable)
-    autocast = plain_autocast(stack, model, cfg)
+    autocast = set_plain_precision(stack, model, cfg)
 
     def plain_step(rows: list[Any]) -> float:
         batch = train.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
@@ -149,9 +149,10 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
     return model, optimizer, plain_step
 
 
-def plain_autocast(stack: str, model: Any, cfg: RunConfig) -> Any:
-    """The plain stacks' precision: bf16 autocast as Trainer(bf16=True); plain_fp32, the reference the other
-    stacks' loss curves are held against, keeps the same 4-bit weights and computes everything else in fp32."""
+def set_plain_precision(stack: str, model: Any, cfg: RunConfig) -> Any:
+    """Set a plain stack's precision and return the context its forward runs in: bf16 autocast as
+    Trainer(bf16=True); for plain_fp32, the reference the other stacks' loss curves are held against, the 4-bit
+    layers are switched to fp32 compute (same weights) and nothing is autocast."""
     import torch
 
     if stack == "plain_fp32":

@@ -21,7 +21,7 @@ def grads_after_one_backward(stack, model_config, cfg, rows):
     base = speedbench.build_base(stack, model_config, cfg, DEVICE)
     if stack.startswith("plain"):
         model = speedbench.plain_peft_model(stack, base, cfg)
-        context = speedbench.plain_autocast(stack, model, cfg)
+        context = speedbench.set_plain_precision(stack, model, cfg)
         batch = train.collate(rows, 0, DEVICE)
     else:
         run = dataclasses.replace(cfg, **speedbench.ENGINE_SWITCHES[stack])
