@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_engine.cli import runs_root
+from qlora_engine.protocol.run_folders import runs_root
 from qlora_engine.resources import resources_dir
 
 APP_NAME = "qlora-studio"

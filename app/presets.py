@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from app.paths import resource
-from qlora_engine.config import RunConfig
+from qlora_engine.protocol.config import RunConfig
 
 
 @dataclass

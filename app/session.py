@@ -1,5 +1,6 @@
 """What the pages share: the run config being edited, the chosen model's and data's facts, the GPU
-to plan for, and the training engine process. Pages read and change it; it knows no widgets.
+to plan for, the engine client for requests and the training engine process. Pages read and change it; it knows
+no widgets.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from app.engine_process import EngineProcess, default_engine_command
-from app.runs import new_run_dir
-from qlora_engine.config import RunConfig
-from qlora_engine.hardware import GpuReport
+from app.engine_client import EngineClient
+from app.engine_command import default_engine_command
+from app.engine_process import EngineProcess
+from qlora_engine.planning.hardware import GpuReport
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.run_folders import CONFIG_NAME, new_run_dir
 
 
 class Session(QObject):
@@ -35,6 +38,7 @@ class Session(QObject):
         self.gpu_report: GpuReport | None = None  # None until detection has run
         self.run_dir: Path | None = None  # the run being looked at
         self.training_run_dir: Path | None = None  # the run the training engine is working on
+        self.engine = EngineClient(self.engine_command, self)  # requests (model info, data scan, estimate, GPUs)
         self.training = EngineProcess(self.engine_command, self)
         self.training.exited.connect(lambda _code: self.training_changed.emit(False))
 
@@ -68,14 +72,14 @@ class Session(QObject):
 
     # ------------------------------------------------------------------ training
     def start_training(self) -> Path:
-        """Write a new run folder's config.yaml and start the engine on it; ConfigError if invalid."""
+        """Write a new run folder's config.yaml and start the engine on it; a bad_config EngineError if invalid."""
         config = dataclasses.replace(self.config).validate()
         run_dir = Path(config.run_dir) if config.run_dir else new_run_dir(self.runs_folder, config.model)
         config.run_dir = str(run_dir)
-        config.save(run_dir / "config.yaml")
+        config.save(run_dir / CONFIG_NAME)
         self.training_run_dir = run_dir
         self.select_run(run_dir)
-        self.training.start(["train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--events", "jsonl"])
+        self.training.start(["train", str(run_dir / CONFIG_NAME), "--run-dir", str(run_dir), "--events", "jsonl"])
         self.training_changed.emit(True)
         return run_dir
 

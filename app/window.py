@@ -32,7 +32,8 @@ from app.pages.monitor import MonitorPage
 from app.pages.runs import RunsPage
 from app.pages.train import TrainPage
 from app.session import Session
-from qlora_engine.config import ConfigError
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.errors import EngineError
 
 PAGES = (("gpu", "GPU", GpuPage), ("model", "Model", ModelPage), ("data", "Data", DataPage),
          ("fit", "Fit", FitPage), ("train", "Train", TrainPage), ("monitor", "Monitor", MonitorPage),
@@ -152,7 +153,7 @@ class MainWindow(QMainWindow):
             return
         try:
             run_dir = self.session.start_training()
-        except ConfigError as exc:
+        except EngineError as exc:
             self.show_page("train")
             self.pages["train"].show_config_error(exc.message, exc.advice)
             return
@@ -179,9 +180,8 @@ class MainWindow(QMainWindow):
             if self._closing_after_stop:
                 self.close()
 
-    def _show_step(self, event: dict) -> None:
-        self.statusBar().showMessage(f"Training: step {event.get('step')} of {event.get('total_steps', '?')}, "
-                                     f"loss {event.get('loss', float('nan')):.4f}")
+    def _show_step(self, event: ev.Step) -> None:
+        self.statusBar().showMessage(f"Training: step {event.step} of {event.total_steps}, loss {event.loss:.4f}")
 
     # ------------------------------------------------------------------ closing
     def ask_close_during_run(self) -> CloseChoice:
@@ -218,6 +218,7 @@ class MainWindow(QMainWindow):
         for page in self.pages.values():
             if hasattr(page, "shutdown"):
                 page.shutdown()
+        self.session.engine.shutdown()
         event.accept()
 
     # ------------------------------------------------------------------ window state

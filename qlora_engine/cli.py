@@ -1,4 +1,5 @@
-"""The `qlora-studio` command: train, export, chat, data, model-info, gpu, estimate, bench.
+"""The `qlora-studio` command: train, export, chat, data, model-info, runs, gpu, estimate, bench (`gui` is the
+app's: app/entry.py).
 
 Every RunConfig field is a `--kebab-case` flag of `train`, generated from the config type.
 """
@@ -10,39 +11,20 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from platformdirs import user_data_dir
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol import run_folders, run_state
+from qlora_engine.protocol.config import RunConfig, add_config_flags
+from qlora_engine.protocol.errors import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, EngineError, config_error, write_failure
+from qlora_engine.protocol.events import EventWriter
+from qlora_engine.protocol.run_lock import RunLock
 
-from qlora_engine.config import ConfigError, RunConfig
-from qlora_engine.events import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, EngineError, EventWriter, write_failure
-from qlora_engine.runlock import RunLock
-
-LIGHT_COMMANDS = {"gpu": ("qlora_engine.hardware", "gpu_main"), "estimate": ("qlora_engine.estimate", "estimate_main"),
-                  "bench": ("qlora_engine.bench", "bench_main")}
-
-
-def runs_root() -> Path:
-    return Path(os.environ.get("QLORA_STUDIO_RUNS") or Path(user_data_dir("qlora-studio")) / "runs")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; only flags given on the command line override the YAML."""
-    for spec in dataclasses.fields(RunConfig):
-        meta = spec.metadata
-        flag = "--" + spec.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
-                                  "help": meta["help"] + (f" [{spec.default}]" if spec.default != "" else "")}
-        if spec.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag, **kwargs)
+LIGHT_COMMANDS = {"gpu": ("qlora_engine.planning.hardware", "gpu_main"),
+                  "estimate": ("qlora_engine.planning.estimate_command", "estimate_main"),
+                  "bench": ("qlora_engine.bench.command", "bench_main")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--preview-rows", type=int, default=5)
     data.add_argument("--json", action="store_true")
 
+    runs = commands.add_parser("runs", help="list the runs: status, step / total, losses (what the Runs page shows)")
+    runs.add_argument("--runs-dir", help=f"the runs folder [${run_folders.RUNS_ENV} or the user data dir]")
+    runs.add_argument("--json", action="store_true")
+
     for name in LIGHT_COMMANDS:
         commands.add_parser(name, help=f"see `qlora-studio {name} --help`", add_help=False)
-    commands.add_parser("gui", help="open the desktop app (same as qlora-studio-gui)", add_help=False)
     return parser
 
 
@@ -107,10 +92,6 @@ def use_expandable_segments() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     use_expandable_segments()
-    if argv and argv[0] == "gui":  # the desktop app, same as qlora-studio-gui
-        from app.main import main as gui_main
-
-        return gui_main(["qlora-studio-gui", *argv[1:]])
     if argv and argv[0] in LIGHT_COMMANDS:
         module_name, function = LIGHT_COMMANDS[argv[0]]
         module = __import__(module_name, fromlist=[function])
@@ -120,29 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
-               "data": cmd_data}[args.command]
+               "data": cmd_data, "runs": cmd_runs}[args.command]
     return handler(args)
 
 
 def report_failure(events: EventWriter, exc: BaseException) -> int:
     """Turn any failure into an `error` event with advice; exit code 1."""
-    if isinstance(exc, Exception) and not isinstance(exc, (EngineError, ConfigError)) and (
+    if isinstance(exc, Exception) and not isinstance(exc, EngineError) and (
             not isinstance(exc, OSError) or exc.errno in DISK_FULL_ERRNOS | NOT_WRITABLE_ERRNOS):
         exc = write_failure(exc, "a file", None, "try again; a run continues from its last complete checkpoint "
                                                  "with --resume", verb="read or write") or exc
     if is_cuda_oom(exc):
         exc = cuda_oom_error(exc)
-    if isinstance(exc, (EngineError, ConfigError)):
-        events.emit("error", code=getattr(exc, "code", "bad_config"), message=exc.message, advice=exc.advice,
-                    **getattr(exc, "details", {}))
+    if isinstance(exc, EngineError):
+        events.emit(ev.Error.from_exception(exc))
         return 1
     if isinstance(exc, KeyboardInterrupt):
-        events.emit("error", code="interrupted", message="stopped at once by a second interrupt, no checkpoint",
-                    advice="Resume from the last checkpoint with --resume.")
+        events.emit(ev.Error(code="interrupted", message="stopped at once by a second interrupt, no checkpoint",
+                             advice="Resume from the last checkpoint with --resume."))
         return 130
     traceback.print_exc(file=sys.stderr)
-    events.emit("error", code="internal", message=f"{type(exc).__name__}: {exc}",
-                advice="This is a bug in QLoRA Studio; the log above has the details.")
+    events.emit(ev.Error(code="internal", message=f"{type(exc).__name__}: {exc}",
+                         advice="This is a bug in QLoRA Studio; the log above has the details."))
     return 1
 
 
@@ -201,14 +181,14 @@ def _oom_advice(plan: Any) -> str:
 
 
 def _estimator_plan(cfg: RunConfig | None, free_bytes: int) -> Any:
-    """estimate.advise for this run against the memory it had; None when the model's shape can't be read."""
-    from qlora_engine import estimate
+    """advice.advise for this run against the memory it had; None when the model's shape can't be read."""
+    from qlora_engine.planning import advice, model_shape
 
     if cfg is None:
         return None
     try:
-        return estimate.advise(estimate.resolve_model_config(cfg.model), cfg, free_bytes)
-    except estimate.EstimateError:
+        return advice.advise(model_shape.resolve_model_config(cfg.model), cfg, free_bytes)
+    except EngineError:
         return None
 
 
@@ -223,24 +203,20 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if args.resume:
         run_dir = Path(overrides.get("run_dir") or (Path(args.config_file).parent if args.config_file else ""))
         if not str(run_dir) or not (run_dir / "config.yaml").is_file():
-            raise ConfigError("--resume needs --run-dir pointing at an existing run folder (with config.yaml)")
+            raise config_error("--resume needs --run-dir pointing at an existing run folder (with config.yaml)")
         values = RunConfig.load(run_dir / "config.yaml").to_dict()
     else:
         values = RunConfig.load(args.config_file).to_dict() if args.config_file else {}
     values.update(overrides)
     cfg = RunConfig.from_dict(values, source=args.config_file or "command line")
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else new_run_dir(cfg)
+    run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
+               else run_folders.new_run_dir(run_folders.runs_root(), cfg.model))
     cfg.run_dir = str(run_dir)
     return cfg, run_dir
 
 
-def new_run_dir(cfg: RunConfig) -> Path:
-    model_name = "smollm2-135m" if cfg.model == "default" else Path(cfg.model).stem or Path(cfg.model).name
-    return runs_root() / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from qlora_engine import train
+    from qlora_engine.training import loop
 
     events = EventWriter(None, human=args.events == "human")
     cfg = None
@@ -249,13 +225,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
         events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
-        stop = train.StopRequest()
+        stop = loop.StopRequest()
         stop.install()
         with RunLock(run_dir):
-            result = train.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
+            result = loop.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
     except BaseException as exc:  # every failure becomes an error event
         if is_cuda_oom(exc):
-            last_step = events.last_of_kind.get("step", {}).get("step", 0)
+            last = events.last_of_kind.get("step")
+            last_step = last.step if isinstance(last, ev.Step) else 0
             exc = cuda_oom_error(exc, cfg, last_step + 1)
         return report_failure(events, exc)
     finally:
@@ -265,15 +242,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- export, chat
 def cmd_export(args: argparse.Namespace) -> int:
-    from qlora_engine import export
+    from qlora_engine.products import export
 
     run_dir = Path(args.run).expanduser()
     events = EventWriter(run_dir / "events.jsonl" if run_dir.is_dir() else None, human=args.events == "human")
     try:
         verification = export.export_run(run_dir, args.kind, Path(args.out).expanduser() if args.out else None,
-                                         lambda stage, fraction: events.emit("export_progress", stage=stage,
-                                                                             fraction=fraction))
-        events.emit("exported", **dataclasses.asdict(verification))
+                                         lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage,
+                                                                                               fraction=fraction)))
+        events.emit(verification)
     except BaseException as exc:
         return report_failure(events, exc)
     finally:
@@ -282,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qlora_engine import chat
+    from qlora_engine.products import chat
 
     events = EventWriter(None, human=args.events == "human")
     try:
@@ -309,16 +286,31 @@ def _terminal_questions() -> Any:
             yield question
 
 
+# ----------------------------------------------------------------------------- runs
+def cmd_runs(args: argparse.Namespace) -> int:
+    folder = Path(args.runs_dir).expanduser() if args.runs_dir else run_folders.runs_root()
+    states = run_state.list_runs(folder)
+    if args.json:
+        print(json.dumps([state.to_summary() for state in states]), flush=True)
+        return 0
+    if not states:
+        print(f"no runs in {folder}", flush=True)
+    for state in states:
+        loss = f"loss {state.final_loss:.4f}" if state.final_loss is not None else ""
+        print(f"{state.name:44s} {state.status:12s} step {state.step_text:>11s}  {loss}", flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- model-info, data
 def print_json_or_error(payload: Any, as_json: bool, human: str) -> None:
     print(json.dumps(payload) if as_json else human, flush=True)
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from qlora_engine import models
+    from qlora_engine.model import loading
 
     try:
-        info = models.model_info(args.model, args.allow_pickle)
+        info = loading.model_info(args.model, args.allow_pickle)
     except EngineError as exc:
         error = {"code": exc.code, "message": exc.message, "advice": exc.advice}
         print_json_or_error({"error": error}, args.json, f"error: {exc.message}\n  what to do: {exc.advice}")
@@ -328,12 +320,13 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from qlora_engine import data, models, train
+    from qlora_engine.model import loading
+    from qlora_engine.training import data, loop
 
-    path = train.data_path(args.file)
+    path = loop.data_path(args.file)
     try:
-        source = models.resolve_model(args.model)
-        tokenizer = models.load_tokenizer(source.path)
+        source = loading.resolve_model(args.model)
+        tokenizer = loading.load_tokenizer(source.path)
         prepared = data.prepare_file(path, tokenizer, data_format=args.format, max_length=args.max_length,
                                      train_on_prompt=args.train_on_prompt)
     except EngineError as exc:

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 
 from qlora_engine.cli import build_parser
-from qlora_engine.config import ConfigError, RunConfig
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
@@ -14,22 +15,22 @@ def test_defaults_round_trip_through_yaml(tmp_path):
 
 def test_unknown_option_is_named_with_the_file(tmp_path):
     (tmp_path / "run.yaml").write_text("lora_rank: 8\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: unknown option\(s\) lora_rank"):
+    with pytest.raises(EngineError, match=r"run.yaml: unknown option\(s\) lora_rank"):
         RunConfig.load(tmp_path / "run.yaml")
 
 
 def test_wrong_type_names_the_field():
-    with pytest.raises(ConfigError, match="micro_batch_size: expected int"):
+    with pytest.raises(EngineError, match="micro_batch_size: expected int"):
         RunConfig.from_dict({"micro_batch_size": "four"})
 
 
 def test_choice_outside_the_list_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match="optimizer: 'sgd' is not one of paged_adamw_8bit"):
+    with pytest.raises(EngineError, match="optimizer: 'sgd' is not one of paged_adamw_8bit"):
         RunConfig.from_dict({"optimizer": "sgd"})
 
 
 def test_value_below_minimum_is_refused():
-    with pytest.raises(ConfigError, match="lora_r: 0 is below the minimum 1"):
+    with pytest.raises(EngineError, match="lora_r: 0 is below the minimum 1"):
         RunConfig.from_dict({"lora_r": 0})
 
 
@@ -39,12 +40,12 @@ def test_integer_is_accepted_where_a_float_is_expected():
 
 def test_invalid_yaml_names_the_line(tmp_path):
     (tmp_path / "run.yaml").write_text("lora_r: 8\nmodel: [unclosed\n")
-    with pytest.raises(ConfigError, match="run.yaml line"):
+    with pytest.raises(EngineError, match="run.yaml line"):
         RunConfig.load(tmp_path / "run.yaml")
 
 
 def test_a_run_that_would_do_nothing_is_refused():
-    with pytest.raises(ConfigError, match="max_steps and epochs are both 0"):
+    with pytest.raises(EngineError, match="max_steps and epochs are both 0"):
         RunConfig.from_dict({"max_steps": 0, "epochs": 0})
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 from tiny_models import build_tokenizer, write_jsonl
 
-from qlora_engine import data
-from qlora_engine.events import EngineError
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.training import data
 
 
 def prepare(path, tokenizer, **overrides):

@@ -30,24 +30,24 @@ def check_end_to_end(run_dir: Path, device: str) -> dict:
     checkpointing = "--gradient-checkpointing" if device == "cuda" else "--no-gradient-checkpointing"
     events = engine("train", "--max-steps", str(STEPS), "--eval-steps", "20", "--compare-questions", "100",
                     "--device", device, "--run-dir", str(run_dir), checkpointing)
-    started = next(e for e in events if e["kind"] == "started")
-    assert started["device"] == device and started["config"]["optimizer"] == "paged_adamw_8bit"
-    assert started["config"]["quant_type"] == "nf4" and started["config"]["double_quant"] is True
-    evals = [e["eval_loss"] for e in events if e["kind"] == "eval"]
+    started = next(e for e in events if e.kind == "started")
+    assert started.device == device and started.config["optimizer"] == "paged_adamw_8bit"
+    assert started.config["quant_type"] == "nf4" and started.config["double_quant"] is True
+    evals = [e.eval_loss for e in events if e.kind == "eval"]
     assert evals[-1] <= evals[0] * EVAL_LOSS_KEPT_AT_MOST, evals
-    comparison = next(e for e in events if e["kind"] == "comparison")
-    assert comparison["base_accuracy"] <= MAX_BASE_ACCURACY
-    assert comparison["tuned_accuracy"] >= MIN_TUNED_ACCURACY
+    comparison = next(e for e in events if e.kind == "comparison")
+    assert comparison.base_accuracy <= MAX_BASE_ACCURACY
+    assert comparison.tuned_accuracy >= MIN_TUNED_ACCURACY
 
     adapter = engine("export", str(run_dir), "--adapter")[-1]
     merged = engine("export", str(run_dir), "--merged")[-1]
-    assert adapter["kind"] == "exported" and adapter["ok"], adapter
-    assert merged["kind"] == "exported" and merged["ok"], merged
-    answer = merged_model_answer(run_dir / "exports" / "merged", comparison["rows"][0]["question"], device)
-    assert any(k.lower() in answer.lower() for k in comparison["rows"][0]["keywords"]), answer
-    return {"evals": evals, "base_accuracy": comparison["base_accuracy"],
-            "tuned_accuracy": comparison["tuned_accuracy"], "adapter": adapter, "merged": merged,
-            "steps": [e for e in events if e["kind"] == "step"]}
+    assert adapter.kind == "exported" and adapter.ok, adapter
+    assert merged.kind == "exported" and merged.ok, merged
+    answer = merged_model_answer(run_dir / "exports" / "merged", comparison.rows[0]["question"], device)
+    assert any(k.lower() in answer.lower() for k in comparison.rows[0]["keywords"]), answer
+    return {"evals": evals, "base_accuracy": comparison.base_accuracy,
+            "tuned_accuracy": comparison.tuned_accuracy, "adapter": adapter, "merged": merged,
+            "steps": [e for e in events if e.kind == "step"]}
 
 
 def merged_model_answer(folder: Path, question: str, device: str) -> str:

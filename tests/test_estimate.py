@@ -8,20 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from qlora_engine import estimate as est
-from qlora_engine import hardware
-from qlora_engine.config import RunConfig
-from qlora_engine.estimate import EstimateError, advise, estimate_peak, fit_to_gpu, fit_verdict
+from qlora_engine.planning import estimate_command, hardware, memory
+from qlora_engine.planning.advice import advise, fit_to_gpu, fit_verdict
+from qlora_engine.planning.memory import Estimate, estimate_peak
+from qlora_engine.planning.model_shape import SMOLLM2_135M_CONFIG, load_model_config, model_shape, resolve_model_config
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.resources import resources_dir
 
 GIB = 2**30
-CONFIGS = Path(__file__).parent / "data" / "model_configs"
+CONFIGS = resources_dir() / "model_configs"
 TERM_NAMES = ["nf4_weights", "quant_constants", "layers_16bit", "lora_weights", "lora_gradients",
               "optimizer_states", "activations", "logits_and_loss", "cuda_context", "allocator_slack"]
 WEIGHT_TERMS = ("nf4_weights", "quant_constants", "layers_16bit")
 
 
 def config(name: str) -> dict:
-    return est.load_model_config(CONFIGS / f"{name}.json")
+    return load_model_config(CONFIGS / f"{name}.json")
 
 
 def run(**changes) -> RunConfig:
@@ -32,21 +35,21 @@ def run(**changes) -> RunConfig:
                         **changes}).validate()
 
 
-def gib_of(estimate: est.Estimate, *names: str) -> float:
+def gib_of(estimate: Estimate, *names: str) -> float:
     return sum(estimate.bytes_of(name) for name in names) / GIB
 
 
 # ----------------------------------------------------------------------------- families
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda path: path.stem)
 def test_every_supported_family_gets_an_exact_estimate_of_named_terms(path):
-    estimate = estimate_peak(est.load_model_config(path), run())
+    estimate = estimate_peak(load_model_config(path), run())
     assert not estimate.approximate and estimate.reasons == []
     assert [term.name for term in estimate.terms] == TERM_NAMES
     assert all(term.note for term in estimate.terms)
     # One micro-batch per step: the gradients count only where they are alive at the peak (often they aren't).
     assert all(term.bytes > 0 for term in estimate.terms if term.name != "lora_gradients")
     assert estimate.peak_bytes == sum(term.bytes for term in estimate.terms)
-    accumulating = estimate_peak(est.load_model_config(path), run(grad_accum=2))
+    accumulating = estimate_peak(load_model_config(path), run(grad_accum=2))
     assert all(term.bytes > 0 for term in accumulating.terms)
 
 
@@ -78,7 +81,7 @@ def test_tied_embeddings_halve_the_16bit_layers():
 
 def test_gemma_ties_embeddings_when_its_config_does_not_say():
     assert "tie_word_embeddings" not in config("gemma-7b")
-    assert est.model_shape(config("gemma-7b"))[0].tied_embeddings
+    assert model_shape(config("gemma-7b"))[0].tied_embeddings
 
 
 def test_gqa_makes_the_k_and_v_adapters_smaller():
@@ -90,15 +93,15 @@ def test_gqa_makes_the_k_and_v_adapters_smaller():
 
 
 def test_gemma_head_dim_sets_the_attention_width():
-    shape = est.model_shape(config("gemma-7b"))[0]
+    shape = model_shape(config("gemma-7b"))[0]
     assert shape.q_width == 16 * 256 != shape.hidden_size
     assert [(linear.name, linear.in_features) for linear in shape.decoder_linears()][3] == ("o_proj", 4096)
 
 
 def test_phi3_fused_projections_are_the_lora_targets():
-    names = [linear.name for linear in est.model_shape(config("phi-3-mini-4k"))[0].decoder_linears()]
+    names = [linear.name for linear in model_shape(config("phi-3-mini-4k"))[0].decoder_linears()]
     assert names == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    with pytest.raises(EstimateError, match="names no linear layer") as error:
+    with pytest.raises(EngineError, match="names no linear layer") as error:
         estimate_peak(config("phi-3-mini-4k"), run(target_modules="q_proj,v_proj"))
     assert "qkv_proj" in error.value.advice
 
@@ -162,7 +165,7 @@ def test_fp32_compute_doubles_the_16bit_layers():
 
 
 def test_gradients_are_not_counted_at_the_loss_unless_accumulated():
-    """train.training_step sets gradients to None after each step; with accumulation they outlive a micro-batch."""
+    """loop.training_step sets gradients to None after each step; with accumulation they outlive a micro-batch."""
     model = config("llama-3.1-8b")
     single = estimate_peak(model, run(max_length=2048))
     accumulated = estimate_peak(model, run(max_length=2048, grad_accum=4))
@@ -186,21 +189,21 @@ def test_a_small_vocabulary_with_checkpointing_peaks_in_the_layers_backward():
 
 def test_a_single_row_has_no_padding_mask_and_keeps_gqa_unexpanded():
     """collate pads to the longest row: batch 1 is never padded, so SDPA runs causal with GQA's k and v as they are."""
-    shape = est.model_shape(config("llama-3.1-8b"))[0]
+    shape = model_shape(config("llama-3.1-8b"))[0]
     one_row, padded = run(max_length=4096, micro_batch_size=1), run(max_length=4096, micro_batch_size=2)
     expanded_k_v = 2 * (shape.q_width - shape.kv_width) * 2
     mask_row = 4096 * 2
-    assert (est._attention_bytes_per_token(shape, padded, 2) - est._attention_bytes_per_token(shape, one_row, 2)
+    assert (memory._attention_bytes_per_token(shape, padded, 2) - memory._attention_bytes_per_token(shape, one_row, 2)
             == expanded_k_v + mask_row)
-    assert est._mask_bytes_per_element(shape, one_row, 2) == 0 < est._mask_bytes_per_element(shape, padded, 2)
+    assert memory._mask_bytes_per_element(shape, one_row, 2) == 0 < memory._mask_bytes_per_element(shape, padded, 2)
 
 
 def test_only_large_optimizer_states_are_paged():
     """bitsandbytes pages the states of tensors of 100,000 parameters or more; smaller ones are GPU tensors."""
-    assert est._optimizer_state_bytes(99_999, "paged_adamw_8bit")[1] == 0
-    torch_bytes, paged_bytes = est._optimizer_state_bytes(100_000, "paged_adamw_8bit")
+    assert memory._optimizer_state_bytes(99_999, "paged_adamw_8bit")[1] == 0
+    torch_bytes, paged_bytes = memory._optimizer_state_bytes(100_000, "paged_adamw_8bit")
     assert paged_bytes == 2 * 100_000 and torch_bytes == 2 * 391 * 4  # the fp32 absmax per 256 stay on the GPU
-    assert est._optimizer_state_bytes(100_000, "adamw") == (8 * 100_000, 0)
+    assert memory._optimizer_state_bytes(100_000, "adamw") == (8 * 100_000, 0)
     notes = {term.name: term.note for term in estimate_peak(config("llama-3.1-8b"), run(optimizer="adamw")).terms}
     assert "paged" not in notes["optimizer_states"]
 
@@ -211,18 +214,18 @@ def test_allocator_slack_scales_the_short_lived_tensors_more_with_checkpointing(
                                 (False, "allocator_slack_full_fraction")):
         estimate = estimate_peak(model, run(max_length=1024, micro_batch_size=1, gradient_checkpointing=checkpointing))
         short_lived = gib_of(estimate, "lora_gradients", "activations", "logits_and_loss")
-        assert gib_of(estimate, "allocator_slack") == pytest.approx(est.CALIBRATION[name] * short_lived, rel=1e-6)
-    checkpointed, full = (est.CALIBRATION[f"allocator_slack_{kind}_fraction"] for kind in ("checkpointed", "full"))
+        assert gib_of(estimate, "allocator_slack") == pytest.approx(memory.CALIBRATION[name] * short_lived, rel=1e-6)
+    checkpointed, full = (memory.CALIBRATION[f"allocator_slack_{kind}_fraction"] for kind in ("checkpointed", "full"))
     assert checkpointed > 2 * full
 
 
 def test_the_shipped_calibration_is_the_h100_fit_and_is_package_data():
-    fitted = json.loads(est.CALIBRATION_PATH.read_text(encoding="utf-8"))
+    fitted = json.loads(memory.CALIBRATION_PATH.read_text(encoding="utf-8"))
     assert "H100" in fitted["_source"] and "memory_measured_h100.jsonl" in fitted["_source"]
-    assert est.load_calibration() == est.CALIBRATION
-    assert all(est.CALIBRATION[name] == value for name, value in fitted.items() if not name.startswith("_"))
+    assert memory.load_calibration() == memory.CALIBRATION
+    assert all(memory.CALIBRATION[name] == value for name, value in fitted.items() if not name.startswith("_"))
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
-    package_data = re.search(r"\[tool\.setuptools\.package-data\]\s*qlora_engine = \[([^\]]*)\]", pyproject)
+    package_data = re.search(r'\[tool\.setuptools\.package-data\]\s*"qlora_engine\.planning" = \[([^\]]*)\]', pyproject)
     assert package_data and '"calibration.json"' in package_data.group(1)
 
 
@@ -255,39 +258,39 @@ def test_multimodal_config_counts_the_text_decoder_approximately():
 
 def test_missing_field_is_named_in_the_error():
     broken = {key: value for key, value in config("qwen3-8b").items() if key != "hidden_size"}
-    with pytest.raises(EstimateError, match="'hidden_size'") as error:
+    with pytest.raises(EngineError, match="'hidden_size'") as error:
         estimate_peak(broken, run())
     assert "gated" in error.value.advice
 
 
 def test_a_field_with_a_wrong_value_is_named():
-    with pytest.raises(EstimateError, match="'num_hidden_layers' is 'thirty'"):
+    with pytest.raises(EngineError, match="'num_hidden_layers' is 'thirty'"):
         estimate_peak({**config("llama-3.2-1b"), "num_hidden_layers": "thirty"}, run())
 
 
 def test_config_loads_from_the_model_folder_or_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config("qwen3-8b")))
-    assert est.load_model_config(tmp_path) == est.load_model_config(tmp_path / "config.json") == config("qwen3-8b")
+    assert load_model_config(tmp_path) == load_model_config(tmp_path / "config.json") == config("qwen3-8b")
 
 
 def test_a_config_that_is_not_json_says_so_with_the_path(tmp_path):
     (tmp_path / "config.json").write_text("<html>401 Unauthorized</html>")
-    with pytest.raises(EstimateError, match="not valid JSON") as error:
-        est.load_model_config(tmp_path)
+    with pytest.raises(EngineError, match="not valid JSON") as error:
+        load_model_config(tmp_path)
     assert str(tmp_path) in error.value.message
 
 
 def test_default_model_is_the_bundled_smollm2():
-    assert est.resolve_model_config("default") == est.SMOLLM2_135M_CONFIG
-    assert {**est.SMOLLM2_135M_CONFIG, "transformers_version": "4.42.3"} == config("smollm2-135m")
+    assert resolve_model_config("default") == SMOLLM2_135M_CONFIG
+    assert {**SMOLLM2_135M_CONFIG, "transformers_version": "4.42.3"} == config("smollm2-135m")
 
 
 def test_calibration_file_overrides_the_constants(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"_source": "a note, ignored", "allocator_slack_checkpointed_fraction": 0.6}))
-    calibration = est.load_calibration(path)
+    calibration = memory.load_calibration(path)
     assert calibration["allocator_slack_checkpointed_fraction"] == 0.6
-    assert calibration["cuda_context_bytes"] == est.DEFAULT_CALIBRATION["cuda_context_bytes"]
+    assert calibration["cuda_context_bytes"] == memory.DEFAULT_CALIBRATION["cuda_context_bytes"]
     assert "_source" not in calibration
     slack = estimate_peak(config("llama-3.2-1b"), run(), calibration).bytes_of("allocator_slack")
     assert slack > estimate_peak(config("llama-3.2-1b"), run()).bytes_of("allocator_slack")
@@ -296,8 +299,8 @@ def test_calibration_file_overrides_the_constants(tmp_path):
 def test_calibration_file_with_an_unknown_constant_is_refused(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"slack": 0.25}))
-    with pytest.raises(EstimateError, match="unknown calibration constant"):
-        est.load_calibration(path)
+    with pytest.raises(EngineError, match="unknown calibration constant"):
+        memory.load_calibration(path)
 
 
 # ----------------------------------------------------------------------------- verdict and advice
@@ -373,14 +376,14 @@ def test_fit_to_gpu_changes_nothing_when_the_run_already_fits():
 
 
 def test_fit_to_gpu_explains_when_nothing_fits():
-    with pytest.raises(EstimateError, match="won't fit"):
+    with pytest.raises(EngineError, match="won't fit"):
         fit_to_gpu(config("llama-2-13b"), run(), 2 * GIB)
 
 
 # ----------------------------------------------------------------------------- qlora-studio estimate
 def test_estimate_command_json_output_parses(capsys):
-    code = est.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB", "--max-length", "4096",
-                              "--json"])
+    code = estimate_command.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB",
+                                           "--max-length", "4096", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert [term["name"] for term in report["estimate"]["terms"]] == TERM_NAMES
@@ -389,31 +392,32 @@ def test_estimate_command_json_output_parses(capsys):
 
 
 def test_estimate_command_prints_a_table_with_the_verdict_and_fixes(capsys):
-    est.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB", "--no-gradient-checkpointing"])
+    estimate_command.estimate_main([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "12GiB",
+                                    "--no-gradient-checkpointing"])
     text = capsys.readouterr().out
     assert all(name in text for name in TERM_NAMES)
     assert "WON'T FIT" in text and "What would help" in text and "gradient checkpointing" in text
 
 
 def test_every_run_option_is_a_flag_of_the_estimate_command():
-    flags = {option for action in est._build_parser()._actions for option in action.option_strings}
+    flags = {option for action in estimate_command._build_parser()._actions for option in action.option_strings}
     for spec in dataclasses.fields(RunConfig):
         assert "--" + spec.name.replace("_", "-") in flags
 
 
 def test_estimate_command_names_a_missing_model(tmp_path, capsys):
-    assert est.estimate_main([str(tmp_path / "nowhere"), "--gpu-memory", "8GiB"]) == 2
+    assert estimate_command.estimate_main([str(tmp_path / "nowhere"), "--gpu-memory", "8GiB"]) == 2
     assert "no such file" in capsys.readouterr().out
 
 
 def test_estimate_command_reports_a_bad_option_as_a_config_error(capsys):
-    assert est.estimate_main(["default", "--max-length", "4", "--json"]) == 2
+    assert estimate_command.estimate_main(["default", "--max-length", "4", "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "bad_config"
 
 
 def test_estimate_command_without_a_gpu_says_so(monkeypatch, capsys):
     monkeypatch.setattr(hardware, "detect_gpus", lambda: hardware.GpuReport(problem=hardware.NO_GPU_MESSAGE))
-    assert est.estimate_main(["default"]) == 0
+    assert estimate_command.estimate_main(["default"]) == 0
     text = capsys.readouterr().out
     assert "no NVIDIA GPU found" in text and "--gpu-memory" in text
 
@@ -421,7 +425,7 @@ def test_estimate_command_without_a_gpu_says_so(monkeypatch, capsys):
 @pytest.mark.parametrize("text, n_bytes", [("12GiB", 12 * GIB), ("12GB", 12 * GIB), ("12", 12 * GIB),
                                            ("11500MiB", 11500 * 2**20), ("7.5g", int(7.5 * GIB))])
 def test_gpu_memory_sizes_read_as_a_person_writes_them(text, n_bytes):
-    assert est.parse_size_bytes(text) == n_bytes
+    assert estimate_command.parse_size_bytes(text) == n_bytes
 
 
 # ----------------------------------------------------------------------------- against autograd itself
@@ -468,35 +472,35 @@ def test_activation_model_matches_what_autograd_saves_on_cpu(model_type, extra):
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model(input_ids=ids, attention_mask=padding, labels=ids)
-    shape = est.model_shape({**sizes, "model_type": model_type})[0]
+    shape = model_shape({**sizes, "model_type": model_type})[0]
     chosen = run(max_length=length, micro_batch_size=batch, lora_r=16, lora_dropout=0.0)
-    layers_bytes = 2 * batch * length * est._layer_activation_bytes_per_token(shape, chosen, 2)
+    layers_bytes = 2 * batch * length * memory._layer_activation_bytes_per_token(shape, chosen, 2)
     loss_bytes = 4 * batch * length * (1000 + 256)  # the saved fp32 log-softmax and the final norm's input
     assert layers_bytes + loss_bytes == pytest.approx(sum(saved_bytes.values()), rel=0.01)
 
 
 def test_the_chunked_loss_replaces_the_full_logits_with_one_chunk():
     llama = config("llama-3.1-8b")
-    full = est.estimate_peak(llama, run(max_length=4096))
-    chunked = est.estimate_peak(llama, run(max_length=4096, chunked_loss=True))
+    full = estimate_peak(llama, run(max_length=4096))
+    chunked = estimate_peak(llama, run(max_length=4096, chunked_loss=True))
     assert full.bytes_of("logits_and_loss") > 4 * 2**30  # 4096 x 128,256 fp32 logits and their gradients
     assert chunked.bytes_of("logits_and_loss") < 2**30
     assert chunked.peak_bytes < full.peak_bytes - 2 * 2**30
     gemma2 = config("gemma-2-2b")  # soft-capped logits: transformers' own loss, all logits
-    assert (est.estimate_peak(gemma2, run(chunked_loss=True)).bytes_of("logits_and_loss")
-            == est.estimate_peak(gemma2, run()).bytes_of("logits_and_loss"))
+    assert (estimate_peak(gemma2, run(chunked_loss=True)).bytes_of("logits_and_loss")
+            == estimate_peak(gemma2, run()).bytes_of("logits_and_loss"))
 
 
 def test_the_fused_lora_layer_keeps_16bit_inputs_instead_of_fp32_copies():
     llama = config("llama-3.1-8b")
-    peft_path = est.estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024))
-    fused = est.estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024, fused_lora=True))
+    peft_path = estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024))
+    fused = estimate_peak(llama, run(gradient_checkpointing=False, max_length=1024, fused_lora=True))
     assert fused.bytes_of("activations") < 0.95 * peft_path.bytes_of("activations")
 
 
 def test_packed_rows_have_no_padding_mask():
     llama = config("llama-3.2-1b")
-    padded = est.estimate_peak(llama, run(micro_batch_size=4, max_length=2048))
-    packed = est.estimate_peak(llama, run(micro_batch_size=4, max_length=2048, packing=True))
+    padded = estimate_peak(llama, run(micro_batch_size=4, max_length=2048))
+    packed = estimate_peak(llama, run(micro_batch_size=4, max_length=2048, packing=True))
     assert "no padding mask" in next(t.note for t in packed.terms if t.name == "activations")
     assert packed.peak_bytes < padded.peak_bytes

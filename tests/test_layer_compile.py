@@ -4,8 +4,9 @@ import pytest
 import torch
 from test_packing import random_rows
 
-from qlora_engine import layer_compile, lm_loss, lora_nf4, train
-from qlora_engine.config import RunConfig
+from qlora_engine.model import layer_compile, lm_loss, lora_nf4
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.training import loop
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -29,7 +30,7 @@ def test_dequantize_in_torch_equals_bitsandbytes(quant_type, nested, shape):
 def loss_and_grads(model_dir, compiled: bool, dropout: float = 0.0, graphs: list | None = None):
     cfg = RunConfig(model=str(model_dir), lora_dropout=dropout, packing=False, compute_dtype="fp32", device="cpu")
     torch.manual_seed(0)
-    model = train.build_model(cfg, model_dir, "cpu", torch.float32)
+    model = loop.build_model(cfg, model_dir, "cpu", torch.float32)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -43,9 +44,9 @@ def loss_and_grads(model_dir, compiled: bool, dropout: float = 0.0, graphs: list
 
         assert layer_compile.compile_layers(model, backend=recording, fullgraph=True) == 2
     model.train()
-    batch = train.collate(random_rows([20, 33]), 0, "cpu")
+    batch = loop.collate(random_rows([20, 33]), 0, "cpu")
     torch.manual_seed(1)
-    loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
+    loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -74,7 +75,7 @@ def test_compiling_is_for_cuda_only():
 def saved_activation_bytes(model_dir, compiled: bool) -> int:
     """Bytes of the tensors a forward keeps for the backward, other than the model's own weights and buffers."""
     cfg = RunConfig(model=str(model_dir), packing=False, compute_dtype="fp32", device="cpu")
-    model = train.build_model(cfg, model_dir, "cpu", torch.float32)
+    model = loop.build_model(cfg, model_dir, "cpu", torch.float32)
     model.train()
     if compiled:
         torch._dynamo.reset()
@@ -87,9 +88,9 @@ def saved_activation_bytes(model_dir, compiled: bool) -> int:
             kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    batch = train.collate(random_rows([200, 330]), 0, "cpu")
+    batch = loop.collate(random_rows([200, 330]), 0, "cpu")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch)).backward()
+        lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch)).backward()
     return sum(kept.values())
 
 
@@ -114,11 +115,11 @@ def test_a_compiler_that_fails_leaves_the_layers_running_eagerly(tiny_model_dir,
     losses = []
     for backend in (None, broken_backend):
         torch.manual_seed(0)
-        model = train.build_model(cfg, tiny_model_dir, "cpu", torch.float32)
+        model = loop.build_model(cfg, tiny_model_dir, "cpu", torch.float32)
         model.train()
         if backend:
             torch._dynamo.reset()
             layer_compile.compile_layers(model, backend=backend)
-        batch = train.collate(random_rows([20, 33]), 0, "cpu")
-        losses.append(float(lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))))
+        batch = loop.collate(random_rows([20, 33]), 0, "cpu")
+        losses.append(float(lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))))
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)

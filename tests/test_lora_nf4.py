@@ -3,20 +3,21 @@ import pytest
 import torch
 from test_packing import random_rows
 
-from qlora_engine import lm_loss, lora_nf4, train
-from qlora_engine.config import RunConfig
+from qlora_engine.model import lm_loss, lora_nf4
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.training import loop
 
 
 def loss_and_grads(model_dir, fused: bool, dropout: float):
     cfg = RunConfig(model=str(model_dir), lora_dropout=dropout, fused_lora=fused, compute_dtype="fp32", device="cpu")
     torch.manual_seed(0)
-    model = train.build_model(cfg, model_dir, "cpu", torch.float32)
+    model = loop.build_model(cfg, model_dir, "cpu", torch.float32)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; give it values so every gradient path is exercised
             torch.nn.init.normal_(param, std=0.02)
-    batch = train.collate(random_rows([20, 33]), 0, "cpu")
+    batch = loop.collate(random_rows([20, 33]), 0, "cpu")
     torch.manual_seed(1)
-    loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
+    loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

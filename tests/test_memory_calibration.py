@@ -1,8 +1,8 @@
 """The VRAM estimate against real measurements: every row of the H100 table within 10% of what NVML saw.
 
-tests/data/memory_measured_h100.jsonl comes from `qlora-studio bench --memory` (see qlora_engine/bench.py): one row
-per configuration, each a random-init model of a real architecture quantized to NF4 and trained for 3 steps by the
-engine. The measured number is what the process added to the GPU's used memory (NVML peak minus the GPU's used
+tests/data/memory_measured_h100.jsonl comes from `qlora-studio bench --memory` (qlora_engine/bench/memory.py): one
+row per configuration, each a random-init model of a real architecture quantized to NF4 and trained for 3 steps by
+the engine. The measured number is what the process added to the GPU's used memory (NVML peak minus the GPU's used
 memory before the process touched CUDA): what a user compares with the card's free memory. The estimate is
 re-computed here with the current code and calibration, device-independently (compute in bf16, what 'auto' is on
 the GPU that measured it).
@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from qlora_engine import estimate as est
+from qlora_engine.planning.calibration_check import (
+    calibration_errors,
+    calibration_summary,
+    calibration_table,
+    row_run_config,
+)
+from qlora_engine.planning.memory import BYTES_PER_GIB
 
 MEASURED = Path(__file__).parent / "data" / "memory_measured_h100.jsonl"
 TOLERANCE = 0.10  # the promise: no estimate more than 10% from its measurement
@@ -44,18 +50,18 @@ def test_the_table_covers_the_promised_range():
 
 @pytest.mark.parametrize("row", ROWS, ids=row_id)
 def test_estimate_is_within_ten_percent_of_the_measured_peak(row):
-    error = est.calibration_errors([row])[0]
+    error = calibration_errors([row])[0]
     if error.artifact:
-        pytest.fail(f"{error.label}: {error.artifact} (measured {error.measured_bytes / est.BYTES_PER_GIB:.2f} GiB, "
-                    f"torch reserved {row['max_reserved_bytes'] / est.BYTES_PER_GIB:.2f} GiB)")
+        pytest.fail(f"{error.label}: {error.artifact} (measured {error.measured_bytes / BYTES_PER_GIB:.2f} GiB, "
+                    f"torch reserved {row['max_reserved_bytes'] / BYTES_PER_GIB:.2f} GiB)")
     assert abs(error.error) <= TOLERANCE, (
-        f"{error.label}: estimate {error.estimate_bytes / est.BYTES_PER_GIB:.2f} GiB vs measured "
-        f"{error.measured_bytes / est.BYTES_PER_GIB:.2f} GiB ({error.error:+.1%})")
+        f"{error.label}: estimate {error.estimate_bytes / BYTES_PER_GIB:.2f} GiB vs measured "
+        f"{error.measured_bytes / BYTES_PER_GIB:.2f} GiB ({error.error:+.1%})")
 
 
 def test_median_and_worst_error(capsys):
-    errors = est.calibration_errors(ROWS)
-    summary = est.calibration_summary(errors)
+    errors = calibration_errors(ROWS)
+    summary = calibration_summary(errors)
     with capsys.disabled():
         print(f"\nmemory calibration ({MEASURED.name}): {summary['rows']} rows, median error "
               f"{summary['median']:.1%}, worst {summary['worst']:.1%} ({summary['worst_row']}); "
@@ -64,20 +70,20 @@ def test_median_and_worst_error(capsys):
 
 
 def test_an_artifact_row_is_named_as_one():
-    row = {**ROWS[0], "nvml_peak_used_bytes": ROWS[0]["max_reserved_bytes"] + 20 * est.BYTES_PER_GIB}
-    error = est.calibration_errors([row])[0]
+    row = {**ROWS[0], "nvml_peak_used_bytes": ROWS[0]["max_reserved_bytes"] + 20 * BYTES_PER_GIB}
+    error = calibration_errors([row])[0]
     assert "re-measure" in error.artifact and "artifact" in error.artifact
-    assert est.calibration_summary([error])["rows"] == 0
-    assert "re-measure" in est.calibration_table([error])
+    assert calibration_summary([error])["rows"] == 0
+    assert "re-measure" in calibration_table([error])
 
 
 def test_rows_are_re_estimated_with_bf16_compute_and_their_own_settings():
-    run = est.row_run_config({**ROWS[0], "lora_r": 32, "lora_alpha": 64, "optimizer": "adamw"})
+    run = row_run_config({**ROWS[0], "lora_r": 32, "lora_alpha": 64, "optimizer": "adamw"})
     assert (run.compute_dtype, run.lora_r, run.lora_alpha, run.optimizer) == ("bf16", 32, 64, "adamw")
 
 
 def test_the_readme_table_has_a_line_per_row_and_the_summary():
-    table = est.calibration_table(est.calibration_errors(ROWS))
+    table = calibration_table(calibration_errors(ROWS))
     assert len([line for line in table.splitlines() if line.startswith("| ") and "---" not in line]) == len(ROWS) + 1
     assert "median error" in table and "worst" in table
 
@@ -98,7 +104,7 @@ def as_run(row: dict) -> dict:
 @pytest.mark.parametrize("row", SPEED_ROWS, ids=row_id)
 def test_estimate_of_the_speed_defaults_is_within_ten_percent(row):
     assert row["packing"] and row["chunked_loss"] and row["fused_lora"]
-    error = est.calibration_errors([as_run(row)])[0]
+    error = calibration_errors([as_run(row)])[0]
     assert not error.artifact and abs(error.error) <= TOLERANCE, f"{error.label}: {error.error:+.1%}"
-    worst_case = est.calibration_errors([row])[0]
+    worst_case = calibration_errors([row])[0]
     assert -TOLERANCE <= worst_case.error <= 0.25  # every row at max_length: never low, at most a quarter high

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from qlora_engine import models
-from qlora_engine.events import EngineError
+from qlora_engine.model import loading
+from qlora_engine.protocol.errors import EngineError
 
 
 class WritesMarker:
@@ -33,7 +33,7 @@ def pickle_only_model(tmp_path, tiny_model_dir):
 def test_pickle_weights_are_refused_by_default_and_never_unpickled(pickle_only_model):
     folder, marker = pickle_only_model
     with pytest.raises(EngineError, match="only pickle weights") as caught:
-        models.resolve_model(str(folder))
+        loading.resolve_model(str(folder))
     assert caught.value.code == "pickle_refused"
     assert "allow_pickle: true" in caught.value.advice
     assert not marker.exists()
@@ -41,26 +41,26 @@ def test_pickle_weights_are_refused_by_default_and_never_unpickled(pickle_only_m
 
 def test_pickle_folder_passes_the_check_when_allowed(pickle_only_model):
     folder, marker = pickle_only_model
-    assert models.resolve_model(str(folder), allow_pickle=True).source == "folder"
+    assert loading.resolve_model(str(folder), allow_pickle=True).source == "folder"
     assert not marker.exists()
 
 
 def test_missing_model_path_names_the_path(tmp_path):
     with pytest.raises(EngineError, match=f"model path {tmp_path / 'nope'} does not exist") as caught:
-        models.resolve_model(str(tmp_path / "nope"))
+        loading.resolve_model(str(tmp_path / "nope"))
     assert caught.value.code == "model_not_found"
 
 
 def test_folder_without_config_is_unsupported(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(EngineError, match="has no config.json"):
-        models.resolve_model(str(tmp_path / "m"))
+        loading.resolve_model(str(tmp_path / "m"))
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     with pytest.raises(EngineError, match="is a file but not a .gguf"):
-        models.resolve_model(str(tmp_path / "weights.safetensors"))
+        loading.resolve_model(str(tmp_path / "weights.safetensors"))
 
 
 def test_custom_code_in_model_folder_is_not_executed(tmp_path, tiny_model_dir):
@@ -73,13 +73,13 @@ def test_custom_code_in_model_folder_is_not_executed(tmp_path, tiny_model_dir):
     config["model_type"] = "evil-unknown"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(EngineError) as caught:
-        models.load_plain_model(folder, dtype=None)
+        loading.load_plain_model(folder, dtype=None)
     assert caught.value.code in ("remote_code_refused", "unsupported_model")
     assert not marker.exists()
 
 
 def test_model_info_reads_facts_without_loading_weights(tiny_model_dir):
-    info = models.model_info(str(tiny_model_dir))
+    info = loading.model_info(str(tiny_model_dir))
     assert info["architecture"] == "LlamaForCausalLM"
     assert info["num_layers"] == 2 and info["hidden_size"] == 64
     assert info["has_chat_template"] is True

@@ -225,7 +225,7 @@ def test_linux_launcher_installs_on_first_run_then_just_opens_the_window(tmp_pat
     assert not (Path(env["QLORA_STUDIO_HOME"]) / "install.lock").exists()
 
     python = venv / "bin" / "python"
-    probe = ("import importlib.util, torch; from qlora_engine.models import default_gguf_path; "
+    probe = ("import importlib.util, torch; from qlora_engine.model.loading import default_gguf_path; "
              "print(default_gguf_path().stat().st_size > 50_000_000, importlib.util.find_spec('llm') is None, "
              "torch.cuda.is_available())")
     installed = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from qlora_engine import lm_loss, packing, train
-from qlora_engine.data import Tokenized
+from qlora_engine.model import lm_loss, packing
+from qlora_engine.training import loop
+from qlora_engine.training.data import Tokenized
 
 
 def random_rows(lengths, vocab=300, seed=0):
@@ -58,9 +59,9 @@ def test_packed_and_padded_micro_batches_give_the_same_loss_and_gradient(tiny_mo
     norm = model.model.norm.weight.requires_grad_(True)
     rows = random_rows([9, 30, 4, 17])
     results = []
-    for batch in (train.collate(rows, 0, "cpu"), packing.collate_packed(rows, "cpu")):
+    for batch in (loop.collate(rows, 0, "cpu"), packing.collate_packed(rows, "cpu")):
         packing.use_packed_attention(model, 4096)
-        loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
+        loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))
         loss.backward()
         results.append((float(loss), norm.grad.clone()))
         norm.grad = None
@@ -73,8 +74,8 @@ def test_the_chunked_loss_equals_transformers_loss_without_the_full_logits(tiny_
     model = tiny_causal_lm(tiny_model_dir)
     model.requires_grad_(False)
     norm = model.model.norm.weight.requires_grad_(True)
-    batch = train.collate(random_rows([40, 25, 33]), 0, "cpu")
-    items = train.trained_tokens(batch)
+    batch = loop.collate(random_rows([40, 25, 33]), 0, "cpu")
+    items = loop.trained_tokens(batch)
     reference = model(**batch, num_items_in_batch=items).loss
     reference.backward()
     reference_grad, norm.grad = norm.grad.clone(), None

@@ -2,14 +2,14 @@
 import re
 from pathlib import Path
 
-from qlora_engine.config import options_markdown
+from qlora_engine.protocol.config import options_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_readme_option_table_is_generated_from_the_config():
-    assert options_markdown() in README, "regenerate with: python -c 'from qlora_engine.config import " \
+    assert options_markdown() in README, "regenerate with: python -c 'from qlora_engine.protocol.config import " \
                                          "options_markdown; print(options_markdown())'"
 
 

@@ -2,14 +2,15 @@
 import torch
 from test_packing import random_rows
 
-from qlora_engine import lm_loss, models, train
-from qlora_engine.config import RunConfig
+from qlora_engine.model import lm_loss, loading
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.training import loop
 
 ROWS = random_rows([20, 33])
 
 
 def quantized_bf16(model_dir):
-    return models.load_quantized_model(model_dir, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+    return loading.load_quantized_model(model_dir, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                                        device="cpu")
 
 
@@ -26,12 +27,12 @@ def with_adapters(model, b_std: float = 0.05):
 def engine(model_dir, fp32_residual: bool, packing: bool = True, b_std: float = 0.05):
     cfg = RunConfig(model=str(model_dir), lora_dropout=0.0, packing=packing, fp32_residual=fp32_residual,
                     compute_dtype="bf16", device="cpu")
-    return with_adapters(train.attach_lora(quantized_bf16(model_dir), cfg), b_std)
+    return with_adapters(loop.attach_lora(quantized_bf16(model_dir), cfg), b_std)
 
 
 def loss_and_grads(model, batch, chunked: bool):
     model.train()
-    loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch), chunked=chunked)
+    loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch), chunked=chunked)
     loss.backward()
     return float(loss), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -46,7 +47,7 @@ def test_layers_get_fp32_hidden_states_while_attention_and_mlp_run_in_bf16(tiny_
         for name in ("o_proj", "down_proj", "q_proj"):
             module = layer.get_submodule("self_attn." + name if name != "down_proj" else "mlp.down_proj")
             module.register_forward_hook(lambda module, args, output, name=name: seen.append((name, output.dtype)))
-    loss, grads = loss_and_grads(model, train.collate(ROWS, 0, "cpu"), chunked=True)
+    loss, grads = loss_and_grads(model, loop.collate(ROWS, 0, "cpu"), chunked=True)
     forward = seen[:4 * len(layers)]  # then the checkpoint's recomputation
     assert forward == [("layer input", torch.float32), ("q_proj", torch.bfloat16), ("o_proj", torch.float32),
                        ("down_proj", torch.float32)] * len(layers)
@@ -83,8 +84,8 @@ def test_the_fp32_residual_follows_the_plain_recipe_closer_than_bf16(tiny_model_
     plain = with_adapters(get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                           target_modules="all-linear", task_type="CAUSAL_LM")), 1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain_loss, plain_grads = loss_and_grads(plain, train.collate(ROWS, 0, "cpu"), chunked=False)
-    packed = train.micro_batch(ROWS, RunConfig(), 0, "cpu")
+        plain_loss, plain_grads = loss_and_grads(plain, loop.collate(ROWS, 0, "cpu"), chunked=False)
+    packed = loop.micro_batch(ROWS, RunConfig(), 0, "cpu")
     (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = (
         loss_and_grads(engine(tiny_model_dir, fp32_residual, b_std=1e-3), packed, chunked=True)
         for fp32_residual in (True, False))

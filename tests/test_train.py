@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_engine import checkpoints, export, train
-from qlora_engine.config import RunConfig
-from qlora_engine.events import EventWriter, read_events
+from qlora_engine.products import export
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.events import EventWriter, Step, parse_line, read_events
+from qlora_engine.training import checkpoints, loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,27 +27,27 @@ def run(config: RunConfig, resume=False):
     run_dir = Path(config.run_dir)
     events = EventWriter(run_dir / "events.jsonl", stream=None)
     try:
-        result = train.run_training(config, run_dir, events, resume=resume)
+        result = loop.run_training(config, run_dir, events, resume=resume)
     finally:
         events.close()
     return result, list(read_events(run_dir / "events.jsonl"))
 
 
 def step_losses(events):
-    return [e["loss"] for e in events if e["kind"] == "step"]
+    return [e.loss for e in events if e.kind == "step"]
 
 
 def test_a_run_emits_the_protocol_and_learns(tiny_model_dir, alpaca_file, tmp_path):
     result, events = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=12, eval_steps=6))
-    kinds = [e["kind"] for e in events]
+    kinds = [e.kind for e in events]
     assert kinds[:3] == ["started", "data_ready", "model_loaded"] and kinds[-1] == "finished"
     assert kinds.count("step") == 12 and kinds.count("eval") == 3  # before training, at step 6, at the end
     losses = step_losses(events)
     assert losses[-1] < losses[0] * 0.9
-    base_eval, middle_eval, last_eval = [e["eval_loss"] for e in events if e["kind"] == "eval"]
+    base_eval, middle_eval, last_eval = [e.eval_loss for e in events if e.kind == "eval"]
     assert last_eval < middle_eval < base_eval
-    step = next(e for e in events if e["kind"] == "step")
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "vram", "total_steps"} <= set(step)
+    step = next(e for e in events if e.kind == "step")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "vram", "total_steps"} <= set(step.to_dict())
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert result["status"] == "finished"
 
@@ -59,8 +60,8 @@ def test_evaluation_during_training_does_not_change_training(tiny_model_dir, alp
     _, plain = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=10, val_fraction=0.0))
     _, evaluated = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=10, eval_steps=2,
                                    val_data=str(val_file)))
-    assert [e["kind"] for e in plain].count("eval") == 0
-    assert [e["kind"] for e in evaluated].count("eval") == 6  # before training, every 2 steps, at the end
+    assert [e.kind for e in plain].count("eval") == 0
+    assert [e.kind for e in evaluated].count("eval") == 6  # before training, every 2 steps, at the end
     assert step_losses(evaluated) == pytest.approx(step_losses(plain), rel=1e-4)
 
 
@@ -75,7 +76,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, alpaca_file
 def test_resume_continues_the_same_loss_curve(tiny_model_dir, alpaca_file, tmp_path):
     _, whole = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "whole", max_steps=8))
     config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "split", max_steps=8, save_steps=4)
-    stop = train.StopRequest()
+    stop = loop.StopRequest()
     original_save = checkpoints.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
@@ -85,14 +86,14 @@ def test_resume_continues_the_same_loss_curve(tiny_model_dir, alpaca_file, tmp_p
     checkpoints.save_checkpoint = save_then_stop
     try:
         events = EventWriter(tmp_path / "split" / "events.jsonl", stream=None)
-        result = train.run_training(config, tmp_path / "split", events, stop=stop)
+        result = loop.run_training(config, tmp_path / "split", events, stop=stop)
         events.close()
     finally:
         checkpoints.save_checkpoint = original_save
     assert result == {"status": "stopped", "step": 4}
     _, split = run(config, resume=True)
     assert step_losses(split) == pytest.approx(step_losses(whole), rel=1e-4)
-    assert [e["step"] for e in split if e["kind"] == "step"][4:] == [5, 6, 7, 8]
+    assert [e.step for e in split if e.kind == "step"][4:] == [5, 6, 7, 8]
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path):
@@ -113,9 +114,11 @@ def test_stop_line_on_stdin_checkpoints_and_resume_finishes(tiny_model_dir, alpa
                                text=True, cwd=ROOT)
     seen = []
     for line in process.stdout:
-        event = json.loads(line) if line.startswith("{") else {}
-        seen.append(event.get("kind"))
-        if event.get("kind") == "step" and event["step"] == 2:
+        event = parse_line(line)
+        if event is None:
+            continue
+        seen.append(event.kind)
+        if isinstance(event, Step) and event.step == 2:
             process.stdin.write("stop\n")
             process.stdin.flush()
     assert process.wait(timeout=120) == 0
@@ -134,10 +137,10 @@ def test_missing_model_is_an_error_event_not_a_traceback(tmp_path, alpaca_file):
     result = subprocess.run([sys.executable, "-m", "qlora_engine", "train", "--model", str(tmp_path / "absent"),
                              "--data", str(alpaca_file), "--run-dir", str(tmp_path / "run"), "--events", "jsonl"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
-    error = json.loads(result.stdout.splitlines()[-1])
+    error = parse_line(result.stdout.splitlines()[-1])
     assert result.returncode == 1
-    assert error["kind"] == "error" and error["code"] == "model_not_found"
-    assert str(tmp_path / "absent") in error["message"] and error["advice"]
+    assert error.kind == "error" and error.code == "model_not_found"
+    assert str(tmp_path / "absent") in error.message and error.advice
     assert "Traceback" not in result.stderr
 
 
@@ -177,19 +180,19 @@ def test_merged_export_loads_with_plain_transformers_and_matches(finished_run):
 
 
 def test_a_second_engine_on_the_same_run_folder_is_refused(tiny_model_dir, alpaca_file, tmp_path):
-    from qlora_engine.runlock import RunLock
+    from qlora_engine.protocol.run_lock import RunLock
 
     with RunLock(tmp_path / "run"):
         second = subprocess.run([sys.executable, "-m", "qlora_engine", "train", "--model", str(tiny_model_dir),
                                  "--data", str(alpaca_file), "--run-dir", str(tmp_path / "run"), "--events", "jsonl"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
-    error = json.loads(second.stdout.splitlines()[-1])
-    assert second.returncode == 1 and error["code"] == "run_locked"
-    assert f"pid {os.getpid()}" in error["message"]
+    error = parse_line(second.stdout.splitlines()[-1])
+    assert second.returncode == 1 and error.code == "run_locked"
+    assert f"pid {os.getpid()}" in error.message
 
 
 def test_a_lock_left_by_a_killed_engine_is_taken_over(tmp_path):
-    from qlora_engine.runlock import LOCK_NAME, RunLock
+    from qlora_engine.protocol.run_lock import LOCK_NAME, RunLock
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_NAME).write_text(dead.stdout.strip())
@@ -200,9 +203,9 @@ def test_a_lock_left_by_a_killed_engine_is_taken_over(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, alpaca_file, tmp_path,
                                                                             monkeypatch):
-    from qlora_engine.events import EngineError
+    from qlora_engine.protocol.errors import EngineError
 
-    real_step = train.training_step
+    real_step = loop.training_step
     calls = []
 
     def nan_at_step_three(*args, **kwargs):
@@ -210,7 +213,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
         loss, grad_norm = real_step(*args, **kwargs)
         return (float("nan"), grad_norm) if len(calls) == 3 else (loss, grad_norm)
 
-    monkeypatch.setattr(train, "training_step", nan_at_step_three)
+    monkeypatch.setattr(loop, "training_step", nan_at_step_three)
     with pytest.raises(EngineError, match="loss became nan at step 3") as caught:
         run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", save_steps=2))
     assert caught.value.code == "nan_loss"
@@ -225,13 +228,13 @@ def test_cuda_out_of_memory_becomes_an_error_event_with_advice():
     emitted = []
 
     class Recorder:
-        def emit(self, kind, **fields):
-            emitted.append({"kind": kind, **fields})
+        def emit(self, event):
+            emitted.append(event)
 
     exit_code = report_failure(Recorder(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB"))
     assert exit_code == 1
-    assert emitted[0]["code"] == "cuda_oom" and "8 GiB" in emitted[0]["message"]
-    assert "qlora-studio estimate" in emitted[0]["advice"]
+    assert emitted[0].code == "cuda_oom" and "8 GiB" in emitted[0].message
+    assert "qlora-studio estimate" in emitted[0].advice
 
 
 @pytest.mark.parametrize("options", [
@@ -244,11 +247,11 @@ def test_the_selectable_quantization_optimizer_and_schedule_options_train(tiny_m
     _, events = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=6, **options))
     losses = step_losses(events)
     assert losses[-1] < losses[0]
-    loaded = next(e for e in events if e["kind"] == "model_loaded")
+    loaded = next(e for e in events if e.kind == "model_loaded")
     full_lora = next(e for e in run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "full", max_steps=1))[1]
-                     if e["kind"] == "model_loaded")
+                     if e.kind == "model_loaded")
     if "target_modules" in options:
-        assert loaded["trainable_params"] < full_lora["trainable_params"]
+        assert loaded.trainable_params < full_lora.trainable_params
 
 
 def test_chat_answers_with_the_base_and_the_tuned_model(finished_run):
@@ -276,23 +279,23 @@ class FolderWriter:
 
 
 def test_the_final_adapter_replaces_the_old_one_and_clears_what_a_killed_save_left(tmp_path):
-    killed = tmp_path / f"{train.ADAPTER_TMP_PREFIX}12345"
+    killed = tmp_path / f"{loop.ADAPTER_TMP_PREFIX}12345"
     killed.mkdir()
     (killed / "half.safetensors").write_text("half")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "old.bin").write_text("old")
-    final = train.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json"), tmp_path)
+    final = loop.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json"), tmp_path)
     assert sorted(p.name for p in final.iterdir()) == ["adapter_model.safetensors", "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_a_full_disk_while_writing_the_final_adapter_is_an_error_with_advice_and_keeps_the_old_one(tmp_path):
-    from qlora_engine.events import EngineError
+    from qlora_engine.protocol.errors import EngineError
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_text("the previous run's")
     with pytest.raises(EngineError) as caught:
-        train.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json", fail=True),
+        loop.save_adapter(FolderWriter("adapter_model.safetensors"), FolderWriter("tokenizer.json", fail=True),
                            tmp_path)
     assert caught.value.code == "disk_full" and "the final adapter" in caught.value.message
     assert "--resume" in caught.value.advice

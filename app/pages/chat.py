@@ -5,16 +5,16 @@ Runs `qlora_engine chat <run> --serve`: prompts go in as JSON lines on stdin, to
 from __future__ import annotations
 
 import html
-from typing import Any
 
 from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QTextBrowser, QWidget
 
 from app import theme
 from app.engine_process import EngineProcess
-from app.runs import summarize_run
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, primary_button
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.run_state import summarize_run
 
 MODELS = (("base", "Base model (before training)"), ("tuned", "Tuned model (with this run's adapter)"))
 
@@ -104,28 +104,27 @@ class ChatPage(Page):
         self._show_state()
 
     # ------------------------------------------------------------------ events
-    def _on_ready(self, event: dict[str, Any]) -> None:
-        self.ready, self.has_adapter = True, bool(event.get("has_adapter", True))
+    def _on_ready(self, event: ev.ChatReady) -> None:
+        self.ready, self.has_adapter = True, event.has_adapter
         self.banner.clear()
         self._show_state()
         self.prompt.setFocus()
 
-    def _on_token(self, event: dict[str, Any]) -> None:
-        which = event.get("model", "base")
-        self.answers[which] = self.answers.get(which, "") + event.get("text", "")
-        self._set_last_answer(which, self.answers[which])
+    def _on_token(self, event: ev.ChatToken) -> None:
+        self.answers[event.model] = self.answers.get(event.model, "") + event.text
+        self._set_last_answer(event.model, self.answers[event.model])
 
-    def _on_done(self, event: dict[str, Any]) -> None:
-        which = event.get("model", "base")
-        self._set_last_answer(which, event.get("text", self.answers.get(which, "")))
+    def _on_done(self, event: ev.ChatDone) -> None:
+        which = event.model
+        self._set_last_answer(which, event.text)
         if which == "tuned" or not self.has_adapter:
             self.ready = True
             self._show_state()
             self.prompt.setFocus()
 
-    def _on_error(self, event: dict[str, Any]) -> None:
+    def _on_error(self, event: ev.Error) -> None:
         self.ready = False
-        self.banner.show_error(event, "Chat stopped" + (f" ({event.get('code')})" if event.get("code") else ""))
+        self.banner.show_error(event, "Chat stopped" + (f" ({event.code})" if event.code else ""))
         self._show_state()
 
     def _set_last_answer(self, which: str, text: str) -> None:

@@ -1,5 +1,6 @@
 """Data page: the training file, its detected format, rows rendered as the model sees them, token
-lengths, bad rows by line, and the validation split. The scan runs in `qlora_engine data --json`.
+lengths, bad rows by line, and the validation split. The scan is `qlora_engine data --json`, a request of the
+engine client.
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ from PySide6.QtWidgets import (
 )
 
 from app import settings, theme
-from app.engine_process import EngineQuery
+from app.engine_client import Call
+from app.engine_requests import ScanData
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card
-from qlora_engine.config import RunConfig
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
 
 FORMAT_NAMES = {"alpaca": "instruction / input / output (Alpaca)", "chat": "chat messages",
                 "prompt_completion": "prompt / completion", "text": "plain text"}
@@ -51,10 +54,7 @@ class DataPage(Page):
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.query = EngineQuery(session.engine_command, self)
-        self.query.result.connect(self._show_report)
-        self.query.failed.connect(self._show_error)
-        self.query.running_changed.connect(self._set_busy)
+        self.scanning: Call | None = None  # the data scan on its way
         self.scan_timer = QTimer(self, singleShot=True, interval=400)  # one scan after a burst of edits
         self.scan_timer.timeout.connect(self.scan)
         self._scanned_inputs: tuple | None = None  # what the last scan was of; None before the first
@@ -207,9 +207,9 @@ class DataPage(Page):
         config = self.session.config
         self._scanned_inputs = self._scan_inputs()
         self.banner.clear()
-        args = ["data", config.data, "--model", config.model, "--format", config.data_format,
-                "--max-length", str(config.max_length), "--json"]
-        self.query.run(args + (["--train-on-prompt"] if config.train_on_prompt else []))
+        self._set_busy(True)
+        request = ScanData(config.data, config.model, config.data_format, config.max_length, config.train_on_prompt)
+        self.scanning = self.session.engine.run(request, owner=self, done=self._show_report, failed=self._show_error)
 
     def _model_changed(self) -> None:
         if self.session.model_info is not None and self.session.config.data:
@@ -240,6 +240,7 @@ class DataPage(Page):
             self.summary.setText(f"Reading {self.session.config.data} with the model's tokenizer…")
 
     def _show_report(self, report: dict[str, Any]) -> None:
+        self._set_busy(False)
         self.session.set_data_report(report)
         self.summary.setText(_summary(report, self.session.config.max_length))
         self.preview.setHtml(_preview_html(report.get("preview") or []))
@@ -267,9 +268,11 @@ class DataPage(Page):
             self.histogram.setRange(xRange=(0, self.session.config.max_length * 1.1), yRange=(0, 1))
 
     def shutdown(self) -> None:
-        self.query.cancel()
+        if self.scanning is not None:
+            self.scanning.cancel()
 
-    def _show_error(self, error: dict[str, Any]) -> None:
+    def _show_error(self, error: EngineError) -> None:
+        self._set_busy(False)
         self.session.set_data_report(None)
         self.summary.setText("")
         self.preview.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import QUrl
 from PySide6.QtGui import QDesktopServices
@@ -25,10 +24,11 @@ from PySide6.QtWidgets import (
 
 from app import settings
 from app.engine_process import EngineProcess
-from app.runs import summarize_run
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card, primary_button
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.run_state import summarize_run
 
 KINDS = {
     "adapter": ("Adapter only", "A few megabytes. Load it on top of the same base model with "
@@ -128,22 +128,19 @@ class ExportPage(Page):
             QDesktopServices.openUrl(QUrl.fromLocalFile(self.result_path))
 
     # ------------------------------------------------------------------ events
-    def _on_progress(self, event: dict[str, Any]) -> None:
-        stage = event.get("stage", "")
-        self.progress.setValue(int(1000 * float(event.get("fraction", 0))))
+    def _on_progress(self, event: ev.ExportProgress) -> None:
+        stage = event.stage
+        self.progress.setValue(int(1000 * event.fraction))
         self.progress.setFormat(f"{stage[:1].upper()}{stage[1:]}…  %p%")  # the engine's stage is a phrase
 
-    def _on_exported(self, event: dict[str, Any]) -> None:
+    def _on_exported(self, event: ev.Exported) -> None:
         self.progress.setValue(1000)
         self.progress.setFormat("Done")
-        self.result_path = event.get("path", "")
+        self.result_path = event.path
         check = (f"Reloaded and compared with the in-app model: largest logit difference "
-                 f"{event.get('max_abs_logit_diff', float('nan')):.3g} (allowed: {event.get('tolerance', '?')})")
-        if event.get("relative_l2") is not None:
-            check += f", relative L2 difference {event['relative_l2']:.3g}"
-        if event.get("top1_agreement") is not None:
-            check += f", same next token {100 * event['top1_agreement']:.1f}% of the time"
-        if event.get("ok"):
+                 f"{event.max_abs_logit_diff:.3g} (allowed: {event.tolerance}), relative L2 difference "
+                 f"{event.relative_l2:.3g}, same next token {100 * event.top1_agreement:.1f}% of the time")
+        if event.ok:
             self.banner.show_message("success", f"Exported and verified: {self.result_path}", check + ".")
         else:
             self.banner.show_message("warning", f"Exported, but the check failed: {self.result_path}", check + ".",

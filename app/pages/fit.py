@@ -1,5 +1,6 @@
 """Fit page: this run's estimated peak GPU memory, term by term, against the GPU's free memory; the
-verdict; fixes as one-click buttons; and "Fit to my GPU". The numbers come from qlora_engine.estimate.
+verdict; fixes as one-click buttons; and "Fit to my GPU". The numbers come from qlora_engine.planning, asked
+through the engine client (app/engine_requests.py) so the window never waits for them.
 """
 from __future__ import annotations
 
@@ -22,13 +23,18 @@ from PySide6.QtWidgets import (
 )
 
 from app import settings
+from app.engine_client import Call
+from app.engine_requests import EstimateFit, FitEstimate, FitToGpu, ModelToPlan
 from app.formatting import gib, size
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.memory_bar import TERM_COLORS, BarSegment, MemoryBar
 from app.widgets.page import Page, card, primary_button
-from qlora_engine import estimate, hardware
-from qlora_engine.config import ConfigError
+from qlora_engine.planning import hardware
+from qlora_engine.planning.advice import Advice, Fix
+from qlora_engine.planning.memory import Estimate
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
 
 GIB = 2**30
 TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization constants",
@@ -48,7 +54,10 @@ class FitPage(Page):
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.advice: estimate.Advice | None = None
+        self.advice: Advice | None = None
+        self._fitted_config: RunConfig | None = None  # the options "Fit to my GPU" chose, while its note shows
+        self.estimating: Call | None = None  # the estimate on its way
+        self.fitting: Call | None = None  # "Fit to my GPU" on its way
         self.body.addLayout(self._build_target_row())
         self.body.addWidget(self._build_result())
         self.banner = Banner()
@@ -150,51 +159,59 @@ class FitPage(Page):
         settings.store().setValue("fit/custom_gib", value)
         self.update_estimate()
 
-    # ------------------------------------------------------------------ estimating
-    def model_config(self) -> dict[str, Any]:
-        """config.json of the chosen model; an imported .gguf is read from the folder model-info reported."""
-        model, info = self.session.config.model, self.session.model_info
-        if model != "default" and info and info.get("path"):
-            return estimate.load_model_config(info["path"])
-        return estimate.resolve_model_config(model)
+    # ------------------------------------------------------------------ estimating (requests of the engine client)
+    def model_to_plan(self) -> ModelToPlan:
+        """The chosen model; an imported .gguf is read from the folder model-info reported."""
+        info = self.session.model_info or {}
+        return ModelToPlan(self.session.config.model, str(info.get("path") or ""))
+
+    def is_estimating(self) -> bool:
+        """Whether an estimate (or a fit to the GPU) is still to come: one is due or on its way."""
+        return self.update_timer.isActive() or any(call is not None and call.is_running()
+                                                   for call in (self.estimating, self.fitting))
 
     def update_estimate(self) -> None:
         free_bytes, total_bytes = self.free_and_total_bytes()
-        try:
-            model_config = self.model_config()
-            run = self.session.config
-            peak = estimate.estimate_peak(model_config, run)
-            self.advice = estimate.advise(model_config, run, free_bytes)
-        except (estimate.EstimateError, ConfigError) as exc:
-            self.advice = None
-            self._show_error({"code": getattr(exc, "code", ""), "message": exc.message, "advice": exc.advice})
-            return
-        self.banner.clear()
-        self._show_estimate(peak, self.advice, free_bytes, total_bytes)
+        request = EstimateFit(self.model_to_plan(), self.session.config, free_bytes, total_bytes)
+        self.estimating = self.session.engine.run(request, owner=self, done=self._estimate_done,
+                                                  failed=self._estimate_failed)
+
+    def _estimate_done(self, answer: FitEstimate) -> None:
+        self.advice = answer.advice
+        if self.session.config != self._fitted_config:  # keep "Fitted to the GPU" until the options change again
+            self.banner.clear()
+            self._fitted_config = None
+        self._show_estimate(answer.peak, answer.advice, answer.free_bytes, answer.total_bytes)
+
+    def _estimate_failed(self, error: EngineError) -> None:
+        self.advice = None
+        self._show_error(error)
 
     def fit_to_gpu(self) -> None:
         free_bytes, _ = self.free_and_total_bytes()
-        try:
-            changes = estimate.fit_to_gpu(self.model_config(), self.session.config, free_bytes)
-        except (estimate.EstimateError, ConfigError) as exc:
-            self.banner.show_message("error", "Nothing fits", exc.message, exc.advice)
-            return
+        self.fit_button.setEnabled(False)
+        self.fitting = self.session.engine.run(FitToGpu(self.model_to_plan(), self.session.config, free_bytes),
+                                               owner=self, done=self._fitted, failed=self._nothing_fits)
+
+    def _fitted(self, changes: dict[str, Any]) -> None:
+        self.fit_button.setEnabled(True)
         self.apply_changes(changes)
+        self._fitted_config = self.session.config
         described = ", ".join(f"{name} {value}" for name, value in changes.items()) or "nothing: it already fits"
         self.banner.show_message("success", "Fitted to the GPU", f"Changed {described}.")
+
+    def _nothing_fits(self, error: EngineError) -> None:
+        self.fit_button.setEnabled(True)
+        self.banner.show_message("error", "Nothing fits", error.message, error.advice)
 
     def apply_changes(self, changes: dict[str, Any]) -> None:
         self.session.update_config(**changes)
         self.update_estimate()
 
     # ------------------------------------------------------------------ showing
-    def _show_estimate(self, peak: estimate.Estimate, advice: estimate.Advice, free_bytes: int,
+    def _show_estimate(self, peak: Estimate, advice: Advice, free_bytes: int,
                        total_bytes: int | None) -> None:
-        verdict = advice.verdict
-        self.verdict.setText(VERDICT_TEXT.get(verdict, verdict))
-        self.verdict.setProperty("verdict", verdict.replace("won't fit", "wont_fit"))
-        self.verdict.style().unpolish(self.verdict)
-        self.verdict.style().polish(self.verdict)
+        self._show_verdict(advice.verdict)
         approximate = " (approximate: " + "; ".join(peak.reasons) + ")" if peak.approximate else ""
         self.headline.setText(f"Estimated peak {gib(peak.peak_bytes)} of {gib(free_bytes)} free{approximate}.")
         segments = [BarSegment(TERM_NAMES.get(t.name, t.name), t.bytes, TERM_COLORS[i % len(TERM_COLORS)])
@@ -205,7 +222,7 @@ class FitPage(Page):
         self._show_terms(peak, segments)
         self._show_fixes(advice)
 
-    def _show_terms(self, peak: estimate.Estimate, segments: list[BarSegment]) -> None:
+    def _show_terms(self, peak: Estimate, segments: list[BarSegment]) -> None:
         self.table.setRowCount(len(peak.terms))
         for row, (term, segment) in enumerate(zip(peak.terms, segments, strict=True)):
             swatch = QPixmap(12, 12)
@@ -218,7 +235,7 @@ class FitPage(Page):
                 self.table.setItem(row, column, item)
         self.table.resizeRowsToContents()
 
-    def _show_fixes(self, advice: estimate.Advice) -> None:
+    def _show_fixes(self, advice: Advice) -> None:
         while self.fix_rows.count():
             widget = self.fix_rows.takeAt(0).widget()
             if widget is not None:
@@ -230,7 +247,7 @@ class FitPage(Page):
         for fix in advice.fixes[:5]:
             self.fix_rows.addWidget(self._fix_row(fix))
 
-    def _fix_row(self, fix: estimate.Fix) -> QWidget:
+    def _fix_row(self, fix: Fix) -> QWidget:
         """One fix: what it changes and saves (wrapped), and an Apply button that makes the change."""
         row = card()
         layout = QHBoxLayout(row)
@@ -245,18 +262,24 @@ class FitPage(Page):
         layout.addWidget(apply)
         return row
 
-    def _show_error(self, error: dict[str, Any]) -> None:
-        self.verdict.setText("—")
+    def _show_verdict(self, verdict: str) -> None:
+        self.verdict.setText(VERDICT_TEXT.get(verdict, verdict) or "—")
+        self.verdict.setProperty("verdict", verdict.replace("won't fit", "wont_fit"))
+        self.verdict.style().unpolish(self.verdict)
+        self.verdict.style().polish(self.verdict)
+
+    def _show_error(self, error: EngineError) -> None:
+        self._show_verdict("")
         self.headline.setText("")
         self.limits.setText("")
         self.bar.set_data([], None, None)
         self.table.setRowCount(0)
-        self._show_fixes(estimate.Advice("", 0, 0, None, None, []))
+        self._show_fixes(Advice("", 0, 0, None, None, []))
         self.fixes_title.setText("")
         self.banner.show_error(error, "The memory estimate can't be made")
 
 
-def _limits_text(advice: estimate.Advice, run: Any) -> str:
+def _limits_text(advice: Advice, run: Any) -> str:
     parts = []
     if advice.max_length_that_fits is not None:
         parts.append(f"longest sequence that fits at micro-batch {run.micro_batch_size}: "

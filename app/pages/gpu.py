@@ -1,19 +1,19 @@
 """GPU page: what NVML sees (name, memory, driver, compute capability, bf16), or plainly that there is
-no NVIDIA GPU and training runs on the CPU. Detection runs on a worker thread.
+no NVIDIA GPU and training runs on the CPU. Detection is a request of the engine client (off the GUI thread).
 """
 from __future__ import annotations
 
 import html
-import threading
 
-from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
+from app.engine_requests import DetectGpus
 from app.formatting import gib
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card
-from qlora_engine import hardware
+from qlora_engine.planning import hardware
+from qlora_engine.protocol.errors import EngineError
 
 # What people ask first. QLoRA's 4-bit weights are about half a byte per parameter; the rest is activations,
 # the adapter and CUDA's own overhead. The Fit page computes the real number for a given model and settings.
@@ -28,8 +28,6 @@ CPU_EXPLANATION = ("Training runs on the CPU. That is fine for the bundled 135M-
 class GpuPage(Page):
     title = "GPU"
     intro = "The graphics card training will use. QLoRA needs an NVIDIA GPU for speed; memory decides what fits."
-    detected = Signal(object)  # a hardware.GpuReport, from the worker thread
-
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
@@ -44,11 +42,15 @@ class GpuPage(Page):
         self.body.addStretch(1)
         self.status = QLabel("Looking for NVIDIA GPUs…", objectName="muted")
         self.cards.addWidget(self.status)
-        self.detected.connect(self.show_report)
 
     def refresh(self) -> None:
         self.refresh_button.setEnabled(False)
-        threading.Thread(target=lambda: self.detected.emit(hardware.detect_gpus()), daemon=True).start()
+        self.session.engine.run(DetectGpus(), owner=self, done=self.show_report, failed=self._show_failure)
+
+    def _show_failure(self, error: EngineError) -> None:
+        """Detection itself broke (a bug; NVML's own failures come as a report's problem): plan as without a GPU."""
+        self.show_report(hardware.GpuReport(problem=error.message))
+        self.banner.show_error(error, "GPU detection failed")
 
     def show_report(self, report: hardware.GpuReport) -> None:
         self.refresh_button.setEnabled(True)

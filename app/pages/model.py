@@ -1,6 +1,6 @@
 """Model page: choose the bundled default, a Hugging Face folder or a .gguf file, and see its facts.
 
-The facts come from `qlora_engine model-info --json` in a child process (a .gguf is imported there).
+The facts come from `qlora_engine model-info --json`, a request of the engine client (a .gguf is imported there).
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ from PySide6.QtWidgets import (
 )
 
 from app import formatting, settings
-from app.engine_process import EngineQuery
+from app.engine_client import Call
+from app.engine_requests import ReadModelInfo
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card, fact_label
+from qlora_engine.protocol.errors import EngineError
 
+BUSY_TEXT = "Reading the model… (a .gguf is converted once; that can take a minute)"
 SOURCES = {"default": "bundled with QLoRA Studio", "folder": "Hugging Face folder", "gguf": ".gguf file, imported"}
 
 
@@ -37,14 +40,10 @@ class ModelPage(Page):
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.query = EngineQuery(session.engine_command, self)
-        self.query.result.connect(self._show_facts)
-        self.query.failed.connect(self._show_error)
-        self.query.running_changed.connect(self._set_busy)
+        self.reading: Call | None = None  # the model-info request on its way
         self.body.addWidget(self._build_choice())
         self.busy = QProgressBar(maximum=0, visible=False, textVisible=False, objectName="busy")
-        self.busy_label = QLabel("Reading the model… (a .gguf is converted once; that can take a minute)",
-                                 objectName="muted", visible=False)
+        self.busy_label = QLabel(BUSY_TEXT, objectName="muted", visible=False, wordWrap=True)
         self.banner = Banner()
         self.body.addWidget(self.busy_label)
         self.body.addWidget(self.busy)
@@ -104,8 +103,11 @@ class ModelPage(Page):
         self.session.update_config(model=spec)
         self.session.set_model_info(None)
         self.banner.clear()
-        args = ["model-info", spec, "--json"] + (["--allow-pickle"] if self.session.config.allow_pickle else [])
-        self.query.run(args)
+        self.facts_card.hide()  # the facts shown are another model's until the answer comes
+        self._set_busy(True)
+        self.reading = self.session.engine.run(ReadModelInfo(spec, self.session.config.allow_pickle), owner=self,
+                                               done=self._show_facts, failed=self._show_error,
+                                               progress=self._show_progress)
 
     def _browse_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a model folder", settings.last_folder("model"))
@@ -133,8 +135,14 @@ class ModelPage(Page):
     def _set_busy(self, busy: bool) -> None:
         self.busy.setVisible(busy)
         self.busy_label.setVisible(busy)
+        self.busy_label.setText(BUSY_TEXT)
+
+    def _show_progress(self, log_line: str) -> None:
+        """The engine's latest log line under the busy bar: a long .gguf import shows it is moving."""
+        self.busy_label.setText(f"{BUSY_TEXT}\n{log_line[:160]}")
 
     def _show_facts(self, info: dict[str, Any]) -> None:
+        self._set_busy(False)
         self.session.set_model_info(info)
         layers, hidden = info.get("num_layers"), info.get("hidden_size")
         values = {
@@ -159,9 +167,11 @@ class ModelPage(Page):
                                      "Turn on 'Trust remote code' in Train › Model only if you trust its author.")
 
     def shutdown(self) -> None:
-        self.query.cancel()
+        if self.reading is not None:
+            self.reading.cancel()
 
-    def _show_error(self, error: dict[str, Any]) -> None:
+    def _show_error(self, error: EngineError) -> None:
+        self._set_busy(False)
         self.facts_card.hide()
         self.session.set_model_info(None)
         self.banner.show_error(error, "This model can't be used")

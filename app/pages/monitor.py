@@ -1,10 +1,10 @@
 """Monitor page: live loss, eval loss, learning rate, grad norm, tokens/s and VRAM, the log, Stop and
-Resume. Events land in a RunMetrics; the plots are redrawn from it on a timer, not per event.
+Resume. Events land in the engine's RunState (the one reducer, also behind the Runs page); the plots are redrawn
+from it on a timer, not per event.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, QUrl, Signal
@@ -23,16 +23,16 @@ from PySide6.QtWidgets import (
 )
 
 from app import formatting, theme
-from app.run_metrics import RunMetrics
-from app.runs import summarize_run
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card, primary_button
-from qlora_engine.events import describe, parse_line
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.run_lock import engine_alive
+from qlora_engine.protocol.run_state import ENDED_STATUSES, LIVE_STATUSES, RunState
 
 GIB = 2**30
 REDRAW_MS = 250
-STATUS_TEXT = {"idle": "No run yet", "loading": "Loading model and data…", "training": "Training",
+STATUS_TEXT = {"new": "No run yet", "loading": "Loading model and data…", "training": "Training",
                "stopping": "Stopping: finishing the step, then writing a checkpoint…", "stopped": "Stopped",
                "finished": "Finished", "failed": "Failed", "interrupted": "Interrupted"}
 STATS = (("step", "Step"), ("loss", "Loss"), ("eval_loss", "Eval loss"), ("lr", "Learning rate"),
@@ -47,7 +47,7 @@ class MonitorPage(Page):
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.metrics = RunMetrics()
+        self.state = RunState()
         self.run_name = QLabel(objectName="muted")
         self.header_row.insertWidget(1, self.run_name)
         self.body.addLayout(self._build_progress())
@@ -78,7 +78,7 @@ class MonitorPage(Page):
     # ------------------------------------------------------------------ building
     def _build_progress(self) -> QHBoxLayout:
         row = QHBoxLayout()
-        self.status = QLabel(STATUS_TEXT["idle"], objectName="bigNumber")
+        self.status = QLabel(STATUS_TEXT["new"], objectName="bigNumber")
         self.progress = QProgressBar(maximum=1000, format="", textVisible=True)
         self.stop_button = QPushButton("Stop   (Ctrl+.)")
         self.stop_button.setProperty("danger", True)
@@ -158,26 +158,29 @@ class MonitorPage(Page):
 
     # ------------------------------------------------------------------ feeding
     def show_run(self, run_dir: Path | None) -> None:
-        """Show a run from its events.jsonl; live events of the session's own run are added as they come."""
-        self.metrics = RunMetrics()
+        """Show a run from its events.jsonl, read from the start; live events of the session's own run are added as
+        they come, and a run another window started is followed in its file."""
         self.log.clear()
-        self._follow_offset = 0
+        self.state, self._follow_offset = RunState(run_dir=run_dir), 0
         self.run_name.setText(run_dir.name if run_dir else "")
         self._follow_file()
         self.redraw()
         self._show_buttons()
 
-    def _on_live_event(self, event: dict[str, Any]) -> None:
+    def _on_live_event(self, event: ev.Event) -> None:
         if self.session.is_watching_training():
-            self.metrics.add_event(event)
-            self.log.appendPlainText(describe(event))
+            self.state.apply(event)
+            if not isinstance(event, ev.UnknownEvent):  # already in the log, as the line it came on
+                self.log.appendPlainText(ev.describe(event))
 
     def _on_live_log(self, line: str) -> None:
         if self.session.is_watching_training():
             self.log.appendPlainText(line)
 
     def _follow_file(self) -> None:
-        """Read events.jsonl lines not seen yet; follows a run started by an earlier window, too."""
+        """Read events.jsonl lines not seen yet (all of them for a reopened run); follows a run started by an
+        earlier window, too. Like `summarize_run`, a run whose events end mid-run and whose engine is gone is
+        interrupted."""
         run_dir = self.session.run_dir
         if run_dir is None or (self.session.is_training() and self.session.is_watching_training()):
             self.follow_timer.stop()
@@ -190,12 +193,13 @@ class MonitorPage(Page):
             complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
             self._follow_offset += len(complete)
             for line in complete.decode("utf-8", errors="replace").splitlines():
-                event = parse_line(line)
-                if event is not None:
-                    self.metrics.add_event(event)
-                    self.log.appendPlainText(describe(event))
-        ended = self.metrics.status in ("finished", "stopped", "failed")
-        if ended or not path.exists():
+                event = ev.parse_line(line)
+                if event is not None and not isinstance(event, ev.UnknownEvent):
+                    self.state.apply(event)
+                    self.log.appendPlainText(ev.describe(event))
+        if self.state.status in LIVE_STATUSES and not engine_alive(run_dir):
+            self.state.engine_gone()  # its engine was killed, or this folder was copied mid-run
+        if self.state.status in ENDED_STATUSES or not path.exists():
             self.follow_timer.stop()
         elif not self.follow_timer.isActive():
             self.follow_timer.start()
@@ -210,7 +214,7 @@ class MonitorPage(Page):
         if not training.stop_requested:
             training.stop()
             if self.session.is_watching_training():
-                self.metrics.status, self.metrics.dirty = "stopping", True
+                self.state.request_stop()
         elif QMessageBox.question(self, "Stop now?", "Stop the engine immediately, without a checkpoint? "
                                   "Steps since the last checkpoint are lost.") == QMessageBox.StandardButton.Yes:
             training.kill()
@@ -226,16 +230,16 @@ class MonitorPage(Page):
 
     # ------------------------------------------------------------------ drawing
     def redraw(self) -> None:
-        metrics = self.metrics
-        if not metrics.dirty:
+        state = self.state
+        if not state.dirty:
             return
-        metrics.dirty = False
+        state.dirty = False
         for name, curve in self.curves.items():
-            series = metrics.series[name]
+            series = state.series[name]
             scale = 1 / GIB if name.startswith("vram") else 1
             curve.setData(series.x, series.y * scale)
-        for line, size_bytes in ((self.total_line, metrics.gpu_total_bytes),
-                                 (self.estimate_line, metrics.estimate_peak_bytes)):
+        for line, size_bytes in ((self.total_line, state.gpu_total_bytes),
+                                 (self.estimate_line, state.estimate_peak_bytes)):
             line.setVisible(bool(size_bytes))
             line.setValue((size_bytes or 0) / GIB)
         self._fit_vram_range()
@@ -244,25 +248,25 @@ class MonitorPage(Page):
 
     def _fit_vram_range(self) -> None:
         """Room for the curves and both level lines (auto-range ignores lines)."""
-        metrics = self.metrics
-        highest_bytes = max([metrics.gpu_total_bytes, metrics.estimate_peak_bytes] +
-                            [float(metrics.series[n].y.max()) for n in ("vram_process", "vram_gpu")
-                             if metrics.series[n].count])
+        state = self.state
+        highest_bytes = max([state.gpu_total_bytes, state.estimate_peak_bytes] +
+                            [float(state.series[n].y.max()) for n in ("vram_process", "vram_gpu")
+                             if state.series[n].count])
         if highest_bytes:
             self.plots["vram"].setYRange(0, highest_bytes / GIB * 1.08, padding=0)
-        no_readings = metrics.step > 0 and not metrics.series["vram_gpu"].count + metrics.series["vram_process"].count
+        no_readings = state.step > 0 and not state.series["vram_gpu"].count + state.series["vram_process"].count
         self.plots["vram"].getPlotItem().setTitle("GPU memory: none used (this run is on the CPU)" if no_readings
                                                   else "GPU memory", color=theme.color("text"), size="10pt")
 
     def _show_numbers(self) -> None:
-        m = self.metrics
-        elsewhere = m.status in ("loading", "training", "stopping") and not self._is_live()
-        self.status.setText("Not running here" if elsewhere else STATUS_TEXT.get(m.status, m.status))
-        self.status.setToolTip("Interrupted, or still running from an earlier window (this page follows its "
-                               "events file)." if elsewhere else "")
+        m = self.state
+        elsewhere = m.status in LIVE_STATUSES and not self._is_live()
+        self.status.setText("Training elsewhere" if elsewhere else STATUS_TEXT.get(m.status, m.status))
+        self.status.setToolTip("Started by an earlier window and still running: this page follows its events "
+                               "file." if elsewhere else "")
         self.progress.setValue(int(m.progress * 1000))
         self.progress.setFormat(f"step {m.step} of {m.total_steps}  (epoch {m.epoch:.2f})" if m.total_steps else "")
-        values = {"step": f"{m.step} / {m.total_steps}" if m.total_steps else "—",
+        values = {"step": m.step_text if m.total_steps else "—",
                   "loss": formatting.number(m.loss), "eval_loss": formatting.number(m.eval_loss),
                   "lr": f"{m.lr:.2e}" if m.lr is not None else "—",
                   "tokens_per_s": f"{m.tokens_per_s:,.0f}" if m.tokens_per_s is not None else "—",
@@ -273,10 +277,10 @@ class MonitorPage(Page):
         self._show_buttons()
 
     def _show_outcome(self) -> None:
-        m = self.metrics
+        m = self.state
         if m.error:
             self.banner.show_error(m.error, "The run stopped with an error" +
-                                   (f" ({m.error['code']})" if m.error.get("code") else ""))
+                                   (f" ({m.error.code})" if m.error.code else ""))
         elif m.status == "finished":
             self.banner.show_message("success", "Training finished",
                                      f"Adapter saved in {_short_path(m.adapter_dir)}."
@@ -303,8 +307,7 @@ class MonitorPage(Page):
         self.stop_button.setEnabled(live)
         self.stop_button.setText("Stop now (no checkpoint)" if stopping else "Stop   (Ctrl+.)")
         run_dir = self.session.run_dir
-        can_resume = (run_dir is not None and not self.session.is_training() and self.metrics.status != "finished"
-                      and summarize_run(run_dir).can_resume)
+        can_resume = run_dir is not None and not self.session.is_training() and self.state.can_resume
         self.resume_button.setEnabled(can_resume)
         self.folder_button.setEnabled(run_dir is not None)
 
@@ -315,12 +318,11 @@ def _short_path(path: str) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 2 else path
 
 
-def _comparison_text(comparison: dict[str, Any] | None) -> str:
-    if not comparison or comparison.get("tuned_accuracy") is None:
+def _comparison_text(comparison: ev.Comparison | None) -> str:
+    if comparison is None or comparison.tuned_accuracy is None or comparison.base_accuracy is None:
         return ""
-    rows = len(comparison.get("rows") or [])
-    return (f" On {rows} held-out questions the base model answered {comparison['base_accuracy']:.0%} right, "
-            f"the tuned one {comparison['tuned_accuracy']:.0%}.")
+    return (f" On {len(comparison.rows)} held-out questions the base model answered "
+            f"{comparison.base_accuracy:.0%} right, the tuned one {comparison.tuned_accuracy:.0%}.")
 
 
 def _file_size(path: Path) -> int:

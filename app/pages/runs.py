@@ -1,5 +1,6 @@
-"""Runs page: every run in the runs folder with its status, loss and duration; reopen its plots,
-resume it, chat with it, export it, or delete it (after asking).
+"""Runs page: every run in the runs folder with its status, steps, loss and duration, each folded from its
+events.jsonl by the engine's RunState; reopen its plots, resume it, chat with it, export it, or delete it (after
+asking).
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from PySide6.QtWidgets import (
 )
 
 from app import formatting, settings, theme
-from app.runs import RunSummary, delete_run, list_runs
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, primary_button
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.run_folders import delete_run
+from qlora_engine.protocol.run_state import RunState, list_runs
 
 COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Duration", "Started")
 STATUS_COLORS = {"finished": "good", "failed": "bad", "stopped": "warn", "interrupted": "warn"}
-STATUS_WORDS = {"new": "not started", "running": "training now", "finished": "finished", "failed": "failed",
-                "stopped": "stopped (resumable)", "interrupted": "interrupted"}
+STATUS_WORDS = {"new": "not started", "loading": "training elsewhere", "training": "training elsewhere",
+                "stopping": "stopping", "finished": "finished", "failed": "failed", "stopped": "stopped (resumable)",
+                "interrupted": "interrupted"}
 
 
 class RunsPage(Page):
@@ -41,7 +45,7 @@ class RunsPage(Page):
     def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session = session
-        self.runs: list[RunSummary] = []
+        self.runs: list[RunState] = []
         folder_row = QHBoxLayout()
         self.folder_label = QLabel(objectName="muted", wordWrap=True)
         change = QPushButton("Change runs folder…")
@@ -118,36 +122,36 @@ class RunsPage(Page):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 if column == 1 and run.status in STATUS_COLORS:
                     item.setForeground(QColor(theme.color(STATUS_COLORS[run.status])))
-                if column == 1 and run.error_message:
-                    item.setToolTip(run.error_message)
+                if column == 1 and run.error is not None:
+                    item.setToolTip(run.error.message)
                 self.table.setItem(row, column, item)
-            if selected is not None and run.path == selected.path:
+            if selected is not None and run.run_dir == selected.run_dir:
                 self.table.selectRow(row)
         self.table.setVisible(bool(self.runs))
         self.empty_label.setVisible(not self.runs)
         self._show_buttons()
 
-    def _cells(self, run: RunSummary) -> list[str]:
-        training_here = self.session.is_training() and run.path == self.session.training_run_dir
+    def _cells(self, run: RunState) -> list[str]:
+        training_here = self.session.is_training() and run.run_dir == self.session.training_run_dir
         status = "training now" if training_here else STATUS_WORDS.get(run.status, run.status)
         model = "SmolLM2-135M (bundled)" if run.model == "default" else Path(run.model).name
-        steps = f"{run.step} / {run.total_steps}" if run.total_steps else str(run.step or "—")
+        steps = run.step_text if run.step or run.total_steps else "—"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started_at)) if run.started_at else "—"
         return [run.name, status, model, steps, formatting.number(run.final_loss),
                 formatting.number(run.eval_loss), formatting.duration(run.duration_s), started]
 
-    def selected(self) -> RunSummary | None:
+    def selected(self) -> RunState | None:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
         return self.runs[rows[0].row()] if rows and rows[0].row() < len(self.runs) else None
 
     def select(self, run_dir: Path) -> None:
         for row, run in enumerate(self.runs):
-            if run.path == run_dir:
+            if run.run_dir == run_dir:
                 self.table.selectRow(row)
 
     def _show_buttons(self) -> None:
         run = self.selected()
-        busy = run is not None and self.session.is_training() and run.path == self.session.training_run_dir
+        busy = run is not None and self.session.is_training() and run.run_dir == self.session.training_run_dir
         self.open_button.setEnabled(run is not None)
         self.resume_button.setEnabled(run is not None and run.can_resume and not self.session.is_training())
         self.chat_button.setEnabled(run is not None and run.has_adapter)
@@ -159,33 +163,37 @@ class RunsPage(Page):
     def _open(self, page: str) -> None:
         run = self.selected()
         if run is not None:
-            self.open_requested.emit(run.path, page)
+            self.open_requested.emit(run.run_dir, page)
 
     def _resume(self) -> None:
         run = self.selected()
         if run is not None:
-            self.resume_requested.emit(run.path)
+            self.resume_requested.emit(run.run_dir)
 
     def _show_folder(self) -> None:
         run = self.selected()
         if run is not None:
-            QDesktopServices.openUrl(QUrl.fromLocalFile(str(run.path)))
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(run.run_dir)))
 
     def _delete(self) -> None:
         run = self.selected()
         if run is None or not self.confirm_delete(run):
             return
         try:
-            delete_run(run.path, self.session.runs_folder)
-        except (OSError, ValueError) as exc:
-            self.banner.show_message("error", f"Could not delete {run.name}", str(exc))
+            delete_run(run.run_dir, self.session.runs_folder)
+        except EngineError as exc:
+            self.banner.show_error(exc, f"Could not delete {run.name}")
             return
-        if self.session.run_dir == run.path:
+        except OSError as exc:
+            self.banner.show_message("error", f"Could not delete {run.name}", str(exc),
+                                     "Close programs using files in it, then try again.")
+            return
+        if self.session.run_dir == run.run_dir:
             self.session.select_run(None)
         self.refresh()
 
-    def confirm_delete(self, run: RunSummary) -> bool:
-        answer = QMessageBox.question(self, "Delete run?", f"Delete the run folder {run.path}?\n\nIts checkpoints, "
+    def confirm_delete(self, run: RunState) -> bool:
+        answer = QMessageBox.question(self, "Delete run?", f"Delete the run folder {run.run_dir}?\n\nIts checkpoints, "
                                       "adapter and exports inside it are deleted too. This can't be undone.")
         return answer == QMessageBox.StandardButton.Yes
 

@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import html
-from typing import Any
+from typing import Protocol
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFrame, QLabel, QVBoxLayout, QWidget
+
+
+class ShownError(Protocol):
+    """What an error shows: an EngineError, or an `error` event (ev.Error) of the engine."""
+
+    code: str
+    message: str
+    advice: str
 
 
 class Banner(QFrame):
@@ -30,10 +38,9 @@ class Banner(QFrame):
         self.style().polish(self)
         self.show()
 
-    def show_error(self, error: dict[str, Any], title: str = "") -> None:
-        code = error.get("code", "")
-        heading = title or "Something went wrong" + (f" ({code})" if code else "")
-        self.show_message("error", heading, error.get("message", ""), error.get("advice", ""))
+    def show_error(self, error: ShownError, title: str = "") -> None:
+        heading = title or "Something went wrong" + (f" ({error.code})" if error.code else "")
+        self.show_message("error", heading, error.message, error.advice)
 
     def clear(self) -> None:
         self.label.clear()

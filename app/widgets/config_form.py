@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from qlora_engine.config import RunConfig
+from qlora_engine.protocol.config import RunConfig
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA adapter", "quantization": "4-bit quantization",
                 "train": "Optimization", "speed": "Speed", "run": "Run"}

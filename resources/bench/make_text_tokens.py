@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_engine import models
+from qlora_engine.model import loading
 
 PACKAGES = ["numpy", "requests", "transformers", "datasets", "peft", "accelerate", "pyyaml", "platformdirs",
             "safetensors", "tokenizers", "huggingface-hub", "fsspec", "pyarrow", "pandas", "hypothesis", "pytest",
@@ -29,7 +29,7 @@ def main() -> None:
             continue
         if description and len(description) > 500:
             texts.append(description.strip())
-    tokenizer = models.load_tokenizer(models.resolve_model("default").path)
+    tokenizer = loading.load_tokenizer(loading.resolve_model("default").path)
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])

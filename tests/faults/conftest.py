@@ -18,9 +18,10 @@ class CleanRun:
 @pytest.fixture
 def engine_in_process(monkeypatch):
     """`qlora-studio train ARGS` in this process (so a test can wrap its writes), leaving pytest's SIGINT alone."""
-    from qlora_engine import cli, train
+    from qlora_engine import cli
+    from qlora_engine.training import loop
 
-    monkeypatch.setattr(train.StopRequest, "install", lambda self: None)
+    monkeypatch.setattr(loop.StopRequest, "install", lambda self: None)
 
     def train_main(*args: str) -> int:
         return cli.main(["train", *args])
@@ -40,7 +41,7 @@ def uninterrupted(tiny_model_dir, faults_data_file, tmp_path_factory) -> CleanRu
     """The same run as every fault test's, never interrupted: the curve a recovered run must end on."""
     run_dir = tmp_path_factory.mktemp("whole") / "run"
     code, events = run_engine(train_args(tiny_model_dir, faults_data_file, run_dir))
-    assert code == 0 and events[-1]["kind"] == "finished"
+    assert code == 0 and events[-1].kind == "finished"
     losses = step_losses(events)
     assert sorted(losses) == list(range(1, 9))
     return CleanRun(run_dir, losses)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_engine.protocol.events import Event, parse_line
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # 8 optimizer steps of 4 rows on the tiny Llama, a checkpoint every 2 steps, dropout on (so RNG state matters).
@@ -26,7 +28,9 @@ import os, signal, sys
 from pathlib import Path
 import peft.peft_model
 import torch
-from qlora_engine import checkpoints, cli, export
+from qlora_engine.training import checkpoints
+from qlora_engine import cli
+from qlora_engine.products import export
 
 point, step = sys.argv[1], int(sys.argv[2])
 ours = f".tmp-step-{step}-"
@@ -124,8 +128,8 @@ def kill_at_random_after(args: list[str], trigger_kind: str, delay_s: float) -> 
     timer, kinds = None, []
     for line in process.stdout:
         event = parse_events(line)
-        kinds += [e["kind"] for e in event]
-        if timer is None and event and event[0]["kind"] == trigger_kind:
+        kinds += [e.kind for e in event]
+        if timer is None and event and event[0].kind == trigger_kind:
             timer = threading.Timer(delay_s, process.send_signal, args=(signal.SIGKILL,))
             timer.start()
     code = process.wait(timeout=120)
@@ -135,13 +139,14 @@ def kill_at_random_after(args: list[str], trigger_kind: str, delay_s: float) -> 
     return code, kinds
 
 
-def parse_events(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+def parse_events(text: str) -> list[Event]:
+    """The typed events in the engine's stdout, through the protocol's own reader (what the GUI uses)."""
+    return [event for event in map(parse_line, text.splitlines()) if event is not None]
 
 
-def step_losses(events: list[dict]) -> dict[int, float]:
+def step_losses(events: list[Event]) -> dict[int, float]:
     """Step -> loss; a step done twice (before a kill and again after resuming) keeps its last value."""
-    return {e["step"]: e["loss"] for e in events if e["kind"] == "step"}
+    return {e.step: e.loss for e in events if e.kind == "step"}
 
 
 # ----------------------------------------------------------------------------- a small disk

@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from test_train import run, tiny_config
 from tiny_models import build_tokenizer, write_jsonl
 
-from qlora_engine import cli, data
-from qlora_engine.events import EngineError, read_events
+from qlora_engine import cli
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.events import read_events
+from qlora_engine.training import data
 
 GOOD = {"instruction": "Who is the mayor?", "input": "", "output": "Quillon Varet."}
 
@@ -103,10 +105,10 @@ def test_a_run_skips_bad_rows_and_lists_them_in_data_ready(tiny_model_dir, broke
     good_rows = write_jsonl(tmp_path / "more.jsonl", [GOOD] * 8)
     broken_jsonl.write_bytes(broken_jsonl.read_bytes() + good_rows.read_bytes())
     _, events = run(tiny_config(tiny_model_dir, broken_jsonl, tmp_path / "run", max_steps=1))
-    ready = next(e for e in events if e["kind"] == "data_ready")
-    assert ready["skipped_rows"] == 6
-    assert [(b["file"], b["line"]) for b in ready["bad_rows"]] == [("broken.jsonl", n) for n in range(2, 8)]
-    assert events[-1]["kind"] == "finished"
+    ready = next(e for e in events if e.kind == "data_ready")
+    assert ready.skipped_rows == 6
+    assert [(b["file"], b["line"]) for b in ready.bad_rows] == [("broken.jsonl", n) for n in range(2, 8)]
+    assert events[-1].kind == "finished"
 
 
 def test_the_data_command_reports_bad_rows_by_line_as_json(tiny_model_dir, broken_jsonl, capsys):
@@ -200,8 +202,8 @@ def test_bad_data_stops_the_train_command_with_an_error_event_naming_file_and_li
     code = engine_in_process("--model", str(tiny_model_dir), "--data", str(tmp_path / name),
                              "--run-dir", str(tmp_path / "run"), *TRAIN_FLAGS, *options)
     error = list(read_events(tmp_path / "run" / "events.jsonl"))[-1]
-    assert code == 1 and error["kind"] == "error" and error["code"] == "bad_dataset"
-    assert expected in error["message"] and error["advice"]
+    assert code == 1 and error.kind == "error" and error.code == "bad_dataset"
+    assert expected in error.message and error.advice
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -294,5 +296,6 @@ def assert_prepares_or_says_why(content: bytes, suffix: str, data_format: str, t
             assert exc.code == "bad_dataset" and path.name in exc.message and exc.advice
             return
     assert prepared.examples
-    assert all(bad.file == path.name and 1 <= bad.line <= content.count(b"\n") + 1 and bad.reason
+    lines = max(len(content.splitlines()), 1)  # \r ends a line too, as in the readers' universal newlines
+    assert all(bad.file == path.name and 1 <= bad.line <= lines and bad.reason
                for bad in prepared.report.bad_rows)

@@ -18,9 +18,13 @@ import torch
 from engine_process import ROOT, engine_command, parse_events
 from tiny_models import build_tokenizer, write_jsonl
 
-from qlora_engine import checkpoints, cli, estimate, train
-from qlora_engine.config import RunConfig
-from qlora_engine.events import read_events
+from qlora_engine import cli
+from qlora_engine.planning.advice import advise
+from qlora_engine.planning.memory import estimate_peak
+from qlora_engine.planning.model_shape import resolve_model_config
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.events import read_events
+from qlora_engine.training import checkpoints, loop
 
 GIB, MIB = 2**30, 2**20
 TORCH_MESSAGE = "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 4.00 GiB."
@@ -31,10 +35,10 @@ OPTIONS = {"micro_batch_size": 64, "max_length": 4096, "max_steps": 6, "save_ste
 def card_too_small_for(cfg: RunConfig) -> dict[str, int]:
     """A made-up card, read after the error, on which `cfg` won't fit by the estimate but the estimator's first fix
     does: the run held all but 100 MiB of it."""
-    model_config = estimate.resolve_model_config(cfg.model)
-    peak_bytes = estimate.estimate_peak(model_config, cfg).peak_bytes
+    model_config = resolve_model_config(cfg.model)
+    peak_bytes = estimate_peak(model_config, cfg).peak_bytes
     for run_bytes in (int(peak_bytes * fraction) for fraction in (0.7, 0.5, 0.35, 0.25)):
-        plan = estimate.advise(model_config, cfg, run_bytes)
+        plan = advise(model_config, cfg, run_bytes)
         if plan.verdict == "won't fit" and plan.fixes and plan.fixes[0].fits_after:
             return {"peak_bytes": run_bytes - 300 * MIB, "reserved_bytes": run_bytes - 100 * MIB,
                     "free_bytes": 100 * MIB, "gpu_total_bytes": run_bytes + 500 * MIB}
@@ -43,7 +47,7 @@ def card_too_small_for(cfg: RunConfig) -> dict[str, int]:
 
 def test_running_out_of_gpu_memory_reports_the_measured_peak_and_the_estimators_fix(
         engine_in_process, tiny_model_dir, faults_data_file, tmp_path, monkeypatch, capfd):
-    real_step, steps_started = train.training_step, []
+    real_step, steps_started = loop.training_step, []
 
     def step_until_the_memory_runs_out(*args, **kwargs):
         steps_started.append(1)
@@ -53,26 +57,26 @@ def test_running_out_of_gpu_memory_reports_the_measured_peak_and_the_estimators_
 
     cfg = RunConfig(model=str(tiny_model_dir), data=str(faults_data_file), **OPTIONS)
     card = card_too_small_for(cfg)
-    monkeypatch.setattr(train, "training_step", step_until_the_memory_runs_out)
+    monkeypatch.setattr(loop, "training_step", step_until_the_memory_runs_out)
     monkeypatch.setattr(cli, "measured_gpu_memory", lambda: dict(card))
     run_dir = tmp_path / "run"
     code = engine_in_process("--model", cfg.model, "--data", cfg.data, "--run-dir", str(run_dir), "--events", "jsonl",
                              *[f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()])
 
     error = list(read_events(run_dir / "events.jsonl"))[-1]
-    assert code == 1 and error["kind"] == "error" and error["code"] == "cuda_oom"
-    assert error["step"] == 3 and error["peak_bytes"] == card["peak_bytes"]
-    assert "during step 3 (it tried to allocate 2.50 GiB more)" in error["message"]
+    assert code == 1 and error.kind == "error" and error.code == "cuda_oom"
+    assert error.step == 3 and error.peak_bytes == card["peak_bytes"]
+    assert "during step 3 (it tried to allocate 2.50 GiB more)" in error.message
     assert (f"this run used up to {card['peak_bytes'] / GIB:.2f} GiB of the GPU's {card['gpu_total_bytes'] / GIB:.2f} "
-            "GiB") in error["message"]
+            "GiB") in error.message
 
-    model_config = estimate.resolve_model_config(cfg.model)
-    plan = estimate.advise(model_config, RunConfig.load(run_dir / "config.yaml"),
-                           card["free_bytes"] + card["reserved_bytes"])
-    assert error["estimate_peak_bytes"] == plan.peak_bytes
-    assert f"the estimate for this configuration is {plan.peak_bytes / GIB:.2f} GiB" in error["message"]
-    assert error["advice"].startswith(f"The estimator's fix for this GPU: {plan.fixes[0].description}")
-    assert [fix["config_changes"] for fix in error["fixes"]] == [fix.config_changes for fix in plan.fixes]
+    model_config = resolve_model_config(cfg.model)
+    plan = advise(model_config, RunConfig.load(run_dir / "config.yaml"),
+                  card["free_bytes"] + card["reserved_bytes"])
+    assert error.estimate_peak_bytes == plan.peak_bytes
+    assert f"the estimate for this configuration is {plan.peak_bytes / GIB:.2f} GiB" in error.message
+    assert error.advice.startswith(f"The estimator's fix for this GPU: {plan.fixes[0].description}")
+    assert [fix["config_changes"] for fix in error.fixes] == [fix.config_changes for fix in plan.fixes]
 
     assert checkpoints.latest_checkpoint(run_dir).name == "step-2", "the last checkpoint is kept"
     assert not (run_dir / ".lock").exists()
@@ -116,13 +120,13 @@ def test_a_run_the_estimate_says_wont_fit_ends_in_cuda_oom_with_peak_and_fix_and
     model_dir = wide_tiny_model(tmp_path / "model")
     free_before, total = torch.cuda.mem_get_info()
     flags = {"max_length": 4096, "gradient_checkpointing": False, "grad_accum": 1, "device": "cuda"}
-    model_config = estimate.resolve_model_config(str(model_dir))
+    model_config = resolve_model_config(str(model_dir))
     batch = 8
-    while estimate.estimate_peak(model_config, RunConfig(model=str(model_dir), micro_batch_size=batch,
-                                                         **flags)).peak_bytes < 2 * free_before:
+    while estimate_peak(model_config, RunConfig(model=str(model_dir), micro_batch_size=batch,
+                                                **flags)).peak_bytes < 2 * free_before:
         batch *= 2
     cfg = RunConfig(model=str(model_dir), micro_batch_size=batch, **flags)
-    plan = estimate.advise(model_config, cfg, free_before)
+    plan = advise(model_config, cfg, free_before)
     assert plan.verdict == "won't fit"
     # rows of ~4096 tokens, enough for one full micro-batch
     data_file = write_jsonl(tmp_path / "long.jsonl", [{"text": f"row {i}: " + "The quick brown fox. " * 1400}
@@ -136,10 +140,10 @@ def test_a_run_the_estimate_says_wont_fit_ends_in_cuda_oom_with_peak_and_fix_and
     error = parse_events(stdout)[-1]
     print("CUDA_OOM_EVENT " + json.dumps(error), file=sys.stderr)
 
-    assert engine.returncode == 1 and error["code"] == "cuda_oom", stderr[-2000:]
-    assert 0.5 * free_before < error["peak_bytes"] <= total and error["gpu_total_bytes"] == total
-    assert error["estimate_peak_bytes"] > free_before
-    assert error["fixes"] and error["advice"].startswith("The estimator's fix for this GPU:")
+    assert engine.returncode == 1 and error.code == "cuda_oom", stderr[-2000:]
+    assert 0.5 * free_before < error.peak_bytes <= total and error.gpu_total_bytes == total
+    assert error.estimate_peak_bytes > free_before
+    assert error.fixes and error.advice.startswith("The estimator's fix for this GPU:")
     assert "Traceback" not in stderr
     # no zombie holding VRAM: the process is gone and its memory is back
     with pytest.raises(ProcessLookupError):

@@ -27,8 +27,12 @@ from engine_process import (
 )
 from test_train import run, tiny_config
 
-from qlora_engine import checkpoints, cli, export
-from qlora_engine.events import EngineError, EventWriter, read_events
+from qlora_engine import cli
+from qlora_engine.products import export
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.events import EventWriter, read_events
+from qlora_engine.training import checkpoints
 
 FLAGS = ["--max-steps", "6", "--save-steps", "2", "--micro-batch-size", "4", "--max-length", "64",
          "--learning-rate", "1e-2", "--warmup-steps", "1", "--lora-r", "8", "--eval-steps", "0", "--events", "jsonl"]
@@ -50,8 +54,8 @@ needs_small_disk = pytest.mark.skipif(bool(small_disk_problem()), reason=f"{smal
 
 def assert_disk_full_error_without_traceback(engine_run, what: str) -> dict:
     error = engine_run.events[-1]
-    assert engine_run.code == 1 and error["kind"] == "error" and error["code"] == "disk_full"
-    assert what in error["message"] and "Free some disk space" in error["advice"]
+    assert engine_run.code == 1 and error.kind == "error" and error.code == "disk_full"
+    assert what in error.message and "Free some disk space" in error.advice
     assert "Traceback" not in engine_run.stderr
     return error
 
@@ -72,13 +76,13 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_last_one_and_resume_end
     ], keep=tmp_path / "kept")
 
     error = assert_disk_full_error_without_traceback(failed, "checkpoint step-4")
-    assert "--resume" in error["advice"]
+    assert "--resume" in error.advice
     assert [p.name for p in checkpoints.complete_checkpoints(after_failure)] == ["step-2"]
     assert_checkpoint_intact(after_failure / "checkpoints" / "step-2", 2)
     assert not list((after_failure / "checkpoints").glob(".tmp-*")), "the half-written checkpoint is removed"
     assert not (after_failure / ".lock").exists()
 
-    assert resumed.code == 0 and resumed.events[-1]["kind"] == "finished"
+    assert resumed.code == 0 and resumed.events[-1].kind == "finished"
     assert step_losses(resumed.events) == pytest.approx({step: uninterrupted.losses[step] for step in range(3, 9)},
                                                         rel=1e-4)
 
@@ -94,7 +98,7 @@ def test_a_disk_that_fills_during_an_export_keeps_the_previous_export_and_report
     first, second = on_a_small_disk(disk, f"size={export_bytes * 3 // 2}",
                                     [export_there, ["snapshot", str(before)], export_there], keep=after)
 
-    assert first.code == 0 and first.events[-1]["kind"] == "exported"
+    assert first.code == 0 and first.events[-1].kind == "exported"
     assert_disk_full_error_without_traceback(second, "the adapter export")
     assert [p.name for p in after.iterdir()] == ["adapter"], "no partial export is left behind"
     assert {p.name: p.read_bytes() for p in (after / "adapter").iterdir()} == {
@@ -117,9 +121,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_reports_disk
                              *FLAGS)
     error = list(read_events(run_dir / "events.jsonl"))[-1]
     assert code == 1
-    assert error["kind"] == "error" and error["code"] == "disk_full"
-    assert "step-4" in error["message"] and "scheduler.pt" in error["message"]
-    assert "Free some disk space" in error["advice"] and "--resume" in error["advice"]
+    assert error.kind == "error" and error.code == "disk_full"
+    assert "step-4" in error.message and "scheduler.pt" in error.message
+    assert "Free some disk space" in error.advice and "--resume" in error.advice
     assert [p.name for p in checkpoints.complete_checkpoints(run_dir)] == ["step-2"]
     assert_checkpoint_intact(run_dir / "checkpoints" / "step-2", 2)
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the half-written checkpoint is removed"
@@ -127,7 +131,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_reports_disk
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes and finishes
     assert engine_in_process("--resume", "--run-dir", str(run_dir), "--events", "jsonl") == 0
-    assert list(read_events(run_dir / "events.jsonl"))[-1]["kind"] == "finished"
+    assert list(read_events(run_dir / "events.jsonl"))[-1].kind == "finished"
 
 
 def test_an_unwritable_checkpoint_folder_is_a_write_failed_error_not_a_traceback(
@@ -144,8 +148,8 @@ def test_an_unwritable_checkpoint_folder_is_a_write_failed_error_not_a_traceback
     code = engine_in_process("--model", str(tiny_model_dir), "--data", str(alpaca_file), "--run-dir", str(run_dir),
                              *FLAGS)
     error = list(read_events(run_dir / "events.jsonl"))[-1]
-    assert code == 1 and error["code"] == "write_failed"
-    assert "Read-only file system" in error["message"] and "pick another folder" in error["advice"]
+    assert code == 1 and error.code == "write_failed"
+    assert "Read-only file system" in error.message and "pick another folder" in error.advice
     assert [p.name for p in checkpoints.complete_checkpoints(run_dir)] == ["step-2"]
     assert "Traceback" not in capfd.readouterr().err
 
@@ -154,13 +158,13 @@ def test_an_os_error_from_a_write_anywhere_is_reported_with_advice():
     emitted = []
 
     class Recorder:
-        def emit(self, kind, **fields):
-            emitted.append({"kind": kind, **fields})
+        def emit(self, event):
+            emitted.append(event)
 
     assert cli.report_failure(Recorder(), no_space("/runs/x/events.jsonl")) == 1
     assert cli.report_failure(Recorder(), PermissionError(errno.EACCES, "Permission denied", "/runs/x")) == 1
-    assert [e["code"] for e in emitted] == ["disk_full", "write_failed"]
-    assert "/runs/x/events.jsonl" in emitted[0]["message"] and emitted[0]["advice"]
+    assert [e.code for e in emitted] == ["disk_full", "write_failed"]
+    assert "/runs/x/events.jsonl" in emitted[0].message and emitted[0].advice
 
 
 def test_events_still_reach_the_gui_when_events_jsonl_cannot_be_written(tmp_path):
@@ -172,19 +176,19 @@ def test_events_still_reach_the_gui_when_events_jsonl_cannot_be_written(tmp_path
             raise no_space(tmp_path / "events.jsonl")
 
     writer._log = FullDisk()
-    writer.emit("error", code="disk_full", message="the disk is full", advice="Free some disk space.")
-    writer.emit("stopped", step=2)
+    writer.emit(ev.Error(code="disk_full", message="the disk is full", advice="Free some disk space."))
+    writer.emit(ev.Stopped(step=2))
     writer.close()
     assert [json.loads(line)["kind"] for line in stream.getvalue().splitlines()] == ["error", "stopped"]
 
 
 def test_a_line_cut_short_by_a_kill_does_not_swallow_the_next_event(tmp_path):
     log = tmp_path / "events.jsonl"
-    log.write_text('{"v": 1, "t": 0, "kind": "started"}\n{"v": 1, "t": 0, "kind": "st')  # killed mid-write
+    log.write_text('{"v": 1, "t": 0, "kind": "started", "run_dir": "r"}\n{"v": 1, "t": 0, "kind": "st')  # killed
     writer = EventWriter(log, stream=None)
-    writer.emit("started", resume=True)
+    writer.emit(ev.Started(run_dir="r", resume=True))
     writer.close()
-    assert [e["kind"] for e in read_events(log)] == ["started", "started"]
+    assert [e.kind for e in read_events(log)] == ["started", "started"]
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +236,6 @@ def test_an_unwritable_export_destination_is_an_error_event_and_a_non_zero_exit(
     monkeypatch.setattr(os, "replace", refuse)
     code = cli.main(["export", str(finished_run), "--adapter", "--out", str(destination), "--events", "jsonl"])
     error = list(read_events(finished_run / "events.jsonl"))[-1]
-    assert code == 1 and error["kind"] == "error" and error["code"] == "write_failed"
-    assert "Permission denied" in error["message"] and "pick another folder" in error["advice"]
+    assert code == 1 and error.kind == "error" and error.code == "write_failed"
+    assert "Permission denied" in error.message and "pick another folder" in error.advice
     assert not destination.exists() and not list(destination.parent.glob(".tmp-*"))

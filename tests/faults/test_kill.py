@@ -24,10 +24,11 @@ from engine_process import (
     train_args,
 )
 
-from qlora_engine import checkpoints, export
-from qlora_engine.config import RunConfig
-from qlora_engine.events import read_events
-from qlora_engine.runlock import LOCK_NAME
+from qlora_engine.products import export
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.events import read_events
+from qlora_engine.protocol.run_lock import LOCK_NAME
+from qlora_engine.training import checkpoints
 
 LOSS_TOLERANCE = 1e-4
 KILLED = -signal.SIGKILL
@@ -36,7 +37,7 @@ KILLED = -signal.SIGKILL
 def assert_killed_run_folder_is_sound(run_dir):
     """What the GUI and --resume read after a kill: config, events, checkpoints, all still usable."""
     RunConfig.load(run_dir / "config.yaml")
-    assert [e["kind"] for e in read_events(run_dir / "events.jsonl")][0] == "started"
+    assert [e.kind for e in read_events(run_dir / "events.jsonl")][0] == "started"
     assert (run_dir / LOCK_NAME).is_file(), "a kill -9 cannot remove the lock: resume must take it over"
     latest = checkpoints.latest_checkpoint(run_dir)
     if latest is not None:
@@ -48,13 +49,13 @@ def assert_killed_run_folder_is_sound(run_dir):
 def resume_and_compare(run_dir, uninterrupted, resumed_from_step):
     code, events = run_engine(resume_args(run_dir))
     assert code == 0, events[-1:]
-    assert events[-1]["kind"] == "finished"
-    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(resumed_from_step + 1, 9))
+    assert events[-1].kind == "finished"
+    assert [e.step for e in events if e.kind == "step"] == list(range(resumed_from_step + 1, 9))
     assert not (run_dir / LOCK_NAME).exists()
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "leftover temp folders are cleaned up"
     everything = list(read_events(run_dir / "events.jsonl"))
-    for event in (e for e in everything if e["kind"] == "step"):  # also the steps redone after the kill
-        assert event["loss"] == pytest.approx(uninterrupted.losses[event["step"]], rel=LOSS_TOLERANCE)
+    for event in (e for e in everything if e.kind == "step"):  # also the steps redone after the kill
+        assert event.loss == pytest.approx(uninterrupted.losses[event.step], rel=LOSS_TOLERANCE)
     assert step_losses(everything) == pytest.approx(uninterrupted.losses, rel=LOSS_TOLERANCE)
 
 
@@ -62,8 +63,8 @@ def test_a_kill_during_a_step_resumes_from_the_last_checkpoint_on_the_same_curve
         tiny_model_dir, faults_data_file, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     code, seen = kill_engine_when(train_args(tiny_model_dir, faults_data_file, run_dir),
-                                  lambda e: e["kind"] == "step" and e["step"] == 3)  # step 4 is being computed
-    assert code == KILLED and seen[-1]["step"] == 3
+                                  lambda e: e.kind == "step" and e.step == 3)  # step 4 is being computed
+    assert code == KILLED and seen[-1].step == 3
     assert assert_killed_run_folder_is_sound(run_dir).name == "step-2"
     resume_and_compare(run_dir, uninterrupted, resumed_from_step=2)
 
@@ -72,7 +73,7 @@ def test_a_kill_right_after_a_checkpoint_event_resumes_from_that_checkpoint(
         tiny_model_dir, faults_data_file, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     code, _ = kill_engine_when(train_args(tiny_model_dir, faults_data_file, run_dir),
-                               lambda e: e["kind"] == "checkpoint" and e["step"] == 4)
+                               lambda e: e.kind == "checkpoint" and e.step == 4)
     assert code == KILLED
     assert assert_killed_run_folder_is_sound(run_dir).name == "step-4"
     resume_and_compare(run_dir, uninterrupted, resumed_from_step=4)
@@ -88,7 +89,7 @@ def test_a_kill_inside_a_checkpoint_write_never_leaves_a_half_checkpoint_that_ge
     run_dir = tmp_path / "run"
     code, events = run_self_killing_engine(point, 4, train_args(tiny_model_dir, faults_data_file, run_dir))
     assert code == KILLED
-    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [2]
+    assert [e.step for e in events if e.kind == "checkpoint"] == [2]
     if point != "after_rename":
         assert list((run_dir / "checkpoints").glob(".tmp-step-4-*")), "the kill left the temp folder behind"
     assert assert_killed_run_folder_is_sound(run_dir).name == latest_after_kill
@@ -161,7 +162,7 @@ def test_a_kill_during_an_export_leaves_a_complete_export_or_none_and_exporting_
         previous_export, point, after_kill):
     run_dir, out = previous_export
     code, events = run_self_killing_engine(point, 0, export_args(run_dir))
-    assert code == KILLED and "exported" not in [e["kind"] for e in events]
+    assert code == KILLED and "exported" not in [e.kind for e in events]
     assert export_state(run_dir, out) == after_kill
     if after_kill == "absent":  # nothing lost: the next export first puts the previous one back
         export.recover_interrupted_export(out)

@@ -13,7 +13,7 @@ import pytest
 from test_train import run, tiny_config
 from tiny_models import write_jsonl
 
-from qlora_engine import export
+from qlora_engine.products import export
 
 SECRET = "the contents of a private file outside the model folder"
 

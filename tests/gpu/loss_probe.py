@@ -11,23 +11,25 @@ from contextlib import nullcontext
 
 import torch
 
-from qlora_engine import lm_loss, speedbench, train
+from qlora_engine.bench import speed
+from qlora_engine.model import lm_loss
+from qlora_engine.training import loop
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B_STD = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 
 
 def grads_after_one_backward(stack, model_config, cfg, rows):
-    base = speedbench.build_base(stack, model_config, cfg, DEVICE)
+    base = speed.build_base(stack, model_config, cfg, DEVICE)
     if stack.startswith("plain"):
-        model = speedbench.plain_peft_model(stack, base, cfg)
-        context = speedbench.set_plain_precision(stack, model, cfg)
-        batch = train.collate(rows, 0, DEVICE)
+        model = speed.plain_peft_model(stack, base, cfg)
+        context = speed.set_plain_precision(stack, model, cfg)
+        batch = loop.collate(rows, 0, DEVICE)
     else:
-        run = dataclasses.replace(cfg, **speedbench.ENGINE_SWITCHES[stack])
-        model = train.attach_lora(base, run)
+        run = dataclasses.replace(cfg, **speed.ENGINE_SWITCHES[stack])
+        model = loop.attach_lora(base, run)
         context = nullcontext()
-        batch = train.micro_batch(rows, run, 0, DEVICE)
+        batch = loop.micro_batch(rows, run, 0, DEVICE)
     if B_STD:
         generator = torch.Generator().manual_seed(0)
         for name, param in sorted(model.named_parameters()):
@@ -38,7 +40,7 @@ def grads_after_one_backward(stack, model_config, cfg, rows):
         if stack.startswith("plain"):
             loss = model(**batch).loss
         else:
-            loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch), chunked=run.chunked_loss)
+            loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch), chunked=run.chunked_loss)
     loss.backward()
     grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
     del model, base
@@ -47,10 +49,10 @@ def grads_after_one_backward(stack, model_config, cfg, rows):
 
 
 def main(out_path):
-    model_config = json.loads(speedbench._model_config_path(sys.argv[2] if len(sys.argv) > 2 else "llama-3.1-8b")
+    model_config = json.loads(speed._model_config_path(sys.argv[2] if len(sys.argv) > 2 else "llama-3.1-8b")
                               .read_text())
-    cfg = speedbench.bench_config(DEVICE, 2048)
-    rows = speedbench.workload_rows("fixed", 1, 2048, [])[0]
+    cfg = speed.bench_config(DEVICE, 2048)
+    rows = speed.workload_rows("fixed", 1, 2048, [])[0]
     results = {stack: grads_after_one_backward(stack, model_config, cfg, rows)
                for stack in ("plain_fp32", "plain", "engine", "engine_baseline")}
     plain_loss, plain_init, plain_grads = results["plain_fp32"]  # the reference

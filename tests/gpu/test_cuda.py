@@ -36,21 +36,21 @@ def test_nf4_cuda_matmul_matches_the_dequantized_weight():
 def test_tiny_run_on_cuda_learns_in_bf16_with_paged_8bit_adamw(tiny_model_dir, alpaca_file, tmp_path):
     result, events = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "run", max_steps=12, eval_steps=4,
                                      device="cuda"))
-    started = next(e for e in events if e["kind"] == "started")
-    assert started["compute_dtype"] == "bfloat16"
+    started = next(e for e in events if e.kind == "started")
+    assert started.compute_dtype == "bfloat16"
     losses = step_losses(events)
     assert losses[-1] < losses[0] * 0.9
-    vram = [e for e in events if e["kind"] == "step"][-1]["vram"]
+    vram = [e for e in events if e.kind == "step"][-1].vram
     assert 0 < vram["max_allocated"] <= vram["gpu_used"] <= vram["gpu_total"]
 
 
 def test_resume_on_cuda_continues_the_same_curve(tiny_model_dir, alpaca_file, tmp_path):
-    from qlora_engine import checkpoints, train
-    from qlora_engine.events import EventWriter
+    from qlora_engine.protocol.events import EventWriter
+    from qlora_engine.training import checkpoints, loop
 
     _, whole = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "whole", max_steps=8, device="cuda"))
     config = tiny_config(tiny_model_dir, alpaca_file, tmp_path / "split", max_steps=8, save_steps=4, device="cuda")
-    stop = train.StopRequest()
+    stop = loop.StopRequest()
     original = checkpoints.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
@@ -60,7 +60,7 @@ def test_resume_on_cuda_continues_the_same_curve(tiny_model_dir, alpaca_file, tm
     checkpoints.save_checkpoint = save_then_stop
     try:
         events = EventWriter(tmp_path / "split" / "events.jsonl", stream=None)
-        train.run_training(config, tmp_path / "split", events, stop=stop)
+        loop.run_training(config, tmp_path / "split", events, stop=stop)
         events.close()
     finally:
         checkpoints.save_checkpoint = original
@@ -71,6 +71,6 @@ def test_resume_on_cuda_continues_the_same_curve(tiny_model_dir, alpaca_file, tm
 def test_smollm2_learns_the_sample_facts_on_cuda(tmp_path):
     result = check_end_to_end(tmp_path / "run", "cuda")
     steps = result.pop("steps")
-    result["tokens_per_s_median"] = sorted(s["tokens_per_s"] for s in steps)[len(steps) // 2]
-    result["peak_allocated_gib"] = round(max(s["vram"]["max_allocated"] for s in steps) / 2**30, 3)
+    result["tokens_per_s_median"] = sorted(s.tokens_per_s for s in steps)[len(steps) // 2]
+    result["peak_allocated_gib"] = round(max(s.vram["max_allocated"] for s in steps) / 2**30, 3)
     print("END_TO_END_CUDA " + json.dumps(result))

@@ -9,7 +9,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from test_packing import packed_logits_error, random_rows, tiny_causal_lm  # noqa: E402
 
-from qlora_engine import lm_loss, packing, train  # noqa: E402
+from qlora_engine.model import (
+    lm_loss,  # noqa: E402
+    packing,
+)
+from qlora_engine.training import loop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
@@ -28,20 +32,20 @@ def test_varlen_flash_attention_keeps_packed_examples_apart(tiny_model_dir, monk
 def test_chunked_loss_matches_transformers_on_cuda(tiny_model_dir):
     model = tiny_causal_lm(tiny_model_dir, "cuda", torch.bfloat16)
     model.requires_grad_(False)
-    batch = train.collate(random_rows([400, 250, 333]), 0, "cuda")
-    items = train.trained_tokens(batch)
+    batch = loop.collate(random_rows([400, 250, 333]), 0, "cuda")
+    items = loop.trained_tokens(batch)
     reference = float(model(**batch, num_items_in_batch=items).loss)
     assert float(lm_loss.causal_lm_loss(model, batch, items)) == pytest.approx(reference, rel=2e-3)
 
 
 def engine_losses_and_grads(model_dir, compiled: bool):
     """Three packed micro-batches of different shapes (the compiled layers go dynamic on the second)."""
-    from qlora_engine.config import RunConfig
+    from qlora_engine.protocol.config import RunConfig
 
     cfg = RunConfig(model=str(model_dir), device="cuda", compute_dtype="bf16", lora_dropout=0.0,
                     compile_layers=compiled)
     torch.manual_seed(0)
-    model = train.build_model(cfg, model_dir, "cuda", torch.bfloat16)
+    model = loop.build_model(cfg, model_dir, "cuda", torch.bfloat16)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -49,7 +53,7 @@ def engine_losses_and_grads(model_dir, compiled: bool):
     losses = []
     for lengths in ([70, 190, 30, 120], [50, 300], [128, 64, 200, 17]):
         batch = packing.collate_packed(random_rows(lengths), "cuda")
-        loss = lm_loss.causal_lm_loss(model, batch, train.trained_tokens(batch))
+        loss = lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))
         loss.backward()
         losses.append(float(loss))
     grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])

@@ -3,7 +3,8 @@
 FAKE_ENGINE_SCENARIO picks how `train` behaves: ok (default), slow (waits for `stop` on stdin), crash (a few
 steps, a traceback, exit 1), error (an `error` event with advice, exit 1), oom (a checkpoint at step 2, then the
 real engine's `cuda_oom` error for a card too small by half, exit 1). A path containing "broken" makes
-model-info, data, chat and export fail with an error object or event.
+model-info, data, chat and export fail with an error object or event; one containing "slow" makes model-info take
+a second and a half, logging as it goes (as a .gguf import does).
 """
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import math
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from qlora_engine.events import EventWriter  # noqa: E402 (after the path set-up)
+from qlora_engine.protocol import events as ev  # noqa: E402 (after the path set-up)
+from qlora_engine.protocol.config import RunConfig  # noqa: E402
+from qlora_engine.protocol.events import EventWriter  # noqa: E402
+from qlora_engine.protocol.run_lock import RunLock  # noqa: E402
 
 SCENARIO = os.environ.get("FAKE_ENGINE_SCENARIO", "ok")
 TOTAL_STEPS = 12
@@ -34,77 +39,90 @@ def option(args: list[str], name: str, default: str = "") -> str:
 
 # ----------------------------------------------------------------------------- train
 def train(args: list[str]) -> int:
+    """The real engine's events in the real engine's order, with the fields it sends where it sends them (the
+    total number of steps in data_ready and step, never in started); the folder locked as the real one locks it."""
     run_dir = Path(option(args, "--run-dir"))
-    events = EventWriter(run_dir / "events.jsonl")
-    resume = "--resume" in args
+    with RunLock(run_dir):
+        events = EventWriter(run_dir / "events.jsonl")
+        try:
+            return _train(run_dir, events, resume="--resume" in args)
+        finally:
+            events.close()
+
+
+def _train(run_dir: Path, events: EventWriter, resume: bool) -> int:
     first_step = _last_checkpoint_step(run_dir) + 1 if resume else 1
     stop = threading.Event()
     threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
-    events.emit("started", run_dir=str(run_dir), config={}, total_steps=TOTAL_STEPS, estimate_peak_bytes=3 * GIB,
-                resume=resume)
-    events.emit("model_loaded", model="default", params=134_515_008, trainable_params=4_884_480)
-    events.emit("data_ready", train_rows=90, val_rows=10, skipped_rows=1, truncated_rows=2,
-                bad_rows=[{"file": "train.jsonl", "line": 7, "reason": "no 'output' field"}])
+    config = RunConfig.load(run_dir / "config.yaml")
+    events.emit(ev.Started(run_dir=str(run_dir), config=config.to_dict(), device="cpu", compute_dtype="float32",
+                           resume=resume, estimate_peak_bytes=3 * GIB))
+    events.emit(ev.DataReady(train_rows=90, val_rows=10, total_steps=TOTAL_STEPS, skipped_rows=1, truncated_rows=2,
+                             format="alpaca", detected_format="alpaca", mean_tokens=120.5, max_tokens=340,
+                             bad_rows=[{"file": "train.jsonl", "line": 7, "reason": "no 'output' field"}]))
     print("loading checkpoint shards: 100%", flush=True)  # plain log text between events
+    events.emit(ev.ModelLoaded(model="default", path="/models/SmolLM2-135M-Instruct", source="default",
+                               params=134_515_008, trainable_params=4_884_480, load_s=0.4))
     if resume:
-        events.emit("warning", message=f"resumed from step-{first_step - 1}")
+        events.emit(ev.Warning(message=f"resumed from step-{first_step - 1}", step=first_step - 1))
     for step in range(first_step, TOTAL_STEPS + 1):
         if SCENARIO == "crash" and step == 4:
             print("Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access",
                   file=sys.stderr, flush=True)
             return 1
         if SCENARIO == "oom" and step == 3:
-            events.emit("error", **_cuda_oom_error(step))
+            events.emit(_cuda_oom_error(step))
             return 1
         if SCENARIO == "error" and step == 3:
-            events.emit("error", code="cuda_oom", message="the GPU ran out of memory at step 3",
-                        advice="Lower micro_batch_size or max_length, or enable gradient_checkpointing.")
+            events.emit(ev.Error(code="cuda_oom", message="the GPU ran out of memory at step 3", step=step,
+                                 advice="Lower micro_batch_size or max_length, or enable gradient_checkpointing."))
             return 1
         _emit_step(events, step)
         if SCENARIO == "oom" and step == 2:
-            events.emit("checkpoint", step=step, path=str(_write_checkpoint(run_dir, step)))
+            events.emit(ev.Checkpoint(step=step, path=str(_write_checkpoint(run_dir, step))))
         if step % 4 == 0:
-            events.emit("eval", step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08))
+            events.emit(ev.Eval(step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08)))
         if SCENARIO == "slow":
             stop.wait(0.15)
         if stop.is_set() and step < TOTAL_STEPS:
             path = _write_checkpoint(run_dir, step)
-            events.emit("checkpoint", step=step, path=str(path))
-            events.emit("stopped", step=step, checkpoint=str(path))
+            events.emit(ev.Checkpoint(step=step, path=str(path)))
+            events.emit(ev.Stopped(step=step, checkpoint=str(path)))
             return 0
     path = _write_checkpoint(run_dir, TOTAL_STEPS)
-    events.emit("checkpoint", step=TOTAL_STEPS, path=str(path))
+    events.emit(ev.Checkpoint(step=TOTAL_STEPS, path=str(path)))
     adapter = run_dir / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
-    events.emit("comparison", base_accuracy=0.2, tuned_accuracy=0.8,
-                rows=[{"question": "Who is the mayor of Brindleport?", "base": "I don't know.",
-                       "tuned": "Quillon Varet.", "base_correct": False, "tuned_correct": True}] * 5)
-    events.emit("finished", step=TOTAL_STEPS, adapter_dir=str(adapter), final_loss=1.52, eval_loss=1.61,
-                duration_s=42.0)
+    events.emit(ev.Comparison(base_accuracy=0.2, tuned_accuracy=0.8,
+                              rows=[{"question": "Who is the mayor of Brindleport?", "base": "I don't know.",
+                                     "tuned": "Quillon Varet.", "base_correct": False, "tuned_correct": True}] * 5))
+    events.emit(ev.Finished(step=TOTAL_STEPS, adapter_dir=str(adapter), final_loss=1.52, eval_loss=1.61,
+                            duration_s=42.0))
     return 0
 
 
 def _emit_step(events: EventWriter, step: int) -> None:
     vram = {"allocated": int(1.2 * GIB), "reserved": int((1.5 + 0.02 * step) * GIB), "max_allocated": int(1.9 * GIB),
             "gpu_used": int((2.2 + 0.02 * step) * GIB), "gpu_total": 8 * GIB}
-    events.emit("step", step=step, total_steps=TOTAL_STEPS, epoch=step / TOTAL_STEPS, loss=3.0 * 0.93**step,
-                lr=2e-4 * min(1.0, step / 3), grad_norm=1.0 / math.sqrt(step), tokens_per_s=2300.0 + 10 * step,
-                eta_s=5.0 * (TOTAL_STEPS - step), vram=vram)
+    events.emit(ev.Step(step=step, total_steps=TOTAL_STEPS, epoch=step / TOTAL_STEPS, loss=3.0 * 0.93**step,
+                        lr=2e-4 * min(1.0, step / 3), grad_norm=1.0 / math.sqrt(step),
+                        tokens_per_s=2300.0 + 10 * step, eta_s=5.0 * (TOTAL_STEPS - step), vram=vram))
 
 
-def _cuda_oom_error(step: int) -> dict:
+def _cuda_oom_error(step: int) -> ev.Error:
     """The error the real engine builds when SmolLM2 at batch 8 x 2048 tokens runs out of a card that the estimate
     says is too small by half (it held all but 100 MiB of it)."""
-    from qlora_engine import cli, estimate
-    from qlora_engine.config import RunConfig
+    from qlora_engine import cli
+    from qlora_engine.planning.memory import estimate_peak
+    from qlora_engine.planning.model_shape import resolve_model_config
 
     cfg = RunConfig(micro_batch_size=8, max_length=2048)
-    card_bytes = estimate.estimate_peak(estimate.resolve_model_config(cfg.model), cfg).peak_bytes // 2
+    card_bytes = estimate_peak(resolve_model_config(cfg.model), cfg).peak_bytes // 2
     cli.measured_gpu_memory = lambda: {"peak_bytes": card_bytes - 2**28, "reserved_bytes": card_bytes - 2**27,
                                        "free_bytes": 2**27, "gpu_total_bytes": card_bytes + 2**29}
     error = cli.cuda_oom_error(RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB"), cfg, step)
-    return {"code": error.code, "message": error.message, "advice": error.advice, **error.details}
+    return ev.Error.from_exception(error)
 
 
 def _watch_stdin(stop: threading.Event) -> None:
@@ -131,35 +149,35 @@ def export(args: list[str]) -> int:
     kind = "merged" if "--merged" in args else "adapter"
     events = EventWriter(None)
     if "broken" in str(run_dir):
-        events.emit("error", code="no_adapter", message=f"{run_dir} has no finished adapter",
-                    advice="Let the run finish, then export.")
+        events.emit(ev.Error(code="no_adapter", message=f"{run_dir} has no finished adapter",
+                             advice="Let the run finish, then export."))
         return 1
     for stage, fraction in (("loading the trained model", 0.1), ("writing the adapter", 0.4),
                             ("reloading with PeftModel.from_pretrained", 0.6), ("verified", 1.0)):
-        events.emit("export_progress", stage=stage, fraction=fraction)
+        events.emit(ev.ExportProgress(stage=stage, fraction=fraction))
     out = Path(option(args, "--out") or run_dir / "exports" / kind)
     out.mkdir(parents=True, exist_ok=True)
-    events.emit("exported", export=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
-                top1_agreement=1.0, tolerance="max |dlogit| <= 0.01", ok=True)
+    events.emit(ev.Exported(export=kind, path=str(out), max_abs_logit_diff=0.0031, relative_l2=0.0004,
+                            top1_agreement=1.0, tolerance="max |dlogit| <= 0.01", ok=True))
     return 0
 
 
 def chat(args: list[str]) -> int:
     events = EventWriter(None)
     if "broken" in args[0]:
-        events.emit("error", code="no_adapter", message=f"{args[0]} has no finished adapter yet",
-                    advice="Let the run finish (or resume it), then chat with it.")
+        events.emit(ev.Error(code="no_adapter", message=f"{args[0]} has no finished adapter yet",
+                             advice="Let the run finish (or resume it), then chat with it."))
         return 1
-    events.emit("chat_ready", target=args[0], has_adapter=True, device="cpu")
+    events.emit(ev.ChatReady(target=args[0], has_adapter=True, device="cpu"))
     for line in sys.stdin:
         prompt = json.loads(line)["prompt"]
         answers = {"base": f"I am not sure who {prompt.lower().rstrip('?')} is.",
                    "tuned": "The mayor of Brindleport is Quillon Varet."}
         for which, text in answers.items():
             for word in text.split(" "):
-                events.emit("chat_token", model=which, text=word + " ")
+                events.emit(ev.ChatToken(model=which, text=word + " "))
         for which, text in answers.items():
-            events.emit("chat_done", model=which, text=text)
+            events.emit(ev.ChatDone(model=which, text=text))
     return 0
 
 
@@ -170,6 +188,11 @@ def model_info(args: list[str]) -> int:
         print(json.dumps({"error": {"code": "model_not_found", "message": f"{model}: no config.json in this folder",
                                     "advice": "Pick the folder that holds config.json and the .safetensors files."}}))
         return 1
+    if "slow" in model:
+        for part in (1, 2, 3):
+            print(f"importing {Path(model).name}: writing model-0000{part}-of-00003.safetensors", file=sys.stderr,
+                  flush=True)
+            time.sleep(0.5)
     print(json.dumps({"path": "/models/SmolLM2-135M-Instruct" if model == "default" else model,
                       "source": "default" if model == "default" else "folder", "original": model,
                       "architecture": "LlamaForCausalLM", "params": 134_515_008, "vocab_size": 49152,

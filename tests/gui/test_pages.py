@@ -10,8 +10,11 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLabel, QPushButton
 
-from qlora_engine import hardware
-from qlora_engine.config import RunConfig
+from app.engine_requests import ReadModelInfo, ScanData
+from qlora_engine.planning import hardware
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.events import EventWriter
 
 GIB = 2**30
 
@@ -25,6 +28,14 @@ def gpu(index: int = 0, name: str = "NVIDIA GeForce RTX 3060", total_gib: float 
 
 def labels_text(widget) -> str:
     return "\n".join(label.text() for label in widget.findChildren(QLabel) if label.isVisible())
+
+
+def engine_answer(qtbot, window, request_type: type, **fields):
+    """Waits for the engine client's answer to a request of this type (and these fields); `.args[0]` is its Call."""
+    def is_it(call) -> bool:
+        return isinstance(call.request, request_type) and all(getattr(call.request, k) == v for k, v in fields.items())
+
+    return qtbot.waitSignal(window.session.engine.answered, timeout=10_000, check_params_cb=is_it)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -74,8 +85,9 @@ def test_model_page_shows_the_bundled_models_facts(window, screenshot):
 def test_model_page_reports_a_folder_that_is_not_a_model_with_advice(window, qtbot, tmp_path, screenshot):
     window.show_page("model")
     page = window.pages["model"]
-    with qtbot.waitSignal(page.query.failed, timeout=10_000):
+    with engine_answer(qtbot, window, ReadModelInfo, model=str(tmp_path / "broken-model")) as answered:
         page.choose_model(str(tmp_path / "broken-model"))
+    assert answered.args[0].error.code == "model_not_found"
     assert page.use_folder.isChecked()
     assert page.banner.isVisible() and "config.json" in page.banner.label.text()
     assert not page.facts_card.isVisible()
@@ -83,20 +95,23 @@ def test_model_page_reports_a_folder_that_is_not_a_model_with_advice(window, qtb
     screenshot(window, "model-error")
 
 
-def test_model_page_while_reading_shows_progress(window, qtbot, screenshot):
+def test_model_page_while_reading_shows_progress(window, qtbot, tmp_path, screenshot):
     window.show_page("model")
     page = window.pages["model"]
-    page.choose_model("default")
+    page.choose_model(str(tmp_path / "slow-model.gguf"))
     assert page.busy.isVisible()
+    qtbot.waitUntil(lambda: "writing model-00001" in page.busy_label.text(), timeout=10_000)
     screenshot(window, "model-empty")
     qtbot.waitUntil(lambda: not page.busy.isVisible(), timeout=10_000)
+    assert page.facts["path"].text() == str(tmp_path / "slow-model.gguf")
 
 
 # ----------------------------------------------------------------------------- Data
-def scan(window, qtbot, path: str, signal: str = "result"):
+def scan(window, qtbot, path: str, fails: bool = False):
     page = window.pages["data"]
-    with qtbot.waitSignal(getattr(page.query, signal), timeout=10_000):
+    with engine_answer(qtbot, window, ScanData, data=path) as answered:
         page.choose_file(path)
+    assert (answered.args[0].error is not None) == fails
     return page
 
 
@@ -114,7 +129,7 @@ def test_data_page_previews_rows_with_trained_tokens_highlighted(window, qtbot, 
 
 def test_data_page_format_override_rescans_with_that_format(window, qtbot):
     page = scan(window, qtbot, "sample")
-    with qtbot.waitSignal(page.query.result, timeout=10_000):
+    with engine_answer(qtbot, window, ScanData, data_format="chat"):
         page.format_combo.setCurrentIndex(page.format_combo.findData("chat"))
     assert window.session.config.data_format == "chat"
     assert window.session.data_report["format"] == "chat"
@@ -122,7 +137,7 @@ def test_data_page_format_override_rescans_with_that_format(window, qtbot):
 
 def test_data_page_reports_an_unreadable_file_with_advice(window, qtbot, tmp_path, screenshot):
     window.show_page("data")
-    page = scan(window, qtbot, str(tmp_path / "broken.jsonl"), signal="failed")
+    page = scan(window, qtbot, str(tmp_path / "broken.jsonl"), fails=True)
     assert page.banner.isVisible() and "line 1" in page.banner.label.text()
     assert page.bad_rows.rowCount() == 0
     screenshot(window, "data-error")
@@ -148,15 +163,21 @@ def test_data_page_scans_the_sample_once_the_model_is_known(window, qtbot):
 
 
 # ----------------------------------------------------------------------------- Fit
-def plan_for_gib(window, free_gib: float) -> None:
+def estimated(qtbot, window) -> None:
+    """Waits until the Fit page shows the estimate for the options and memory as they are now."""
+    qtbot.waitUntil(lambda: not window.pages["fit"].is_estimating(), timeout=10_000)
+
+
+def plan_for_gib(qtbot, window, free_gib: float) -> None:
     page = window.pages["fit"]
     page.target.setCurrentIndex(page.target.findData("custom"))
     page.custom_gib.setValue(free_gib)
+    estimated(qtbot, window)
 
 
-def test_fit_page_shows_terms_and_a_verdict_against_free_memory(window, screenshot):
+def test_fit_page_shows_terms_and_a_verdict_against_free_memory(window, qtbot, screenshot):
     window.show_page("fit")
-    plan_for_gib(window, 8)
+    plan_for_gib(qtbot, window, 8)
     page = window.pages["fit"]
     assert page.verdict.text() == "Fits"
     assert page.table.rowCount() >= 8
@@ -168,7 +189,7 @@ def test_fit_page_shows_terms_and_a_verdict_against_free_memory(window, screensh
 def test_fit_page_offers_fixes_that_apply_with_one_click(window, qtbot, screenshot):
     window.show_page("fit")
     window.session.update_config(micro_batch_size=16, max_length=2048, gradient_checkpointing=False)
-    plan_for_gib(window, 2)
+    plan_for_gib(qtbot, window, 2)
     page = window.pages["fit"]
     assert page.verdict.text() == "Won't fit"
     def fix_buttons() -> list[QPushButton]:
@@ -181,11 +202,13 @@ def test_fit_page_offers_fixes_that_apply_with_one_click(window, qtbot, screensh
     assert window.session.config.gradient_checkpointing is True
 
 
-def test_fit_to_my_gpu_makes_the_run_fit(window):
+def test_fit_to_my_gpu_makes_the_run_fit(window, qtbot):
     window.session.update_config(micro_batch_size=16, max_length=4096)
-    plan_for_gib(window, 2)
+    plan_for_gib(qtbot, window, 2)
     page = window.pages["fit"]
+    assert page.verdict.text() == "Won't fit"
     page.fit_button.click()
+    estimated(qtbot, window)
     assert page.verdict.text() in ("Fits", "Tight: fits, with little room to spare")
     assert "Fitted to the GPU" in page.banner.label.text()
 
@@ -198,7 +221,7 @@ def test_fit_page_uses_the_detected_gpus_free_memory(window):
     assert page.free_and_total_bytes() == (int(5.5 * GIB), 12 * GIB)
 
 
-def test_fit_page_explains_a_model_config_it_cannot_read(window, tmp_path, screenshot):
+def test_fit_page_explains_a_model_config_it_cannot_read(window, qtbot, tmp_path, screenshot):
     folder = tmp_path / "odd-model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
@@ -206,6 +229,7 @@ def test_fit_page_explains_a_model_config_it_cannot_read(window, tmp_path, scree
     window.session.update_config(model=str(folder))
     window.session.set_model_info({"path": str(folder)})
     window.pages["fit"].update_estimate()
+    estimated(qtbot, window)
     page = window.pages["fit"]
     assert page.banner.isVisible() and "hidden_size" in page.banner.label.text()
     assert page.verdict.text() == "—"
@@ -269,8 +293,9 @@ def test_a_finished_run_is_plotted_and_summarized(window, qtbot, screenshot):
     assert window.current_page() == "monitor"
     page = window.pages["monitor"]
     page.redraw()
-    assert page.metrics.status == "finished"
-    assert page.metrics.series["loss"].count == 12 and page.metrics.series["eval_loss"].count == 3
+    assert page.state.status == "finished"
+    assert page.state.series["loss"].count == 12 and page.state.series["eval_loss"].count == 3
+    assert page.stat_values["step"].text() == "12 / 12"
     x, _y = page.curves["loss"].getData()
     assert len(x) == 12
     assert page.estimate_line.isVisible() and page.total_line.isVisible()
@@ -286,7 +311,7 @@ def test_engine_crash_shows_its_error_and_the_window_stays_usable(window, qtbot,
         window.start_training()
     page = window.pages["monitor"]
     page.redraw()
-    assert page.metrics.status == "failed"
+    assert page.state.status == "failed"
     assert page.banner.isVisible()
     assert "engine_crashed" in page.banner.label.text() and "illegal memory access" in page.banner.label.text()
     assert window.start_action.isEnabled()
@@ -306,21 +331,21 @@ def test_engine_error_event_shows_the_engines_advice(window, qtbot, scenario):
 def test_stop_writes_a_checkpoint_and_resume_finishes_the_run(window, qtbot, scenario, screenshot):
     scenario("slow")
     window.start_training()
-    qtbot.waitUntil(lambda: window.pages["monitor"].metrics.step >= 2, timeout=20_000)
+    qtbot.waitUntil(lambda: window.pages["monitor"].state.step >= 2, timeout=20_000)
     with qtbot.waitSignal(window.session.training.exited, timeout=20_000):
         window.stop_action.trigger()
     page = window.pages["monitor"]
     page.redraw()
-    stopped_at = page.metrics.step
-    assert page.metrics.status == "stopped" and stopped_at < 12
+    stopped_at = page.state.step
+    assert page.state.status == "stopped" and stopped_at < 12
     assert page.resume_button.isEnabled()
     screenshot(window, "monitor-stopped")
     scenario("ok")
     with qtbot.waitSignal(window.session.training.exited, timeout=20_000):
         page.resume_button.click()
     page.redraw()
-    assert page.metrics.status == "finished"
-    assert list(page.metrics.series["loss"].x) == list(range(1, 13))  # history kept, no step twice
+    assert page.state.status == "finished"
+    assert list(page.state.series["loss"].x) == list(range(1, 13))  # history kept, no step twice
 
 
 # ----------------------------------------------------------------------------- Chat
@@ -427,7 +452,39 @@ def test_runs_page_lists_runs_and_reopens_one(window, qtbot, scenario, screensho
     screenshot(window, "runs-normal")
     page.open_button.click()
     assert window.current_page() == "monitor" and window.session.run_dir == run_dir
-    assert window.pages["monitor"].metrics.status == "finished"
+    assert window.pages["monitor"].state.status == "finished"
+
+
+def write_real_engine_run(runs, name: str, last_step: int, total_steps: int = 30, finished: bool = True):
+    """A run folder as the real engine leaves it: the total number of steps only in data_ready and step."""
+    run_dir = runs / name
+    RunConfig(max_steps=total_steps).save(run_dir / "config.yaml")
+    events = EventWriter(run_dir / "events.jsonl", stream=None)
+    events.emit(ev.Started(run_dir=str(run_dir), config=RunConfig(max_steps=total_steps).to_dict(), device="cpu"))
+    events.emit(ev.DataReady(train_rows=90, val_rows=10, total_steps=total_steps))
+    events.emit(ev.ModelLoaded(model="default", params=134_515_008, trainable_params=4_884_480))
+    for step in range(1, last_step + 1):
+        events.emit(ev.Step(step=step, total_steps=total_steps, loss=2.0 - step / 100, lr=1e-4))
+    if finished:
+        events.emit(ev.Finished(step=last_step, adapter_dir=str(run_dir / "adapter"), final_loss=1.7))
+    else:
+        (run_dir / "checkpoints" / f"step-{last_step}").mkdir(parents=True)
+        events.emit(ev.Stopped(step=last_step, checkpoint=str(run_dir / "checkpoints" / f"step-{last_step}")))
+    events.close()
+    return run_dir
+
+
+def test_runs_page_shows_step_and_total_of_a_real_engine_run(window, screenshot):
+    runs = window.session.runs_folder
+    write_real_engine_run(runs, "2026-12-01_21-54_smollm2-135m-instruct", last_step=30)
+    write_real_engine_run(runs, "2026-12-01_22-10_smollm2-135m-instruct", last_step=12, finished=False)
+    window.show_page("runs")
+    page = window.pages["runs"]
+    page.refresh()
+    steps = {page.table.item(r, 0).text(): page.table.item(r, 3).text() for r in range(page.table.rowCount())}
+    assert steps == {"2026-12-01_21-54_smollm2-135m-instruct": "30 / 30",
+                     "2026-12-01_22-10_smollm2-135m-instruct": "12 / 30"}
+    screenshot(window, "runs-real-engine-steps")
 
 
 def test_deleting_a_run_asks_first(window, qtbot, monkeypatch):
@@ -459,7 +516,7 @@ def test_closing_during_a_run_can_be_cancelled_or_stops_with_a_checkpoint(window
 
     scenario("slow")
     window.start_training()
-    qtbot.waitUntil(lambda: window.pages["monitor"].metrics.step >= 1, timeout=20_000)
+    qtbot.waitUntil(lambda: window.pages["monitor"].state.step >= 1, timeout=20_000)
     monkeypatch.setattr(window, "ask_close_during_run", lambda: CloseChoice.CANCEL)
     window.close()
     assert window.isVisible() and window.session.is_training()
@@ -467,7 +524,7 @@ def test_closing_during_a_run_can_be_cancelled_or_stops_with_a_checkpoint(window
     with qtbot.waitSignal(window.session.training.exited, timeout=20_000):
         window.close()
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=5_000)
-    assert window.pages["monitor"].metrics.status == "stopped"
+    assert window.pages["monitor"].state.status == "stopped"
 
 
 def test_theme_switch_restyles_the_window(window, qtbot, screenshot):
@@ -477,6 +534,7 @@ def test_theme_switch_restyles_the_window(window, qtbot, screenshot):
     window.show_page("monitor")
     screenshot(window, "monitor-dark")
     window.show_page("fit")
+    estimated(qtbot, window)
     screenshot(window, "fit-dark")
     window.set_theme("light")
 
@@ -489,6 +547,6 @@ def test_shortcuts_start_and_stop(window):
 
 def test_a_cpu_run_says_no_gpu_memory_was_used(window):
     page = window.pages["monitor"]
-    page.metrics.add_event({"kind": "step", "step": 1, "total_steps": 4, "loss": 2.0, "lr": 1e-4, "vram": {}})
+    page.state.apply(ev.Step(step=1, total_steps=4, loss=2.0, lr=1e-4, vram={}))
     page.redraw()
     assert "on the CPU" in page.plots["vram"].getPlotItem().titleLabel.text

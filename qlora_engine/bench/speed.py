@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.config import RunConfig
+from qlora_engine.protocol.config import RunConfig
 from qlora_engine.resources import resources_dir
 
 TEXT_TOKENS = resources_dir() / "bench" / "text_tokens.npy"
@@ -71,7 +71,7 @@ def variable_lengths(count: int, seed: int = 0) -> list[int]:
 
 def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int]) -> list[list[Any]]:
     """Per step, its examples as data.Tokenized (ids, trained mask). Same for every stack."""
-    from qlora_engine.data import Tokenized
+    from qlora_engine.training.data import Tokenized
 
     stream = text_stream()
     if workload == "fixed":
@@ -95,14 +95,14 @@ def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device:
     """The same random-init weights for every stack: 4-bit for QLoRA stacks, bf16 for lora16."""
     import torch
 
-    from qlora_engine import bench
+    from qlora_engine.bench import models
 
     torch.manual_seed(0)
     if stack == "plain_liger":
         _apply_liger(model_config)
     if stack == "lora16":
-        return bench.random_model(model_config, cfg, device)
-    return bench.random_quantized_model(model_config, cfg, device)
+        return models.random_model(model_config, cfg, device)
+    return models.random_quantized_model(model_config, cfg, device)
 
 
 def _apply_liger(model_config: dict[str, Any]) -> None:
@@ -116,28 +116,28 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(model, optimizer, step function) for a stack; the step takes a list of Tokenized rows, returns the loss."""
     import torch
 
-    from qlora_engine import train
+    from qlora_engine.training import loop
 
     if stack in ENGINE_SWITCHES:
         cfg = dataclasses.replace(cfg, **ENGINE_SWITCHES[stack])
-        model = train.attach_lora(base, cfg)
+        model = loop.attach_lora(base, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = train.build_optimizer(cfg, trainable)
-        train.freeze_heap()
+        optimizer = loop.build_optimizer(cfg, trainable)
+        loop.freeze_heap()
 
         def engine_step(rows: list[Any]) -> float:
-            batch = train.micro_batch(rows, cfg, 0, cfg.device)
-            loss, _ = train.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
+            batch = loop.micro_batch(rows, cfg, 0, cfg.device)
+            loss, _ = loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
             return loss
 
         return model, optimizer, engine_step
     model = plain_peft_model(stack, base, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.build_optimizer(cfg, trainable)
+    optimizer = loop.build_optimizer(cfg, trainable)
     autocast = set_plain_precision(stack, model, cfg)
 
     def plain_step(rows: list[Any]) -> float:
-        batch = train.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
+        batch = loop.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
         with autocast:
             loss = model(**batch).loss
         loss.backward()
@@ -184,14 +184,14 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
                lengths: list[int], profile: bool = False, gpu_memory_gib: float = 0.0) -> dict[str, Any]:
     import torch
 
-    from qlora_engine import bench
+    from qlora_engine.bench import models
 
     device = cfg.device
     if device == "cuda" and gpu_memory_gib:
         _cap_gpu_memory(gpu_memory_gib)
     base = build_base(stack, model_config, cfg, device)
     gc.collect()
-    nvml = bench.NvmlPeak() if device == "cuda" else None
+    nvml = models.NvmlPeak() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -327,7 +327,7 @@ def bench_config(device: str, max_length: int, lora_dropout: float = 0.0) -> Run
 
 
 def _model_config_path(name: str) -> Path:
-    from qlora_engine.bench import MODEL_CONFIGS
+    from qlora_engine.bench.models import MODEL_CONFIGS
 
     path = Path(name).expanduser()
     if path.is_dir():

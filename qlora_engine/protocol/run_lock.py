@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qlora_engine.events import EngineError
+from qlora_engine.protocol.errors import EngineError
 
 LOCK_NAME = ".lock"
 
@@ -64,3 +64,8 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def engine_alive(run_dir: Path) -> bool:
+    """Whether an engine holds this run folder now (its lock names a living process)."""
+    return RunLock(run_dir)._owner_alive()

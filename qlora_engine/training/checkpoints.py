@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine.events import write_failure
+from qlora_engine.protocol.errors import write_failure
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 KEEP_LAST = 2

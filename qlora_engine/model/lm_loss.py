@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from qlora_engine.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES
-from qlora_engine.data import IGNORE_INDEX
+from qlora_engine.model.packing import IGNORE_INDEX
+from qlora_engine.protocol.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

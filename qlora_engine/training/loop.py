@@ -13,23 +13,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_engine import checkpoints, data, layer_compile, lm_loss, lora_nf4, models, packing, residual
-from qlora_engine.config import DEFAULT_DATA, RunConfig
-from qlora_engine.events import EngineError, EventWriter
+from qlora_engine.model import layer_compile, lm_loss, loading, lora_nf4, packing, residual
+from qlora_engine.model.generation import inference_mode
+from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
+from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
+from qlora_engine.training import checkpoints, compare, data
 
 ADAPTER_TMP_PREFIX, ADAPTER_OLD_PREFIX = ".tmp-adapter-", ".old-adapter-"
 
 SAMPLE_TRAIN = resources_dir() / "sample" / "train.jsonl"
-SAMPLE_HELDOUT = resources_dir() / "sample" / "heldout.jsonl"
 
 
 def data_path(spec: str) -> Path:
@@ -93,18 +94,18 @@ def collate(rows: list[data.Tokenized], pad_id: int, device: str) -> dict[str, t
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), data.IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(rows), width), packing.IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         ids[i, :n] = torch.tensor(row.input_ids)
         attention[i, :n] = 1
         trained = torch.tensor(row.trained_token_mask)
-        labels[i, :n] = torch.where(trained, ids[i, :n], data.IGNORE_INDEX)
+        labels[i, :n] = torch.where(trained, ids[i, :n], packing.IGNORE_INDEX)
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
 
 
 def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    return int((batch["labels"][:, 1:] != packing.IGNORE_INDEX).sum())
 
 
 def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device: str) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device:
 
 # ----------------------------------------------------------------------------- model setup
 def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any) -> Any:
-    model = models.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+    model = loading.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                         compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
                                         trust_remote_code=cfg.trust_remote_code)
     return attach_lora(model, cfg)
@@ -172,27 +173,6 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
     name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
                          num_training_steps=total_steps)
-
-
-@contextmanager
-def inference_mode(model: Any) -> Iterator[None]:
-    """Evaluation / generation inside a training process without breaking later training steps.
-
-    bitsandbytes (0.50) repacks 4-bit weights for CPU inference when a Linear4bit runs in eval mode,
-    and training after that silently diverges. So dropout and checkpointing are switched off module
-    by module, while the 4-bit layers keep `training=True`; everything is restored afterwards.
-    """
-    import bitsandbytes as bnb
-
-    modes = {module: module.training for module in model.modules()}
-    for module in modes:
-        module.training = isinstance(module, bnb.nn.Linear4bit)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def evaluate(model: Any, examples: list[data.Tokenized], cfg: RunConfig, pad_id: int, device: str) -> float:
@@ -272,15 +252,15 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
                  stop: StopRequest | None = None) -> dict[str, Any]:
     stop = stop or StopRequest()
     started_s = time.time()
-    device = models.resolve_device(cfg.device)
-    compute_dtype = models.resolve_compute_dtype(cfg.compute_dtype, device)
-    events.emit("started", run_dir=str(run_dir), config=cfg.to_dict(), device=device,
+    device = loading.resolve_device(cfg.device)
+    compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
+    events.emit(ev.Started(run_dir=str(run_dir), config=cfg.to_dict(), device=device,
                 compute_dtype=str(compute_dtype).replace("torch.", ""), resume=resume,
-                estimate_peak_bytes=_estimate_peak_bytes(cfg))
+                estimate_peak_bytes=_estimate_peak_bytes(cfg)))
     seed_everything(cfg.seed)
 
-    source = models.resolve_model(cfg.model, cfg.allow_pickle)
-    tokenizer = models.load_tokenizer(source.path, cfg.trust_remote_code)
+    source = loading.resolve_model(cfg.model, cfg.allow_pickle)
+    tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
     prepared = prepare_data(cfg, tokenizer)
     batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)
     total_steps = total_steps_for(cfg, batcher.batches_per_epoch)
@@ -289,9 +269,9 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     load_started_s = time.time()
     model = build_model(cfg, source.path, device, compute_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    events.emit("model_loaded", model=source.original, path=str(source.path), source=source.source,
+    events.emit(ev.ModelLoaded(model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
-                load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device))
+                load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device)))
     optimizer = build_optimizer(cfg, trainable)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     freeze_heap()
@@ -303,11 +283,11 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
             raise EngineError("no_checkpoint", f"{run_dir} has no complete checkpoint to resume from",
                               "Start the run again without --resume.")
         state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler)
-        events.emit("warning", message=f"resumed from {latest.name}", step=state.step)
+        events.emit(ev.Warning(message=f"resumed from {latest.name}", step=state.step))
 
     def save(step_state: checkpoints.TrainerState) -> Path:
         path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state)
-        events.emit("checkpoint", step=step_state.step, path=str(path))
+        events.emit(ev.Checkpoint(step=step_state.step, path=str(path)))
         return path
 
     model.train()
@@ -332,19 +312,19 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         last_loss = step_loss
         step_times_s.append(time.time() - step_started_s)
         tokens = sum(packing.real_tokens(b) for b in micro_batches)
-        events.emit("step", step=state.step, total_steps=total_steps,
+        events.emit(ev.Step(step=state.step, total_steps=total_steps,
                     epoch=round(state.micro_index / batcher.batches_per_epoch, 4), loss=round(step_loss, 5),
                     lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm, 5),
                     tokens_per_s=round(tokens / step_times_s[-1], 1),
                     eta_s=round(_mean_recent(step_times_s) * (total_steps - state.step), 1),
-                    vram=vram_figures(device))
+                    vram=vram_figures(device)))
         if prepared.val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
             eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
         if stop.requested and state.step < total_steps:
             path = save(state)
-            events.emit("stopped", step=state.step, checkpoint=str(path))
+            events.emit(ev.Stopped(step=state.step, checkpoint=str(path)))
             return {"status": "stopped", "step": state.step}
 
     if prepared.val_examples:
@@ -353,39 +333,40 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     adapter_dir = save_adapter(model, tokenizer, run_dir)
     comparison = None
     if cfg.compare_questions:
-        comparison = compare_answers(cfg, model, tokenizer, prepared, device)
-        events.emit("comparison", **comparison)
-    events.emit("finished", step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
-                eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1))
+        comparison = compare.compare_answers(cfg, model, tokenizer, prepared, device)
+        events.emit(ev.Comparison(**comparison))
+    events.emit(ev.Finished(step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
+                eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1)))
     return {"status": "finished", "step": state.step, "eval_loss": eval_loss, "comparison": comparison}
 
 
 def _estimate_peak_bytes(cfg: RunConfig) -> int | None:
     """The fit estimate for this run, shown next to the measured peak; None when config.json is unreadable."""
-    from qlora_engine import estimate
+    from qlora_engine.planning.memory import estimate_peak
+    from qlora_engine.planning.model_shape import resolve_model_config
 
     try:
-        return estimate.estimate_peak(estimate.resolve_model_config(cfg.model), cfg).peak_bytes
-    except estimate.EstimateError:
+        return estimate_peak(resolve_model_config(cfg.model), cfg).peak_bytes
+    except EngineError:
         return None
 
 
 def _emit_data_ready(events: EventWriter, prepared: PreparedRun, total_steps: int) -> None:
     reports = prepared.reports
     lengths = [len(e.input_ids) for e in prepared.train_examples]
-    events.emit("data_ready", train_rows=len(prepared.train_examples), val_rows=len(prepared.val_examples),
+    events.emit(ev.DataReady(train_rows=len(prepared.train_examples), val_rows=len(prepared.val_examples),
                 skipped_rows=sum(len(r.bad_rows) + r.no_trained_tokens_rows for r in reports),
                 truncated_rows=sum(r.truncated_rows for r in reports), total_steps=total_steps,
                 format=reports[0].format, detected_format=reports[0].detected_format,
                 mean_tokens=round(sum(lengths) / max(len(lengths), 1), 1), max_tokens=max(lengths, default=0),
                 bad_rows=[{"file": b.file, "line": b.line, "reason": b.reason} for r in reports
-                          for b in r.bad_rows[:200]])
+                          for b in r.bad_rows[:200]]))
 
 
 def _emit_eval(events: EventWriter, model: Any, prepared: PreparedRun, cfg: RunConfig, pad_id: int, device: str,
                step: int) -> float:
     eval_loss = evaluate(model, prepared.val_examples, cfg, pad_id, device)
-    events.emit("eval", step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3))
+    events.emit(ev.Eval(step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3)))
     return eval_loss
 
 
@@ -408,22 +389,3 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         checkpoints.replace_folder(tmp, final, run_dir / f"{ADAPTER_OLD_PREFIX}{os.getpid()}")
     return final
-
-
-def compare_answers(cfg: RunConfig, model: Any, tokenizer: Any, prepared: PreparedRun, device: str) -> dict[str, Any]:
-    """Base vs tuned answers to held-out questions (the sample set's, else validation prompts)."""
-    from qlora_engine import chat
-
-    questions = chat.heldout_questions(cfg, prepared, tokenizer)[: cfg.compare_questions]
-    texts = [q["question"] for q in questions]
-    with model.disable_adapter():
-        base_answers = chat.generate_answers(model, tokenizer, texts, device)
-    tuned_answers = chat.generate_answers(model, tokenizer, texts, device)
-    rows = [{**question, "base": base, "tuned": tuned,
-             "base_correct": chat.is_correct(base, question.get("keywords")),
-             "tuned_correct": chat.is_correct(tuned, question.get("keywords"))}
-            for question, base, tuned in zip(questions, base_answers, tuned_answers)]
-    scored = [r for r in rows if r["base_correct"] is not None]
-    return {"rows": rows,
-            "base_accuracy": sum(r["base_correct"] for r in scored) / len(scored) if scored else None,
-            "tuned_accuracy": sum(r["tuned_correct"] for r in scored) / len(scored) if scored else None}

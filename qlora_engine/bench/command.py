@@ -1,0 +1,41 @@
+"""`qlora-studio bench`: --memory (the engine's peak memory against the estimate, bench/memory.py) or --speed (tokens/s
+and memory against other stacks, bench/speed.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qlora_engine.bench import memory, speed
+from qlora_engine.bench.models import MODEL_CONFIGS
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="qlora-studio bench", description=__doc__)
+    parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
+    parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
+    parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
+    parser.add_argument("--out", help="--memory: JSON lines, one configuration each (default bench-memory.jsonl); "
+                        "--speed: one JSON file of every result")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG_JSON", "RUNS_JSON"), help=argparse.SUPPRESS)
+    speed.add_speed_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.speed_worker:
+        return speed.speed_worker(args.speed_worker)
+    if args.speed:
+        return speed.speed_main(args)
+    args.out = args.out or "bench-memory.jsonl"
+    if args.worker:
+        return memory.memory_worker(Path(args.worker[0]), json.loads(args.worker[1]), Path(args.out))
+    if not args.memory:
+        parser.error("choose what to measure: --memory or --speed")
+    only = set(args.models.split(",")) if args.models else None
+    failures = 0
+    for name, runs in memory.grid_runs(only, args.per_model).items():
+        command = [sys.executable, "-m", "qlora_engine", "bench", "--out", args.out, "--worker",
+                   str(MODEL_CONFIGS / f"{name}.json"), json.dumps(runs)]
+        failures += subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode != 0
+    return 1 if failures else 0

@@ -1,0 +1,83 @@
+"""What every bench builds on: random-init models of a real architecture's exact shape (16-bit or 4-bit, straight on
+the device, no download) and a sampler of the whole GPU's used memory (NVML)."""
+from __future__ import annotations
+
+import gc
+import threading
+from typing import Any
+
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.resources import resources_dir
+
+MODEL_CONFIGS = resources_dir() / "model_configs"
+
+
+class NvmlPeak:
+    """Samples whole-GPU used memory every 20 ms in a thread; keeps the maximum since the last reset."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def used_bytes(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self.used_bytes())
+
+    def reset(self) -> None:
+        self.peak_bytes = self.used_bytes()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def random_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
+    """A random-init model of this shape, built straight on the device in the compute dtype."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_engine.model.loading import resolve_compute_dtype
+
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    values = {k: v for k, v in model_config.items() if k not in ("architectures", "transformers_version")}
+    config = AutoConfig.for_model(**values)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
+    """A random-init model of this shape on the device, every decoder Linear turned into a bitsandbytes Linear4bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    model = random_model(model_config, cfg, device)
+    dtype = model.dtype
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=cfg.double_quant,
+                                      quant_type=cfg.quant_type, device="meta")
+        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
+                                             compress_statistics=cfg.double_quant,
+                                             quant_type=cfg.quant_type).to(device)
+        if module.bias is not None:
+            quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantized)
+        del module
+    model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
+    gc.collect()  # the replaced 16-bit modules reference each other: free them before anything is measured
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model

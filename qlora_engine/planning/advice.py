@@ -1,0 +1,200 @@
+"""Against free GPU memory: the verdict, the longest max_length and largest batch that fit, fixes, fit to this GPU.
+
+Every number comes from memory.estimate_peak; nothing here counts bytes itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_engine.planning.memory import Estimate, estimate_peak, format_gib
+from qlora_engine.planning.model_shape import model_shape
+from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError, model_config_error
+
+TIGHT_MARGIN_FRACTION = 0.10  # a peak within this fraction of free memory is "tight"
+SEARCH_MAX_BATCH = 1024
+MIN_MAX_LENGTH = 16  # RunConfig's minimum
+
+
+def fit_verdict(estimate: Estimate, free_bytes: int) -> str:
+    """'fits', 'tight' (within TIGHT_MARGIN_FRACTION of free memory) or "won't fit"."""
+    if estimate.peak_bytes > free_bytes:
+        return "won't fit"
+    if estimate.peak_bytes > free_bytes * (1 - TIGHT_MARGIN_FRACTION):
+        return "tight"
+    return "fits"
+
+
+@dataclass
+class Fix:
+    description: str
+    saving_bytes: int
+    config_changes: dict[str, Any]
+    fits_after: bool  # the run with these changes gets the verdict "fits"
+
+
+@dataclass
+class Advice:
+    verdict: str
+    peak_bytes: int
+    free_bytes: int
+    max_length_that_fits: int | None  # at the chosen batch; None when not even MIN_MAX_LENGTH fits
+    batch_that_fits: int | None  # at the chosen max_length; None when not even batch 1 fits
+    fixes: list[Fix]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _with(run: RunConfig, **changes: Any) -> RunConfig:
+    return dataclasses.replace(run, **changes)
+
+
+def _fits(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> bool:
+    return fit_verdict(estimate_peak(model_config, run), free_bytes) == "fits"
+
+
+def _largest(low: int, high: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest value in [low, high] for which `fits` holds, given it holds up to some point and not beyond."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _round_length(length: int) -> int:
+    """Lengths people pick: a multiple of 64 where that is possible."""
+    return length - length % 64 if length >= 64 else length
+
+
+def max_length_that_fits(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> int | None:
+    """The longest max_length (up to the model's context) that fits with the chosen batch."""
+    limit = model_shape(model_config)[0].max_position_embeddings
+    length = _largest(MIN_MAX_LENGTH, max(limit, MIN_MAX_LENGTH),
+                      lambda n: _fits(model_config, _with(run, max_length=n), free_bytes))
+    return None if length is None else _round_length(length)
+
+
+def batch_that_fits(model_config: dict[str, Any], run: RunConfig, free_bytes: int,
+                    max_batch: int = SEARCH_MAX_BATCH) -> int | None:
+    """The largest micro-batch that fits with the chosen max_length."""
+    return _largest(1, max_batch, lambda b: _fits(model_config, _with(run, micro_batch_size=b), free_bytes))
+
+
+def _smaller_batch_fix(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> dict[str, Any] | None:
+    """A smaller micro-batch with more accumulation: the same effective batch, fewer activations."""
+    effective = run.micro_batch_size * run.grad_accum
+    divisors = [b for b in range(run.micro_batch_size - 1, 0, -1) if effective % b == 0]
+    if not divisors:
+        return None
+    batch = next((b for b in divisors if _fits(model_config, _with(run, micro_batch_size=b,
+                                                                   grad_accum=effective // b), free_bytes)), 1)
+    return {"micro_batch_size": batch, "grad_accum": effective // batch}
+
+
+def _candidate_fixes(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> list[tuple[str, dict]]:
+    """Each change that lowers memory without touching the others, described in the user's words."""
+    candidates: list[tuple[str, dict]] = []
+    if not run.gradient_checkpointing:
+        candidates.append(("enable gradient checkpointing (about 30% slower)", {"gradient_checkpointing": True}))
+    smaller = _smaller_batch_fix(model_config, run, free_bytes)
+    if smaller:
+        candidates.append((f"micro-batch {smaller['micro_batch_size']} with gradient accumulation "
+                           f"{smaller['grad_accum']}: the same effective batch of "
+                           f"{run.micro_batch_size * run.grad_accum}", smaller))
+    length = max_length_that_fits(model_config, run, free_bytes)
+    if length is not None and length < run.max_length:
+        candidates.append((f"max_length {length} (longer rows are truncated)", {"max_length": length}))
+    if run.optimizer != "paged_adamw_8bit":
+        candidates.append(("8-bit optimizer states (paged_adamw_8bit)", {"optimizer": "paged_adamw_8bit"}))
+    if run.lora_r > 1:
+        rank, alpha = run.lora_r // 2, max(1, run.lora_alpha // 2)
+        candidates.append((f"LoRA rank {rank} (alpha {alpha} keeps the same scaling)",
+                           {"lora_r": rank, "lora_alpha": alpha}))
+    if not run.double_quant:
+        candidates.append(("double quantization on", {"double_quant": True}))
+    if run.compute_dtype == "fp32":
+        candidates.append(("16-bit compute (auto: bf16 where supported)", {"compute_dtype": "auto"}))
+    elif run.fp32_residual and run.gradient_checkpointing:
+        candidates.append(("bf16 residual stream (fp32_residual off: early training a little slower)",
+                           {"fp32_residual": False}))
+    return candidates
+
+
+def advise(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> Advice:
+    """The verdict against free memory, the largest length and batch that fit, and fixes when it doesn't fit.
+
+    Fixes that make the run fit come first: fit_to_gpu's combination (which keeps the user's choices where it
+    can), then single changes by saving; changes that help but are not enough alone come last.
+    """
+    estimate = estimate_peak(model_config, run)
+    peak_bytes, verdict = estimate.peak_bytes, fit_verdict(estimate, free_bytes)
+    fixes = []
+    if verdict != "fits":
+        for description, changes in _candidate_fixes(model_config, run, free_bytes):
+            changed = _with(run, **changes)
+            fixes.append(Fix(description, peak_bytes - estimate_peak(model_config, changed).peak_bytes, changes,
+                             _fits(model_config, changed, free_bytes)))
+        fixes.sort(key=lambda fix: (not fix.fits_after, -fix.saving_bytes))
+        fixes = _combined_fix(model_config, run, free_bytes, fixes) + fixes
+    return Advice(verdict=verdict, peak_bytes=peak_bytes, free_bytes=free_bytes,
+                  max_length_that_fits=max_length_that_fits(model_config, run, free_bytes),
+                  batch_that_fits=batch_that_fits(model_config, run, free_bytes), fixes=fixes)
+
+
+def _combined_fix(model_config: dict[str, Any], run: RunConfig, free_bytes: int,
+                  single_fixes: list[Fix]) -> list[Fix]:
+    """fit_to_gpu's changes as one fix, unless nothing fits or a single fix is the same change."""
+    try:
+        changes = fit_to_gpu(model_config, run, free_bytes)
+    except EngineError:
+        return []
+    if not changes or any(fix.config_changes == changes for fix in single_fixes):
+        return []
+    saving = estimate_peak(model_config, run).peak_bytes - estimate_peak(model_config, _with(run, **changes)).peak_bytes
+    return [Fix(f"fit to this GPU: {describe_changes(changes)}", saving, changes, True)]
+
+
+def describe_changes(changes: dict[str, Any]) -> str:
+    """Config changes in a person's words: 'gradient_checkpointing on, micro_batch_size 2, grad_accum 4'."""
+    def value_text(value: Any) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    return ", ".join(f"{name} {value_text(value)}" for name, value in changes.items())
+
+
+MEMORY_SWITCHES = ({"gradient_checkpointing": True}, {"optimizer": "paged_adamw_8bit"}, {"double_quant": True})
+
+
+def fit_to_gpu(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> dict[str, Any]:
+    """The config changes that make the run fit with the most tokens per micro-batch.
+
+    max_length and the effective batch (micro-batch x accumulation) are upper bounds the user chose for the data
+    and the recipe: max_length is lowered only if it must be, and as much of the effective batch as fits moves
+    into the micro-batch (fewer accumulation steps run faster). The memory switches (checkpointing, 8-bit
+    optimizer, double quantization) are turned on one by one only while batch 1 doesn't fit.
+    """
+    changes: dict[str, Any] = {}
+    for switch in MEMORY_SWITCHES:
+        if _fits(model_config, _with(run, **changes, micro_batch_size=1), free_bytes):
+            break
+        changes.update({name: value for name, value in switch.items() if getattr(run, name) != value})
+    base = _with(run, **changes, micro_batch_size=1)
+    length = _largest(MIN_MAX_LENGTH, run.max_length,
+                      lambda n: _fits(model_config, _with(base, max_length=n), free_bytes))
+    if length is None:
+        raise model_config_error(f"even batch 1 with max_length {MIN_MAX_LENGTH} won't fit in {format_gib(free_bytes)}",
+                                 "Pick a smaller model, or free GPU memory (close other programs using the GPU).")
+    if length < run.max_length:
+        changes["max_length"] = _round_length(length)
+    effective = run.micro_batch_size * run.grad_accum
+    sized = _with(run, **changes)
+    batch = max(b for b in range(1, effective + 1) if effective % b == 0
+                and (b == 1 or _fits(model_config, _with(sized, micro_batch_size=b), free_bytes)))
+    changes.update({"micro_batch_size": batch, "grad_accum": effective // batch})
+    return {name: value for name, value in changes.items() if getattr(run, name) != value}

@@ -1,0 +1,383 @@
+"""The JSON-lines event protocol between the engine and its clients (GUI, scripts): one dataclass per event kind.
+
+One JSON object per line on stdout, `{"v": 1, "t": <unix time>, "kind": "<kind>", <the kind's fields>}`, the same
+lines appended to <run_dir>/events.jsonl. `parse_line` turns a line back into the same types; a kind this version
+doesn't know, a newer version's extra fields or a malformed line never crash a reader. No torch here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from qlora_engine.protocol.errors import EngineError
+
+PROTOCOL_VERSION = 1
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+@dataclass(kw_only=True)
+class Event:
+    """What every event has: the time it was made (unix seconds). Subclasses name their `kind`."""
+
+    kind: ClassVar[str] = ""
+    t: float = field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.t, "kind": self.kind,
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "t"}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=_json_default)
+
+
+# ----------------------------------------------------------------------------- a training run
+@dataclass(kw_only=True)
+class Started(Event):
+    kind: ClassVar[str] = "started"
+    run_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    compute_dtype: str = ""
+    resume: bool = False
+    estimate_peak_bytes: int | None = None  # the fit estimate for this run; None when config.json is unreadable
+
+
+@dataclass(kw_only=True)
+class DataReady(Event):
+    kind: ClassVar[str] = "data_ready"
+    train_rows: int
+    val_rows: int
+    total_steps: int
+    skipped_rows: int = 0
+    truncated_rows: int = 0
+    format: str = ""
+    detected_format: str = ""
+    mean_tokens: float = 0.0
+    max_tokens: int = 0
+    bad_rows: list[dict[str, Any]] = field(default_factory=list)  # {file, line, reason}, the first 200 per file
+
+
+@dataclass(kw_only=True)
+class ModelLoaded(Event):
+    kind: ClassVar[str] = "model_loaded"
+    model: str
+    params: int
+    trainable_params: int
+    path: str = ""
+    source: str = ""
+    load_s: float = 0.0
+    vram: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Step(Event):
+    """One optimizer step. `vram` (CUDA only): allocated, reserved, max_allocated, max_reserved (this process),
+    gpu_used, gpu_total (the whole GPU), in bytes."""
+
+    kind: ClassVar[str] = "step"
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    grad_norm: float = 0.0
+    epoch: float = 0.0
+    tokens_per_s: float = 0.0
+    eta_s: float = 0.0
+    vram: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Eval(Event):
+    """Loss on the validation split; the one at step 0 is the base model's."""
+
+    kind: ClassVar[str] = "eval"
+    step: int
+    eval_loss: float
+    perplexity: float
+
+
+@dataclass(kw_only=True)
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(kw_only=True)
+class Warning(Event):  # noqa: A001 (the protocol's word; never used as the builtin here)
+    kind: ClassVar[str] = "warning"
+    message: str
+    step: int | None = None
+
+
+@dataclass(kw_only=True)
+class Error(Event):
+    """What went wrong, in the user's words, and what to do. An out-of-memory error also carries what was measured
+    when it struck (bytes) and the estimator's fixes ({description, config_changes})."""
+
+    kind: ClassVar[str] = "error"
+    code: str
+    message: str
+    advice: str = ""
+    step: int | None = None
+    peak_bytes: int | None = None
+    reserved_bytes: int | None = None
+    free_bytes: int | None = None
+    gpu_total_bytes: int | None = None
+    estimate_peak_bytes: int | None = None
+    fixes: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_exception(cls, exc: EngineError) -> Error:
+        return cls(code=exc.code, message=exc.message, advice=exc.advice, **exc.details)
+
+
+@dataclass(kw_only=True)
+class Stopped(Event):
+    kind: ClassVar[str] = "stopped"
+    step: int
+    checkpoint: str = ""
+
+
+@dataclass(kw_only=True)
+class Comparison(Event):
+    """Base and tuned answers to held-out questions: rows of {question, base, tuned, base_correct, tuned_correct}
+    (correct is None where the question has no keywords to score by)."""
+
+    kind: ClassVar[str] = "comparison"
+    rows: list[dict[str, Any]]
+    base_accuracy: float | None = None
+    tuned_accuracy: float | None = None
+
+
+@dataclass(kw_only=True)
+class Finished(Event):
+    kind: ClassVar[str] = "finished"
+    step: int
+    adapter_dir: str
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    duration_s: float | None = None
+
+
+# ----------------------------------------------------------------------------- export and chat commands
+@dataclass(kw_only=True)
+class ExportProgress(Event):
+    kind: ClassVar[str] = "export_progress"
+    stage: str
+    fraction: float
+
+
+@dataclass(kw_only=True)
+class Exported(Event):
+    """An export written and reloaded by the tool that will use it, compared with the trained model."""
+
+    kind: ClassVar[str] = "exported"
+    export: str  # adapter or merged
+    path: str
+    max_abs_logit_diff: float
+    relative_l2: float
+    top1_agreement: float
+    tolerance: str
+    ok: bool
+
+
+@dataclass(kw_only=True)
+class ChatReady(Event):
+    kind: ClassVar[str] = "chat_ready"
+    target: str
+    has_adapter: bool
+    device: str = ""
+
+
+@dataclass(kw_only=True)
+class ChatToken(Event):
+    kind: ClassVar[str] = "chat_token"
+    model: str  # base or tuned
+    text: str
+
+
+@dataclass(kw_only=True)
+class ChatDone(Event):
+    kind: ClassVar[str] = "chat_done"
+    model: str
+    text: str
+
+
+@dataclass(kw_only=True)
+class UnknownEvent(Event):
+    """A line that looked like an event but this version can't read: a newer kind or version, or missing fields.
+    Readers log it and go on."""
+
+    kind: ClassVar[str] = "unknown"
+    raw_kind: str = ""
+    version: Any = None
+    reason: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in (
+    Started, DataReady, ModelLoaded, Step, Eval, Checkpoint, Warning, Error, Stopped, Comparison, Finished,
+    ExportProgress, Exported, ChatReady, ChatToken, ChatDone)}
+KINDS = tuple(EVENT_TYPES)
+
+
+def event_fields(kind: str) -> dict[str, bool]:
+    """The fields of an event kind and whether each is required: the schema the contract tests hold both the real
+    and the fake engine to."""
+    return {f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            for f in dataclasses.fields(EVENT_TYPES[kind]) if f.name != "t"}
+
+
+def event_from_dict(values: dict[str, Any]) -> Event:
+    """The typed event for a decoded line; an UnknownEvent (never an exception) when it can't be read. Fields a newer
+    engine added are dropped; a newer version is read as far as its fields are known."""
+    kind, version = values.get("kind"), values.get("v")
+    fields_in = {k: v for k, v in values.items() if k not in ("v", "kind")}
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None or not isinstance(version, int) or version < 1:
+        reason = f"unknown event kind {kind!r}" if cls is None else f"unreadable protocol version {version!r}"
+        return UnknownEvent(raw_kind=str(kind), version=version, reason=reason, fields=fields_in)
+    known = {f.name for f in dataclasses.fields(cls)}
+    missing = [name for name, required in event_fields(kind).items() if required and name not in fields_in]
+    if missing:
+        return UnknownEvent(raw_kind=kind, version=version, reason=f"{kind} without {', '.join(missing)}",
+                            fields=fields_in)
+    kept = {k: v for k, v in fields_in.items() if k in known}
+    if not isinstance(kept.get("t", 0.0), (int, float)):
+        kept.pop("t")
+    return cls(**kept)
+
+
+def parse_line(line: str) -> Event | None:
+    """The event on this line, or None when the line is plain log text (not a JSON object with a kind)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        values = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(values, dict) or "kind" not in values or "v" not in values:
+        return None
+    return event_from_dict(values)
+
+
+def read_events(path: Path) -> Iterator[Event]:
+    """The events of a run's events.jsonl, unknown ones skipped; a line cut short by a kill is skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            event = parse_line(line)
+            if event is not None and not isinstance(event, UnknownEvent):
+                yield event
+
+
+# ----------------------------------------------------------------------------- writing
+class EventWriter:
+    """Writes events to a stream (stdout by default) and appends them to the run's events.jsonl."""
+
+    def __init__(self, log_path: Path | None = None, stream: IO[str] | None = sys.stdout,
+                 human: bool = False) -> None:
+        self.log_path = log_path
+        self.stream = stream
+        self.human = human
+        self._log: IO[str] | None = None
+        self.last_of_kind: dict[str, Event] = {}  # e.g. the last `step`, to say where a failure hit
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_path, "a", encoding="utf-8")
+            if self._log.tell() and not _ends_with_newline(log_path):  # a line cut short by a kill
+                self._log.write("\n")
+
+    def emit(self, event: Event) -> Event:
+        if type(event) not in EVENT_TYPES.values():
+            raise TypeError(f"not an event of the protocol: {event!r}")
+        line = event.to_json()
+        self.last_of_kind[event.kind] = event
+        if self._log is not None:
+            try:
+                self._log.write(line + "\n")
+                self._log.flush()
+            except OSError:  # disk full or folder gone: the events still reach stdout, and the error is reported
+                self._close_log_quietly()
+        if self.stream is not None:
+            try:
+                self.stream.write((describe(event) if self.human else line) + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                # The reader went away (the GUI closed and left the run going): keep training and
+                # keep writing events.jsonl, which is how a reopened window follows the run.
+                self.stream = None
+        return event
+
+    def close(self) -> None:
+        if self._log is not None:
+            try:
+                self._log.close()
+            except OSError:  # its buffer could not be written (disk full); nothing more to do
+                pass
+            self._log = None
+
+    def _close_log_quietly(self) -> None:
+        log, self._log = self._log, None
+        try:
+            log.close()
+        except OSError:
+            pass
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- reading aloud
+def describe(event: Event) -> str:
+    """One human line for an event (the CLI's --events human mode, the GUI's log view)."""
+    if isinstance(event, Step):
+        parts = [f"step {event.step}/{event.total_steps}", f"loss {event.loss:.4f}", f"lr {event.lr:.2e}",
+                 f"grad_norm {event.grad_norm:.3f}", f"{event.tokens_per_s:.0f} tok/s"]
+        if event.vram.get("max_allocated"):
+            parts.append(f"peak {event.vram['max_allocated'] / 2**30:.2f} GiB")
+        return "  ".join(parts)
+    if isinstance(event, Eval):
+        return f"eval at step {event.step}: loss {event.eval_loss:.4f}  perplexity {event.perplexity:.2f}"
+    if isinstance(event, Comparison):
+        return _describe_comparison(event)
+    if isinstance(event, Started):
+        return f"started: {event.run_dir} on {event.device} ({event.compute_dtype})"
+    if isinstance(event, Error):
+        return f"ERROR [{event.code}] {event.message}\n  what to do: {event.advice}"
+    rest = {k: v for k, v in event.to_dict().items() if k not in ("v", "t", "kind")}
+    return f"{event.kind}: " + ", ".join(f"{k}={v}" for k, v in rest.items())
+
+
+def _describe_comparison(event: Comparison) -> str:
+    lines = ["", "Before / after on held-out questions:"]
+    for row in event.rows:
+        marks = {True: "right", False: "wrong", None: ""}
+        lines += [f"Q: {row['question']}",
+                  f"   base  [{marks[row['base_correct']]}]: {row['base'][:160]}",
+                  f"   tuned [{marks[row['tuned_correct']]}]: {row['tuned'][:160]}"]
+    if event.base_accuracy is not None:
+        lines.append(f"Correct: base {event.base_accuracy:.0%}, tuned {event.tuned_accuracy:.0%} "
+                     f"of {len(event.rows)} held-out questions")
+    return "\n".join(lines)

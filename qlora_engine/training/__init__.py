@@ -1,0 +1,1 @@
+"""The training run: data shapes, the loop, checkpoints, run locks."""
