@@ -6,22 +6,27 @@ Long-running streams (train, export, chat --serve) are not requests: they are En
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import IO, Any, ClassVar, Generic, TypeVar
 
 import shiboken6
 from PySide6.QtCore import QObject, QThreadPool, Signal
 
 from app.engine_command import child_environment, crash_error, default_engine_command, not_started_error
+from qlora_engine.protocol import queries
 from qlora_engine.protocol.errors import EngineError
 
 Result = TypeVar("Result")
 SHUTDOWN_WAIT_MS = 5000
+PIPE_DRAIN_S = 5.0
+# Most requests wait on an engine process rather than use the CPU: a minute-long .gguf import must not hold up the
+# estimate, whatever the number of cores.
+MIN_WORKERS = 8
 
 
 class Request(Generic[Result]):
@@ -36,25 +41,22 @@ class Request(Generic[Result]):
 
 
 class EngineQuery(Request[Result]):
-    """A short engine command that prints one JSON object (`model-info --json`, `data --json`), or `{"error": {code,
-    message, advice}}`. Subclasses say its arguments and how the object becomes the typed result."""
+    """A short engine command that prints one typed answer (`model-info --json`, `data --json`): an `answer_type` of
+    qlora_engine.protocol.queries, or a failure, read back as the EngineError it was."""
+
+    answer_type: ClassVar[type[queries.Answer]]
 
     def args(self) -> list[str]:
         raise NotImplementedError
 
-    def read(self, answer: dict[str, Any]) -> Result:
-        raise NotImplementedError
-
     def run(self, call: Call) -> Result:
         output = call.run_engine(self.args())
-        answer = last_json_object(output.stdout)
-        if answer is not None and isinstance(answer.get("error"), dict):
-            fields = dict(answer["error"])
-            raise EngineError(str(fields.pop("code", "engine_error")), str(fields.pop("message", "")),
-                              str(fields.pop("advice", "")), **fields)
-        if answer is None or output.exit_code != 0:
-            raise crash_error(output.exit_code, output.crashed, output.log_lines)
-        return self.read(answer)
+        try:
+            return queries.read_answer(output.stdout, self.answer_type)
+        except EngineError as exc:
+            if exc.code == "bad_answer" and output.exit_code != 0:  # it ended without an answer: a crash
+                raise crash_error(output.exit_code, output.crashed, output.log_lines) from None
+            raise
 
 
 @dataclass
@@ -72,7 +74,11 @@ class Call:
     def __init__(self, client: EngineClient, request: Request[Any], owner: QObject | None,
                  done: Callable[[Any], None] | None, failed: Callable[[EngineError], None] | None,
                  progress: Callable[[str], None] | None) -> None:
-        self.client, self.request, self.owner = client, request, owner
+        # A worker thread may drop the last reference to a call: it holds no QObject that dropping could delete
+        # there (the client by weak reference; the owner is a widget, owned by its parent).
+        self._client = weakref.ref(client)
+        self.engine_command = client.engine_command
+        self.request, self.owner = request, owner
         self._done, self._failed, self._progress = done, failed, progress
         self.result: Any = None
         self.error: EngineError | None = None
@@ -93,11 +99,11 @@ class Call:
 
     # ------------------------------------------------------------------ on the worker thread
     def report(self, text: str) -> None:
-        _relay().progressed.emit(self, text)
+        _send("progressed", self, text)
 
     def run_engine(self, args: list[str]) -> EngineOutput:
         """`<engine> args` to its end, killed if the call is cancelled; each stderr line is reported as progress."""
-        command = [*self.client.engine_command, *args]
+        command = [*self.engine_command, *args]
         with self._lock:
             if self.cancelled:
                 return EngineOutput(-1, True, "", [])
@@ -106,46 +112,59 @@ class Call:
                                            stderr=subprocess.PIPE, env=child_environment(), text=True,
                                            encoding="utf-8", errors="replace")
             except OSError as exc:
-                raise not_started_error(self.client.engine_command, exc.strerror or str(exc)) from exc
+                raise not_started_error(self.engine_command, exc.strerror or str(exc)) from exc
             self._process = process
         stdout: list[str] = []
-        reader = threading.Thread(target=lambda: stdout.append(process.stdout.read()), daemon=True)
-        reader.start()
-        log_lines = []
-        for line in process.stderr:
+        log_lines: list[str] = []
+        readers = [threading.Thread(target=lambda: stdout.append(process.stdout.read()), daemon=True),
+                   threading.Thread(target=self._read_log, args=(process.stderr, log_lines), daemon=True)]
+        for reader in readers:
+            reader.start()
+        exit_code = process.wait()
+        for reader in readers:  # a child of the engine may hold its pipes open: its exit is the end
+            reader.join(PIPE_DRAIN_S)
+        if not any(reader.is_alive() for reader in readers):
+            process.stdout.close()
+            process.stderr.close()
+        text = "".join(stdout)
+        return EngineOutput(exit_code, exit_code < 0, text, log_lines + [s for s in text.splitlines() if s.strip()])
+
+    def _read_log(self, stream: IO[str], log_lines: list[str]) -> None:
+        for line in stream:
             if line.strip():
                 log_lines.append(line.rstrip())
                 self.report(line.rstrip())
-        reader.join()
-        exit_code = process.wait()
-        text = "".join(stdout)
-        return EngineOutput(exit_code, exit_code < 0, text, log_lines + [s for s in text.splitlines() if s.strip()])
 
     def work(self) -> None:
         try:
             result = self.request.run(self)
         except EngineError as exc:
-            _relay().failed.emit(self, exc)
+            _send("failed", self, exc)
         except Exception as exc:  # a bug in a request: shown as an error, its traceback in the terminal
             traceback.print_exc()
-            _relay().failed.emit(self, EngineError("internal", f"{type(exc).__name__}: {exc}",
-                                                   "This is a bug in QLoRA Studio; the terminal has the details."))
+            _send("failed", self, EngineError("internal", f"{type(exc).__name__}: {exc}",
+                                              "This is a bug in QLoRA Studio; the terminal has the details."))
         else:
-            _relay().answered.emit(self, result)
+            _send("answered", self, result)
 
     # ------------------------------------------------------------------ on the GUI thread
+    def _owner_gone(self) -> bool:
+        return self.owner is not None and not shiboken6.isValid(self.owner)
+
     def _deliver(self, result: Any, error: EngineError | None) -> None:
-        self.client.forget(self)
-        if self.cancelled or (self.owner is not None and not shiboken6.isValid(self.owner)):
+        client = self._client()
+        if client is not None:
+            client.forget(self)
+        if client is None or self.cancelled or self._owner_gone():
             return
         self.answered, self.result, self.error = True, result, error
         callback = self._failed if error is not None else self._done
         if callback is not None:
             callback(error if error is not None else result)
-        self.client.answered.emit(self)
+        client.answered.emit(self)
 
     def _show_progress(self, text: str) -> None:
-        if self.is_running() and self._progress is not None:
+        if self.is_running() and self._progress is not None and not self._owner_gone():
             self._progress(text)
 
 
@@ -167,8 +186,11 @@ class _Relay(QObject):
 _RELAY: list[_Relay] = []
 
 
-def _relay() -> _Relay:
-    return _RELAY[0]
+def _send(signal: str, call: Call, value: Any) -> None:
+    """Emit on the relay from a worker thread; after the app has quit (the relay is gone) there is no one to tell."""
+    relay = _RELAY[0]
+    if shiboken6.isValid(relay):
+        getattr(relay, signal).emit(call, value)
 
 
 class EngineClient(QObject):
@@ -182,6 +204,7 @@ class EngineClient(QObject):
             _RELAY.append(_Relay())  # made on the GUI thread, which the answers are delivered to
         self.engine_command = engine_command or default_engine_command()
         self.pool = QThreadPool.globalInstance()
+        self.pool.setMaxThreadCount(max(self.pool.maxThreadCount(), MIN_WORKERS))
         self._running: dict[int, Call] = {}
         self._latest: dict[str, Call] = {}
 
@@ -212,16 +235,3 @@ class EngineClient(QObject):
         self._running.clear()
         self._latest.clear()
         self.pool.waitForDone(SHUTDOWN_WAIT_MS)
-
-
-def last_json_object(stdout: str) -> dict[str, Any] | None:
-    """An engine query's answer: all of stdout as JSON, or else its last line that is a JSON object."""
-    candidates = [stdout] + [line for line in reversed(stdout.splitlines()) if line.lstrip().startswith("{")]
-    for text in candidates:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None

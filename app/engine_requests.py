@@ -2,7 +2,7 @@
 a data file's scan, the memory estimate and "fit to my GPU". Each runs off the GUI thread; no Qt here.
 
 Light requests call the engine's torch-free planning code in this process; the others run an engine command
-(`model-info --json`, `data --json`) whose one JSON object is the answer.
+(`model-info --json`, `data --json`) whose answer is one of qlora_engine.protocol.queries' types.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 
 from app.engine_client import Call, EngineQuery, Request
 from qlora_engine.planning import hardware
-from qlora_engine.planning.advice import Advice, advise, fit_to_gpu
-from qlora_engine.planning.memory import Estimate, estimate_peak
+from qlora_engine.planning.advice import advise, fit_to_gpu
+from qlora_engine.planning.memory import estimate_peak
 from qlora_engine.planning.model_shape import load_model_config, resolve_model_config
+from qlora_engine.protocol import queries
 from qlora_engine.protocol.config import RunConfig
 
 
@@ -28,27 +29,26 @@ class DetectGpus(Request[hardware.GpuReport]):
 
 
 @dataclass(frozen=True)
-class ReadModelInfo(EngineQuery[dict[str, Any]]):
+class ReadModelInfo(EngineQuery[queries.ModelInfo]):
     """`model-info <model> --json`: a model's facts (path, source, architecture, params, context length, …);
     a .gguf is imported on the way, which can take a minute."""
 
     key: ClassVar[str] = "model_info"
+    answer_type: ClassVar[type[queries.Answer]] = queries.ModelInfo
     model: str
     allow_pickle: bool = False
 
     def args(self) -> list[str]:
         return ["model-info", self.model, "--json"] + (["--allow-pickle"] if self.allow_pickle else [])
 
-    def read(self, answer: dict[str, Any]) -> dict[str, Any]:
-        return answer
-
 
 @dataclass(frozen=True)
-class ScanData(EngineQuery[dict[str, Any]]):
+class ScanData(EngineQuery[queries.DataReport]):
     """`data <file> --json`: the detected format, rows, bad rows by line, token lengths and preview rows, read with
     the model's tokenizer."""
 
     key: ClassVar[str] = "data"
+    answer_type: ClassVar[type[queries.Answer]] = queries.DataReport
     data: str
     model: str
     data_format: str
@@ -59,9 +59,6 @@ class ScanData(EngineQuery[dict[str, Any]]):
         args = ["data", self.data, "--model", self.model, "--format", self.data_format,
                 "--max-length", str(self.max_length), "--json"]
         return args + (["--train-on-prompt"] if self.train_on_prompt else [])
-
-    def read(self, answer: dict[str, Any]) -> dict[str, Any]:
-        return answer
 
 
 @dataclass(frozen=True)
@@ -78,27 +75,21 @@ class ModelToPlan:
 
 
 @dataclass(frozen=True)
-class FitEstimate:
-    peak: Estimate
-    advice: Advice
-    free_bytes: int
-    total_bytes: int | None
-
-
-@dataclass(frozen=True)
-class EstimateFit(Request[FitEstimate]):
-    """The run's estimated peak memory, term by term, and the verdict and fixes for `free_bytes`."""
+class EstimateFit(Request[queries.EstimateReport]):
+    """The run's estimated peak memory, term by term, and the verdict and fixes for `free_bytes`: the answer
+    `estimate --json` gives, computed in this process."""
 
     key: ClassVar[str] = "estimate"
     model: ModelToPlan
     config: RunConfig
     free_bytes: int
-    total_bytes: int | None = None
+    memory_source: str = ""
 
-    def run(self, call: Call) -> FitEstimate:
+    def run(self, call: Call) -> queries.EstimateReport:
         model_config = self.model.config_json()
-        return FitEstimate(estimate_peak(model_config, self.config),
-                           advise(model_config, self.config, self.free_bytes), self.free_bytes, self.total_bytes)
+        return queries.EstimateReport(model=self.model.model, estimate=estimate_peak(model_config, self.config),
+                                      memory_source=self.memory_source,
+                                      advice=advise(model_config, self.config, self.free_bytes))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from app.engine_command import default_engine_command
 from app.engine_process import EngineProcess
 from qlora_engine.planning.hardware import GpuReport
 from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.queries import DataReport, ModelInfo
 from qlora_engine.protocol.run_folders import CONFIG_NAME, new_run_dir
 
 
@@ -33,8 +34,8 @@ class Session(QObject):
         self.engine_command = engine_command or default_engine_command()
         self.runs_folder = runs_folder
         self.config = RunConfig()
-        self.model_info: dict[str, Any] | None = None
-        self.data_report: dict[str, Any] | None = None
+        self.model_info: ModelInfo | None = None
+        self.data_report: DataReport | None = None
         self.gpu_report: GpuReport | None = None  # None until detection has run
         self.run_dir: Path | None = None  # the run being looked at
         self.training_run_dir: Path | None = None  # the run the training engine is working on
@@ -50,11 +51,11 @@ class Session(QObject):
             self.config = dataclasses.replace(self.config, **changed)
             self.config_changed.emit()
 
-    def set_model_info(self, info: dict[str, Any] | None) -> None:
+    def set_model_info(self, info: ModelInfo | None) -> None:
         self.model_info = info
         self.model_info_changed.emit()
 
-    def set_data_report(self, report: dict[str, Any] | None) -> None:
+    def set_data_report(self, report: DataReport | None) -> None:
         self.data_report = report
         self.data_report_changed.emit()
 

@@ -1,5 +1,5 @@
-"""The `qlora-studio` command: train, export, chat, data, model-info, runs, gpu, estimate, bench (`gui` is the
-app's: app/entry.py).
+"""The `qlora-studio` command: train, export, chat, data, model-info, pull, models, runs, gpu, estimate, bench (`gui`
+is the app's: app/entry.py).
 
 Every RunConfig field is a `--kebab-case` flag of `train`, generated from the config type.
 """
@@ -15,11 +15,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.planning.estimate_command import parse_size_bytes
 from qlora_engine.protocol import events as ev
-from qlora_engine.protocol import run_folders, run_state
+from qlora_engine.protocol import queries, run_folders, run_state
 from qlora_engine.protocol.config import RunConfig, add_config_flags
 from qlora_engine.protocol.errors import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, EngineError, config_error, write_failure
 from qlora_engine.protocol.events import EventWriter
+from qlora_engine.protocol.model_ref import parse_hub_ref
 from qlora_engine.protocol.run_lock import RunLock
 
 LIGHT_COMMANDS = {"gpu": ("qlora_engine.planning.hardware", "gpu_main"),
@@ -42,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     kind = export.add_mutually_exclusive_group(required=True)
     kind.add_argument("--adapter", action="store_const", const="adapter", dest="kind", help="PEFT adapter")
     kind.add_argument("--merged", action="store_const", const="merged", dest="kind", help="merged 16-bit model")
+    kind.add_argument("--gguf", action="store_const", const="gguf", dest="kind",
+                      help="GGUF for llama.cpp / Ollama / LM Studio (llama.cpp's converter and quantizer), checked "
+                           "by llama.cpp; a Modelfile beside each file")
+    kind.add_argument("--gguf-lora", action="store_const", const="gguf-lora", dest="kind",
+                      help="the adapter as a GGUF LoRA (with the base model's f16 GGUF), checked by llama.cpp")
+    export.add_argument("--quant", default="q4_k_m",
+                        help="with --gguf: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, comma-separated [q4_k_m]")
+    export.add_argument("--lm-studio", action="store_true", help="with --gguf: also add the files to LM Studio")
+    export.add_argument("--ollama-create", metavar="NAME",
+                        help="with --gguf: also run `ollama create NAME` on the last file's Modelfile")
     export.add_argument("--out", help="destination folder [<run>/exports/<kind>]")
     add_events_flag(export)
 
@@ -65,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-on-prompt", action="store_true")
     data.add_argument("--preview-rows", type=int, default=5)
     data.add_argument("--json", action="store_true")
+
+    pull = commands.add_parser("pull", help="download a Hub model (ORG/NAME[@revision]) into the HF cache: only "
+                                            "what training needs, files already there kept")
+    pull.add_argument("model", metavar="ORG/NAME[@revision]")
+    pull.add_argument("--allow-pickle", action="store_true", help="fetch .bin weights when it has no safetensors")
+    add_events_flag(pull)
+
+    models = commands.add_parser("models", help="models on disk (HF cache, Ollama, LM Studio); --catalog: what fits "
+                                                "this GPU; --search: the Hub")
+    models.add_argument("--catalog", action="store_true", help="the catalog of popular models against free memory")
+    models.add_argument("--search", metavar="TEXT", help="search the Hub for text-generation models by name")
+    models.add_argument("--gpu-memory", type=parse_size_bytes, metavar="SIZE",
+                        help="free GPU memory for --catalog, e.g. 12GiB [free memory of the training GPU]")
+    models.add_argument("--json", action="store_true")
+    add_config_flags(models)
 
     runs = commands.add_parser("runs", help="list the runs: status, step / total, losses (what the Runs page shows)")
     runs.add_argument("--runs-dir", help=f"the runs folder [${run_folders.RUNS_ENV} or the user data dir]")
@@ -101,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
-               "data": cmd_data, "runs": cmd_runs}[args.command]
+               "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models}[args.command]
     return handler(args)
 
 
@@ -246,11 +273,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run).expanduser()
     events = EventWriter(run_dir / "events.jsonl" if run_dir.is_dir() else None, human=args.events == "human")
+    if args.kind in ("gguf", "gguf-lora"):
+        return cmd_export_gguf(args, run_dir, events)
     try:
         verification = export.export_run(run_dir, args.kind, Path(args.out).expanduser() if args.out else None,
                                          lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage,
                                                                                                fraction=fraction)))
         events.emit(verification)
+    except BaseException as exc:
+        return report_failure(events, exc)
+    finally:
+        events.close()
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace, run_dir: Path, events: EventWriter) -> int:
+    from qlora_engine.planning.gguf_plan import parse_quants
+
+    try:
+        from qlora_engine.products import gguf_export, gguf_lora
+
+        out = Path(args.out).expanduser() if args.out else None
+        progress = lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage, fraction=fraction))  # noqa: E731
+        results = ([gguf_lora.export_gguf_lora(run_dir, out, progress)] if args.kind == "gguf-lora" else
+                   gguf_export.export_gguf(run_dir, parse_quants(args.quant), out, progress,
+                                           lm_studio_copy=args.lm_studio))
+        for result in results:
+            events.emit(result)
+        failure = gguf_export.failures_error(results)
+        if failure is not None:
+            raise failure
+        if args.ollama_create and results[-1].modelfile:
+            from qlora_engine.products.modelfile import ollama_create
+
+            ollama_create(args.ollama_create, Path(results[-1].modelfile))
+        if args.events == "human":
+            print("\n".join(r.path + (f"\n  Ollama: {r.ollama_command}" if r.ollama_command else "") for r in results),
+                  flush=True)
     except BaseException as exc:
         return report_failure(events, exc)
     finally:
@@ -302,8 +361,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- model-info, data
-def print_json_or_error(payload: Any, as_json: bool, human: str) -> None:
-    print(json.dumps(payload) if as_json else human, flush=True)
+def print_answer(answer: queries.Answer, as_json: bool, human: str) -> None:
+    print(answer.to_json() if as_json else human, flush=True)
+
+
+def print_failure(exc: EngineError, as_json: bool) -> int:
+    print_answer(queries.Failure.from_exception(exc), as_json, f"error: {exc.message}\n  what to do: {exc.advice}")
+    return 1
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -312,10 +376,9 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     try:
         info = loading.model_info(args.model, args.allow_pickle)
     except EngineError as exc:
-        error = {"code": exc.code, "message": exc.message, "advice": exc.advice}
-        print_json_or_error({"error": error}, args.json, f"error: {exc.message}\n  what to do: {exc.advice}")
-        return 1
-    print_json_or_error(info, args.json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return print_failure(exc, args.json)
+    facts = {k: v for k, v in info.to_dict().items() if k not in ("v", "kind")}
+    print_answer(info, args.json, "\n".join(f"{k}: {v}" for k, v in facts.items()))
     return 0
 
 
@@ -330,21 +393,113 @@ def cmd_data(args: argparse.Namespace) -> int:
         prepared = data.prepare_file(path, tokenizer, data_format=args.format, max_length=args.max_length,
                                      train_on_prompt=args.train_on_prompt)
     except EngineError as exc:
-        error = {"code": exc.code, "message": exc.message, "advice": exc.advice}
-        print_json_or_error({"error": error}, args.json, f"error: {exc.message}\n  what to do: {exc.advice}")
-        return 1
+        return print_failure(exc, args.json)
     report = prepared.report
-    payload = {"file": str(path), "detected_format": report.detected_format, "format": report.format,
-               "rows": report.rows, "valid_rows": len(prepared.examples),
-               "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad_rows],
-               "truncated_rows": report.truncated_rows, "no_trained_tokens_rows": report.no_trained_tokens_rows,
-               "token_lengths": [len(e.input_ids) for e in prepared.examples],
-               "preview": [{"line": e.line, "segments": data.preview_segments(e, tokenizer)}
-                           for e in prepared.examples[: args.preview_rows]]}
+    answer = queries.DataReport(
+        file=str(path), detected_format=report.detected_format, format=report.format, rows=report.rows,
+        valid_rows=len(prepared.examples), bad_rows=[{"line": b.line, "reason": b.reason} for b in report.bad_rows],
+        truncated_rows=report.truncated_rows, no_trained_tokens_rows=report.no_trained_tokens_rows,
+        token_lengths=[len(e.input_ids) for e in prepared.examples],
+        preview=[{"line": e.line, "segments": data.preview_segments(e, tokenizer)}
+                 for e in prepared.examples[: args.preview_rows]])
     human = (f"{path}: {report.format} (detected {report.detected_format}), {report.rows} rows, "
              f"{len(prepared.examples)} usable, {len(report.bad_rows)} bad, {report.truncated_rows} truncated\n"
              + "\n".join(f"  line {b.line}: {b.reason}" for b in report.bad_rows[:50]))
-    print_json_or_error(payload, args.json, human)
+    print_answer(answer, args.json, human)
+    return 0
+
+
+# ----------------------------------------------------------------------------- pull, models
+def cmd_pull(args: argparse.Namespace) -> int:
+    from qlora_engine.model import hub
+
+    events = EventWriter(None, human=args.events == "human")
+    bar = TerminalProgress() if args.events == "human" else None
+    try:
+        ref = parse_hub_ref(args.model)
+        if ref is None:
+            raise EngineError("bad_config", f"{args.model!r} is not a Hub id (ORG/NAME or ORG/NAME@revision)",
+                              "Write it as on the model's page, e.g. Qwen/Qwen2.5-0.5B-Instruct.")
+        downloaded = hub.pull(ref, allow_pickle=args.allow_pickle, on_progress=bar or events.emit)
+        if bar is not None:
+            bar.close()
+        events.emit(downloaded)
+    except BaseException as exc:
+        if bar is not None:
+            bar.close()
+        return report_failure(events, exc)
+    return 0
+
+
+class TerminalProgress:
+    """`pull`'s progress bar on stderr: one tqdm bar per file."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.file = ""
+
+    def __call__(self, event: ev.Event) -> None:
+        from tqdm import tqdm
+
+        if not isinstance(event, ev.DownloadProgress):
+            return
+        if event.file != self.file:
+            self.close()
+            self.file = event.file
+            self.bar = tqdm(total=event.file_total_bytes, desc=event.file, unit="B", unit_scale=True, file=sys.stderr)
+        self.bar.update(event.file_bytes - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        if args.catalog:
+            return _print_catalog(args)
+        if args.search is not None:
+            return _print_search(args)
+        from qlora_engine.model.local_models import local_models
+
+        answer = local_models()
+    except EngineError as exc:
+        return print_failure(exc, args.json)
+    lines = [f"{m.name:<56} {m.source:<9} {m.format:<11} {m.size_bytes / 1e9:7.2f} GB  {m.architecture or '?'}"
+             + ("" if m.complete else "  (incomplete)") for m in answer.models]
+    lines += [f"  ({folder['source']}: {folder['path']} not found)" for folder in answer.folders
+              if not folder["exists"]]
+    print_answer(answer, args.json, "\n".join(lines) if answer.models else "no models on disk\n" + "\n".join(lines))
+    return 0
+
+
+def _print_catalog(args: argparse.Namespace) -> int:
+    from qlora_engine.model.local_models import hf_cache_models
+    from qlora_engine.planning.catalog import build_catalog, format_catalog
+    from qlora_engine.planning.estimate_command import free_memory
+
+    run = RunConfig.from_dict({spec.name: getattr(args, spec.name) for spec in dataclasses.fields(RunConfig)
+                               if hasattr(args, spec.name)}, source="command line")
+    catalog = build_catalog(run, *free_memory(args.gpu_memory))
+    on_disk = {m.model.lower() for m in hf_cache_models() if m.complete}
+    for row in catalog.entries:
+        row.on_disk = row.hub_id.lower() in on_disk
+    print_answer(catalog, args.json, format_catalog(catalog))
+    return 0
+
+
+def _print_search(args: argparse.Namespace) -> int:
+    from qlora_engine.model import hub
+    from qlora_engine.planning.model_shape import KNOWN_FAMILIES
+
+    answer = queries.HubSearch(query=args.search, results=hub.search(args.search))
+    for result in answer.results:
+        result.supported = result.model_type in KNOWN_FAMILIES
+    lines = [f"{r.repo_id:<56} {r.downloads:>10} downloads  {'gated' if r.gated else '':<6} {r.license:<14}"
+             f"{(r.params or 0) / 1e9:6.2f}B  {r.model_type or '?'}{'' if r.supported else ' (estimate approximate)'}"
+             for r in answer.results]
+    print_answer(answer, args.json, "\n".join(lines) or f"nothing on the Hub matches {args.search!r}")
     return 0
 
 

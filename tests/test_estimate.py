@@ -412,7 +412,8 @@ def test_estimate_command_names_a_missing_model(tmp_path, capsys):
 
 def test_estimate_command_reports_a_bad_option_as_a_config_error(capsys):
     assert estimate_command.estimate_main(["default", "--max-length", "4", "--json"]) == 2
-    assert json.loads(capsys.readouterr().out)["error"]["code"] == "bad_config"
+    failure = json.loads(capsys.readouterr().out)
+    assert failure["kind"] == "error" and failure["code"] == "bad_config" and failure["message"]
 
 
 def test_estimate_command_without_a_gpu_says_so(monkeypatch, capsys):

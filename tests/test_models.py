@@ -80,7 +80,7 @@ def test_custom_code_in_model_folder_is_not_executed(tmp_path, tiny_model_dir):
 
 def test_model_info_reads_facts_without_loading_weights(tiny_model_dir):
     info = loading.model_info(str(tiny_model_dir))
-    assert info["architecture"] == "LlamaForCausalLM"
-    assert info["num_layers"] == 2 and info["hidden_size"] == 64
-    assert info["has_chat_template"] is True
-    assert info["params"] > 0
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.num_layers == 2 and info.hidden_size == 64
+    assert info.has_chat_template is True
+    assert info.params > 0

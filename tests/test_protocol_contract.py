@@ -13,6 +13,7 @@ import pytest
 
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.run_state import fold, list_runs, summarize_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,23 @@ def test_emit_refuses_anything_that_is_not_a_protocol_event(tmp_path):
     with pytest.raises(TypeError):
         writer.emit({"kind": "step", "step": 1})
     assert writer.emit(ev.Checkpoint(step=1, path="x")).kind == "checkpoint"
+
+
+def test_query_answers_read_back_into_the_types_the_engine_printed(tiny_model_dir, tmp_path):
+    from qlora_engine.protocol import queries
+
+    info = queries.read_answer("\n".join(engine("model-info", str(tiny_model_dir), "--json")), queries.ModelInfo)
+    assert info.architecture == "LlamaForCausalLM" and info.num_layers == 2 and info.has_chat_template
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "Who?", "output": "Varet."}\n{"instruction": "broken"\n', encoding="utf-8")
+    report = queries.read_answer("\n".join(engine("data", str(rows), "--model", str(tiny_model_dir), "--json")),
+                                 queries.DataReport)
+    assert report.valid_rows == 1 and [bad["line"] for bad in report.bad_rows] == [2] and report.preview
+    estimate = queries.read_answer("\n".join(engine("estimate", "default", "--gpu-memory", "8GiB", "--json")),
+                                   queries.EstimateReport)
+    assert estimate.estimate.peak_bytes > 0 and estimate.advice.verdict == "fits" and estimate.advice.fixes == []
+    with pytest.raises(EngineError) as failure:
+        queries.read_answer("\n".join(engine("model-info", str(tmp_path / "absent"), "--json")), queries.ModelInfo)
+    assert failure.value.code == "model_not_found" and failure.value.advice
+    with pytest.raises(EngineError, match="no model_info answer"):
+        queries.read_answer("Traceback (most recent call last):", queries.ModelInfo)

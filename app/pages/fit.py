@@ -24,17 +24,16 @@ from PySide6.QtWidgets import (
 
 from app import settings
 from app.engine_client import Call
-from app.engine_requests import EstimateFit, FitEstimate, FitToGpu, ModelToPlan
+from app.engine_requests import EstimateFit, FitToGpu, ModelToPlan
 from app.formatting import gib, size
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.memory_bar import TERM_COLORS, BarSegment, MemoryBar
 from app.widgets.page import Page, card, primary_button
 from qlora_engine.planning import hardware
-from qlora_engine.planning.advice import Advice, Fix
-from qlora_engine.planning.memory import Estimate
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.queries import Advice, Estimate, EstimateReport, Fix
 
 GIB = 2**30
 TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization constants",
@@ -162,8 +161,8 @@ class FitPage(Page):
     # ------------------------------------------------------------------ estimating (requests of the engine client)
     def model_to_plan(self) -> ModelToPlan:
         """The chosen model; an imported .gguf is read from the folder model-info reported."""
-        info = self.session.model_info or {}
-        return ModelToPlan(self.session.config.model, str(info.get("path") or ""))
+        info = self.session.model_info
+        return ModelToPlan(self.session.config.model, info.path if info else "")
 
     def is_estimating(self) -> bool:
         """Whether an estimate (or a fit to the GPU) is still to come: one is due or on its way."""
@@ -172,16 +171,17 @@ class FitPage(Page):
 
     def update_estimate(self) -> None:
         free_bytes, total_bytes = self.free_and_total_bytes()
-        request = EstimateFit(self.model_to_plan(), self.session.config, free_bytes, total_bytes)
-        self.estimating = self.session.engine.run(request, owner=self, done=self._estimate_done,
-                                                  failed=self._estimate_failed)
+        request = EstimateFit(self.model_to_plan(), self.session.config, free_bytes, self.target.currentText())
+        self.estimating = self.session.engine.run(
+            request, owner=self, done=lambda report: self._estimate_done(report, total_bytes),
+            failed=self._estimate_failed)
 
-    def _estimate_done(self, answer: FitEstimate) -> None:
-        self.advice = answer.advice
+    def _estimate_done(self, report: EstimateReport, total_bytes: int | None) -> None:
+        self.advice = report.advice
         if self.session.config != self._fitted_config:  # keep "Fitted to the GPU" until the options change again
             self.banner.clear()
             self._fitted_config = None
-        self._show_estimate(answer.peak, answer.advice, answer.free_bytes, answer.total_bytes)
+        self._show_estimate(report.estimate, report.advice, report.advice.free_bytes, total_bytes)
 
     def _estimate_failed(self, error: EngineError) -> None:
         self.advice = None

@@ -4,8 +4,6 @@ The facts come from `qlora_engine model-info --json`, a request of the engine cl
 """
 from __future__ import annotations
 
-from typing import Any
-
 from PySide6.QtWidgets import (
     QButtonGroup,
     QFileDialog,
@@ -27,9 +25,11 @@ from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card, fact_label
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.queries import ModelInfo
 
 BUSY_TEXT = "Reading the model… (a .gguf is converted once; that can take a minute)"
-SOURCES = {"default": "bundled with QLoRA Studio", "folder": "Hugging Face folder", "gguf": ".gguf file, imported"}
+SOURCES = {"default": "bundled with QLoRA Studio", "folder": "Hugging Face folder", "gguf": ".gguf file, imported",
+           "hub": "Hugging Face Hub, in the HF cache"}
 
 
 class ModelPage(Page):
@@ -141,27 +141,27 @@ class ModelPage(Page):
         """The engine's latest log line under the busy bar: a long .gguf import shows it is moving."""
         self.busy_label.setText(f"{BUSY_TEXT}\n{log_line[:160]}")
 
-    def _show_facts(self, info: dict[str, Any]) -> None:
+    def _show_facts(self, info: ModelInfo) -> None:
         self._set_busy(False)
         self.session.set_model_info(info)
-        layers, hidden = info.get("num_layers"), info.get("hidden_size")
+        layers, hidden = info.num_layers, info.hidden_size
         values = {
-            "name": "SmolLM2-135M-Instruct (bundled)" if info.get("source") == "default" else
-            info.get("original") or self.session.config.model,
-            "architecture": info.get("architecture") or "unknown",
-            "params": formatting.count(info.get("params")),
-            "context_length": f"{info['context_length']:,} tokens" if info.get("context_length") else "—",
-            "vocab_size": f"{info['vocab_size']:,} tokens" if info.get("vocab_size") else "—",
+            "name": "SmolLM2-135M-Instruct (bundled)" if info.source == "default" else
+            info.original or self.session.config.model,
+            "architecture": info.architecture or "unknown",
+            "params": formatting.count(info.params),
+            "context_length": f"{info.context_length:,} tokens" if info.context_length else "—",
+            "vocab_size": f"{info.vocab_size:,} tokens" if info.vocab_size else "—",
             "layers": f"{layers} × {hidden}" if layers and hidden else "—",
             "has_chat_template": "yes: chat rows are formatted the way the model was taught" if
-            info.get("has_chat_template") else "no: rows use a plain \"### Instruction / ### Response\" layout",
-            "source": SOURCES.get(info.get("source", ""), info.get("source", "")),
-            "path": info.get("path", ""),
+            info.has_chat_template else "no: rows use a plain \"### Instruction / ### Response\" layout",
+            "source": SOURCES.get(info.source, info.source),
+            "path": info.path,
         }
         for key, text in values.items():
             self.facts[key].setText(str(text))
         self.facts_card.show()
-        if info.get("custom_code") and not self.session.config.trust_remote_code:
+        if info.custom_code and not self.session.config.trust_remote_code:
             self.banner.show_message("warning", "This model ships its own Python code",
                                      "It may not load without it.",
                                      "Turn on 'Trust remote code' in Train › Model only if you trust its author.")

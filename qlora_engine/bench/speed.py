@@ -8,6 +8,12 @@ loss of every step (speed that changes the result does not count). Workloads:
   variable  micro-batches of 4 instruction-like examples (lengths: median 250 tokens, long tail to 4096; loss on
             the response part), padded to the longest by the plain stacks, packed by the engine
   long      one row of each length in --lengths (memory against sequence length)
+The `unsloth` stack is Unsloth's documented QLoRA recipe (FastLanguageModel.from_pretrained(load_in_4bit=True) on a
+folder holding the same random-init weights, saved once as safetensors; get_peft_model with
+use_gradient_checkpointing="unsloth"), trained by the same plain loop as the plain stack (autocast as
+Trainer(bf16=True) / Trainer(fp16=True) with its GradScaler). `--compute-dtype fp16` runs every stack in fp16: the
+plain stacks and Unsloth with torch's GradScaler (what Trainer(fp16=True) does), the engine as it is (no loss
+scaling: a non-finite loss skips the update).
 """
 from __future__ import annotations
 
@@ -38,7 +44,9 @@ STACKS = {
     "engine_bf16_residual": "engine, bf16 residual stream",
     "engine_unfused": "engine, fused LoRA and compiled layers off",
     "engine_baseline": "engine, every speed switch off",
+    "unsloth": "Unsloth (documented QLoRA recipe)",
 }
+LONG_STACKS = {"unsloth"}  # besides the engine's: stacks that run the long workload without --long-all-stacks
 ENGINE_SWITCHES = {"engine": {}, "engine_eager": {"compile_layers": False},
                    "engine_bf16_residual": {"fp32_residual": False},
                    "engine_unfused": {"fused_lora": False, "compile_layers": False},
@@ -91,12 +99,18 @@ def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int]
 
 
 # ----------------------------------------------------------------------------- the stacks
-def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device: str) -> Any:
-    """The same random-init weights for every stack: 4-bit for QLoRA stacks, bf16 for lora16."""
+def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device: str,
+               max_seq_length: int = 0) -> Any:
+    """The same random-init weights for every stack: 4-bit for QLoRA stacks, bf16 for lora16; Unsloth loads them
+    from the folder they were saved to (built with the same seed the first time)."""
     import torch
 
     from qlora_engine.bench import models
 
+    if stack == "unsloth":
+        from qlora_engine.bench.unsloth_stack import unsloth_base
+
+        return unsloth_base(model_config, cfg, device, max_seq_length or cfg.max_length)
     torch.manual_seed(0)
     if stack == "plain_liger":
         _apply_liger(model_config)
@@ -112,8 +126,9 @@ def _apply_liger(model_config: dict[str, Any]) -> None:
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
 
 
-def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(model, optimizer, step function) for a stack; the step takes a list of Tokenized rows, returns the loss."""
+def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) -> tuple[Any, Any, Any]:
+    """(model, optimizer, step function) for a stack; the step takes a list of Tokenized rows and returns
+    (loss, gradient norm before clipping, whether the update was skipped by the loss scaler)."""
     import torch
 
     from qlora_engine.training import loop
@@ -125,28 +140,56 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
         optimizer = loop.build_optimizer(cfg, trainable)
         loop.freeze_heap()
 
-        def engine_step(rows: list[Any]) -> float:
+        def engine_step(rows: list[Any]) -> tuple[float, float, bool]:
             batch = loop.micro_batch(rows, cfg, 0, cfg.device)
-            loss, _ = loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
-            return loss
+            loss, grad_norm = loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm,
+                                                 cfg.chunked_loss)
+            return loss, grad_norm, not math.isfinite(loss)  # a non-finite loss counts as a skipped step
 
         return model, optimizer, engine_step
-    model = plain_peft_model(stack, base, cfg)
+    if stack == "unsloth":
+        from qlora_engine.bench.unsloth_stack import unsloth_peft_model
+
+        model = unsloth_peft_model(base, cfg, max_seq_length or cfg.max_length)
+        autocast = torch.autocast(cfg.device, dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16) \
+            if cfg.device == "cuda" and cfg.compute_dtype in ("bf16", "fp16") else nullcontext()
+    else:
+        model = plain_peft_model(stack, base, cfg)
+        autocast = set_plain_precision(stack, model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = loop.build_optimizer(cfg, trainable)
-    autocast = set_plain_precision(stack, model, cfg)
+    # Trainer(fp16=True) scales the loss (torch's GradScaler through accelerate); bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(cfg.device) if cfg.compute_dtype == "fp16" and stack != "plain_fp32" else None
 
-    def plain_step(rows: list[Any]) -> float:
+    def plain_step(rows: list[Any]) -> tuple[float, float, bool]:
         batch = loop.collate(rows, 0, cfg.device)  # right-padded to the longest row, as HF's collators do
         with autocast:
             loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            optimizer.step()
+            skipped = False
+        else:
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            scaler.step(optimizer)  # skipped where the unscaled gradients hold an inf or a NaN
+            scaler.update()
+            skipped = scaler.get_scale() < scale
         optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach()), grad_norm, skipped
 
     return model, optimizer, plain_step
+
+
+def lora_checksum(model: Any) -> dict[str, Any]:
+    """The first LoRA A matrices' sums (in module order): equal across stacks when their LoRA init is the same."""
+    first = [(name, p) for name, p in model.named_parameters() if "lora_A" in name][:3]
+    return {"names": [name for name, _ in first], "sums": [round(float(p.double().sum()), 6) for _, p in first],
+            "abs_sums": [round(float(p.double().abs().sum()), 4) for _, p in first],
+            "dtypes": sorted({str(p.dtype) for name, p in model.named_parameters() if p.requires_grad})}
 
 
 def set_plain_precision(stack: str, model: Any, cfg: RunConfig) -> Any:
@@ -160,6 +203,8 @@ def set_plain_precision(stack: str, model: Any, cfg: RunConfig) -> Any:
             if hasattr(module, "compute_dtype"):  # bitsandbytes' 4-bit layers
                 module.compute_dtype = torch.float32
         return nullcontext()
+    if cfg.compute_dtype in ("bf16", "fp16") and cfg.device == "cuda":  # Trainer(bf16=True) / Trainer(fp16=True)
+        return torch.autocast(cfg.device, dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16)
     return torch.autocast(cfg.device, dtype=torch.bfloat16) if cfg.compute_dtype == "bf16" else nullcontext()
 
 
@@ -187,25 +232,32 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
     from qlora_engine.bench import models
 
     device = cfg.device
-    if device == "cuda" and gpu_memory_gib:
-        _cap_gpu_memory(gpu_memory_gib)
-    base = build_base(stack, model_config, cfg, device)
+    max_seq_length = max([cfg.max_length, *lengths]) if workload == "long" else (
+        VARIABLE_MAX_TOKENS if workload == "variable" else cfg.max_length)
+    base = build_base(stack, model_config, cfg, device, max_seq_length)
     gc.collect()
+    if device == "cuda" and gpu_memory_gib:  # after the base is built: the bench builds it 16-bit, then quantizes
+        torch.cuda.empty_cache()
+        _cap_gpu_memory(gpu_memory_gib)
     nvml = models.NvmlPeak() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         nvml.reset()
-    model, optimizer, step = setup_stack(stack, base, cfg)
+    model, optimizer, step = setup_stack(stack, base, cfg, max_seq_length)
+    checksum = lora_checksum(model)
     step_rows = workload_rows(workload, steps, cfg.max_length, lengths)
-    losses, step_s, tokens, oom, peaks = [], [], [], None, []
+    losses, step_s, tokens, oom, peaks, grad_norms, skipped = [], [], [], None, [], [], []
     for index, rows in enumerate(step_rows):
         if device == "cuda" and workload == "long":
             torch.cuda.reset_peak_memory_stats()
             nvml.reset()
         started = time.perf_counter()
         try:
-            losses.append(round(step(rows), 5))
+            loss, grad_norm, was_skipped = step(rows)
+            losses.append(round(loss, 5))
+            grad_norms.append(round(grad_norm, 5))
+            skipped.append(bool(was_skipped))
         except torch.cuda.OutOfMemoryError as exc:
             oom = {"step": index, "length": sum(len(r.input_ids) for r in rows), "message": str(exc).split("\n")[0]}
             break
@@ -216,8 +268,12 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
         if workload == "long":
             peaks.append(_peaks(device, nvml) | {"length": tokens[-1], "step_s": round(step_s[-1], 3)})
     measured = slice(warmup, None) if len(step_s) > warmup else slice(0, None)
-    result = {"stack": stack, "workload": workload, "gpu_memory_gib": gpu_memory_gib or None, "losses": losses,
-              "step_s": [round(s, 4) for s in step_s],
+    result = {"stack": stack, "workload": workload, "gpu_memory_gib": gpu_memory_gib or None,
+              "compute_dtype": cfg.compute_dtype, "losses": losses, "grad_norms": grad_norms,
+              "nonfinite_losses": sum(not math.isfinite(x) for x in losses),
+              "nonfinite_grad_norms": sum(not math.isfinite(x) for x in grad_norms),
+              "skipped_steps": [i + 1 for i, s in enumerate(skipped) if s], "lora_init": checksum,
+              "versions": _versions(stack), "step_s": [round(s, 4) for s in step_s],
               "tokens_per_s": round(sum(tokens[measured]) / sum(step_s[measured]), 1) if step_s else None,
               "oom": oom, "per_length": peaks, **_peaks(device, nvml)}
     if profile and not oom:
@@ -228,14 +284,29 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
     return result
 
 
+def _versions(stack: str) -> dict[str, str]:
+    import importlib.metadata
+
+    names = ["torch", "transformers", "peft", "bitsandbytes"] + (["unsloth", "unsloth_zoo", "trl"]
+                                                                if stack == "unsloth" else [])
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
 def _cap_gpu_memory(gpu_memory_gib: float) -> None:
-    """Run as on a card of `gpu_memory_gib`: torch's allocator may hold that much minus what is already used (the
-    CUDA context); past it, an allocation frees torch's cached blocks and retries, then raises out-of-memory."""
+    """Run as on a card of `gpu_memory_gib`: torch's allocator may hold that much minus what is used outside it (the
+    CUDA context); past it, an allocation frees torch's cached blocks and retries, then raises out-of-memory. Set
+    once the 4-bit model is built: the bench builds it in 16 bits first (the engine's loader quantizes as it loads)."""
     import torch
 
     torch.cuda.init()
     free_bytes, total_bytes = torch.cuda.mem_get_info()
-    allowed_bytes = gpu_memory_gib * GIB - (total_bytes - free_bytes)
+    allowed_bytes = gpu_memory_gib * GIB - (total_bytes - free_bytes - torch.cuda.memory_reserved())
     torch.cuda.set_per_process_memory_fraction(max(0.0, allowed_bytes) / total_bytes)
 
 
@@ -274,21 +345,30 @@ def speed_main(args: argparse.Namespace) -> int:
         for stack in args.stacks.split(","):
             if stack not in STACKS:
                 raise SystemExit(f"unknown stack {stack!r}: choose from {', '.join(STACKS)}")
-            if workload == "long" and stack not in ENGINE_SWITCHES and not args.long_all_stacks:
+            if workload == "long" and stack not in ENGINE_SWITCHES and stack not in LONG_STACKS \
+                    and not args.long_all_stacks:
                 continue
             results.append(_spawn(stack, workload, config_path, args, lengths))
+            _write_out(args, results)  # after every stack: what finished survives a run cut short
     print(format_table([r for r in results if r["workload"] != "long"], args.model))
     print(format_lengths(results))
+    print(format_stability(results))
+    _write_out(args, results)
+    return 0 if all(r.get("error") is None for r in results) else 1
+
+
+def _write_out(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "max_length": args.max_length,
+                                              "compute_dtype": args.compute_dtype or None,
                                               "results": results}, indent=1))
-    return 0 if all(r.get("error") is None for r in results) else 1
 
 
 def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int]) -> dict:
     job = {"stack": stack, "workload": workload, "config": str(config_path), "max_length": args.max_length,
            "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
            "lora_dropout": args.lora_dropout, "gpu_memory_gib": args.gpu_memory_gib,
+           "compute_dtype": args.compute_dtype,
            "profile": bool(args.profile and stack in args.profile.split(","))}
     command = [sys.executable, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
     print(f"--- {stack} / {workload}", flush=True)
@@ -296,33 +376,37 @@ def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespac
     marker = "SPEED_RESULT "
     lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     if not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-        print("\n".join(tail), flush=True)
-        return {"stack": stack, "workload": workload, "error": tail[-1] if tail else f"exit {done.returncode}"}
+        tail = (done.stderr or done.stdout).strip().splitlines()[-60:]
+        print("\n".join(tail[-8:]), flush=True)
+        return {"stack": stack, "workload": workload, "error": tail[-1] if tail else f"exit {done.returncode}",
+                "returncode": done.returncode, "stderr_tail": tail, "stdout_tail": done.stdout.splitlines()[-20:]}
     result = json.loads(lines[-1][len(marker):])
     if result.get("profile"):
         print(result.pop("profile"), flush=True)
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "grad_norms")}), flush=True)
     return result
 
 
 def speed_worker(job_json: str) -> int:
     job = json.loads(job_json)
+    if job["stack"] == "unsloth":
+        import unsloth  # noqa: F401  (before transformers and peft, as Unsloth asks)
     model_config = json.loads(Path(job["config"]).read_text())
-    cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"])
+    cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"], job.get("compute_dtype") or "")
     result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
                         job["lengths"], job["profile"], job.get("gpu_memory_gib", 0.0))
     print("SPEED_RESULT " + json.dumps(result), flush=True)
     return 0
 
 
-def bench_config(device: str, max_length: int, lora_dropout: float = 0.0) -> RunConfig:
+def bench_config(device: str, max_length: int, lora_dropout: float = 0.0, compute_dtype: str = "") -> RunConfig:
     """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit.
     LoRA dropout 0 by default, so that every stack computes the same function and the loss curves can be held
     against each other (each stack draws its dropout masks its own way)."""
     return RunConfig(device=device, max_length=max_length, micro_batch_size=1, grad_accum=1, lora_r=16,
                      lora_alpha=32, lora_dropout=lora_dropout, learning_rate=2e-4,
-                     compute_dtype="bf16" if device == "cuda" else "fp32", gradient_checkpointing=True,
+                     compute_dtype=compute_dtype or ("bf16" if device == "cuda" else "fp32"),
+                     gradient_checkpointing=True,
                      optimizer="paged_adamw_8bit").validate()
 
 
@@ -355,11 +439,12 @@ def format_table(results: list[dict[str, Any]], model: str) -> str:
     return "\n".join(lines)
 
 
-def format_lengths(results: list[dict[str, Any]], budget_gib: float = 8.0) -> str:
+def format_lengths(results: list[dict[str, Any]], default_budget_gib: float = 8.0) -> str:
     """The long workload: memory and time per sequence length, and the longest row measured within the budget."""
     lines = []
     for r in (r for r in results if r["workload"] == "long" and r.get("per_length")):
         card = f", as on a {r['gpu_memory_gib']:g} GiB card" if r.get("gpu_memory_gib") else ""
+        budget_gib = r.get("gpu_memory_gib") or default_budget_gib
         lines += [f"\n{STACKS.get(r['stack'], r['stack'])}: one row of each length, batch 1{card}",
                   "| tokens | peak allocated GiB | GPU used GiB | step s | tokens/s |", "|---:|---:|---:|---:|---:|"]
         for point in r["per_length"]:
@@ -370,6 +455,28 @@ def format_lengths(results: list[dict[str, Any]], budget_gib: float = 8.0) -> st
         lines.append(f"longest measured row within {budget_gib:g} GiB of GPU memory: "
                      f"{max(within) if within else 'none'} tokens"
                      + (f"; out of memory at {r['oom']['length']} tokens" if r.get("oom") else ""))
+    return "\n".join(lines)
+
+
+def format_stability(results: list[dict[str, Any]]) -> str:
+    """Per stack and workload: compute dtype, non-finite losses and gradient norms, steps the loss scaler skipped,
+    the mean loss difference from the plain stack and the LoRA init checksum (equal sums: the same init)."""
+    lines = ["\n| stack | workload | compute dtype | steps | non-finite losses | non-finite grad norms | "
+             "scaler-skipped steps | mean loss diff vs plain | LoRA A[0] sum |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|"]
+    for r in results:
+        if r.get("error") or not r.get("losses"):
+            continue
+        plain = next((p for p in results if p["stack"] == "plain" and p["workload"] == r["workload"]
+                      and p.get("losses") and not p.get("error")), None)
+        mean = ""
+        if plain and r["stack"] != "plain":
+            pairs = [(a, b) for a, b in zip(r["losses"], plain["losses"]) if math.isfinite(a) and math.isfinite(b)]
+            mean = f"{sum(abs(a - b) / abs(b) for a, b in pairs) / len(pairs):.2%}" if pairs else ""
+        sums = (r.get("lora_init") or {}).get("sums") or [""]
+        lines.append(f"| {STACKS.get(r['stack'], r['stack'])} | {r['workload']} | {r.get('compute_dtype')} | "
+                     f"{len(r['losses'])} | {r.get('nonfinite_losses')} | {r.get('nonfinite_grad_norms')} | "
+                     f"{len(r.get('skipped_steps') or [])} | {mean} | {sums[0]} |")
     return "\n".join(lines)
 
 
@@ -414,5 +521,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="LoRA dropout of every stack (0: the same function, loss curves comparable)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only to try the bench out")
+    parser.add_argument("--compute-dtype", default="", choices=("", "bf16", "fp16", "fp32"),
+                        help="compute dtype of every stack (default bf16 on CUDA, fp32 on the CPU); fp16: the plain "
+                             "stacks and Unsloth with torch's GradScaler, the engine without loss scaling")
     parser.add_argument("--profile", default="", help="comma list of stacks to profile (top GPU kernels)")
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)

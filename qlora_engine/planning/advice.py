@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from qlora_engine.planning.memory import Estimate, estimate_peak, format_gib
 from qlora_engine.planning.model_shape import model_shape
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError, model_config_error
+from qlora_engine.protocol.queries import Advice, Fix
 
 TIGHT_MARGIN_FRACTION = 0.10  # a peak within this fraction of free memory is "tight"
 SEARCH_MAX_BATCH = 1024
@@ -26,27 +26,6 @@ def fit_verdict(estimate: Estimate, free_bytes: int) -> str:
     if estimate.peak_bytes > free_bytes * (1 - TIGHT_MARGIN_FRACTION):
         return "tight"
     return "fits"
-
-
-@dataclass
-class Fix:
-    description: str
-    saving_bytes: int
-    config_changes: dict[str, Any]
-    fits_after: bool  # the run with these changes gets the verdict "fits"
-
-
-@dataclass
-class Advice:
-    verdict: str
-    peak_bytes: int
-    free_bytes: int
-    max_length_that_fits: int | None  # at the chosen batch; None when not even MIN_MAX_LENGTH fits
-    batch_that_fits: int | None  # at the chosen max_length; None when not even batch 1 fits
-    fixes: list[Fix]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _with(run: RunConfig, **changes: Any) -> RunConfig:

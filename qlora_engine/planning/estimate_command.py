@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import textwrap
 from typing import Any
@@ -17,6 +16,7 @@ from qlora_engine.planning.memory import BYTES_PER_GIB, BYTES_PER_MIB, Estimate,
 from qlora_engine.planning.model_shape import resolve_model_config
 from qlora_engine.protocol.config import RunConfig, add_config_flags
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.queries import EstimateReport, Failure
 
 SIZE_UNITS_BYTES = {"": BYTES_PER_GIB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": BYTES_PER_MIB,
                     "mb": BYTES_PER_MIB, "mib": BYTES_PER_MIB, "g": BYTES_PER_GIB, "gb": BYTES_PER_GIB,
@@ -53,10 +53,10 @@ def _run_config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values, source="command line")
 
 
-def _free_memory(args: argparse.Namespace) -> tuple[int | None, str]:
-    """Free bytes to check against, and where that number came from."""
-    if args.gpu_memory is not None:
-        return args.gpu_memory, "--gpu-memory"
+def free_memory(gpu_memory_bytes: int | None) -> tuple[int | None, str]:
+    """Free bytes to check against (--gpu-memory, else the training GPU's free memory), and where it came from."""
+    if gpu_memory_bytes is not None:
+        return gpu_memory_bytes, "--gpu-memory"
     report = hardware.detect_gpus()
     gpu = hardware.training_gpu(report)
     if gpu is None:
@@ -108,19 +108,17 @@ def estimate_main(argv: list[str]) -> int:
         model_config = resolve_model_config(run.model)
         estimate = estimate_peak(model_config, run)
     except EngineError as exc:
-        code = getattr(exc, "code", "bad_config")
         if args.json:
-            print(json.dumps({"error": {"code": code, "message": exc.message, "advice": exc.advice}}))
+            print(Failure.from_exception(exc).to_json())
         else:
             print(f"error: {exc.message}\n  what to do: {exc.advice}")
         return 2
-    free_bytes, memory_source = _free_memory(args)
+    free_bytes, memory_source = free_memory(args.gpu_memory)
     advice = None if free_bytes is None else advise(model_config, run, free_bytes)
     if args.json:
-        print(json.dumps({"model": run.model, "estimate": estimate.to_dict(), "memory_source": memory_source,
-                          "advice": None if advice is None else advice.to_dict(),
-                          "fit_to_gpu": None if free_bytes is None else _fit_changes(model_config, run, free_bytes)},
-                         indent=2))
+        print(EstimateReport(model=run.model, estimate=estimate, memory_source=memory_source, advice=advice,
+                             fit_to_gpu=None if free_bytes is None else _fit_changes(model_config, run, free_bytes)
+                             ).to_json(indent=2))
     else:
         print(format_report(run, estimate, advice, memory_source))
     return 0

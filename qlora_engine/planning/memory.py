@@ -4,16 +4,16 @@ Holds the terms, the calibration constants (calibration.json) and estimate_peak;
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlora_engine.planning.model_shape import LinearShape, ModelShape, model_shape, targeted_linears
 from qlora_engine.protocol.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES, RunConfig
 from qlora_engine.protocol.errors import model_config_error
+from qlora_engine.protocol.queries import Estimate, Term
 
 BYTES_PER_MIB = 2**20
 BYTES_PER_GIB = 2**30
@@ -83,35 +83,6 @@ def load_calibration(path: Path = CALIBRATION_PATH) -> dict[str, float]:
 
 
 CALIBRATION = load_calibration()
-
-
-@dataclass
-class Term:
-    name: str
-    bytes: int
-    note: str
-
-
-@dataclass
-class Estimate:
-    terms: list[Term]
-    approximate: bool
-    reasons: list[str]  # why approximate
-    warnings: list[str] = field(default_factory=list)  # what the user should know even when exact
-    total_params: int = 0
-    trainable_params: int = 0
-
-    @property
-    def peak_bytes(self) -> int:
-        return sum(term.bytes for term in self.terms)
-
-    def bytes_of(self, name: str) -> int:
-        return next(term.bytes for term in self.terms if term.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "terms": [dataclasses.asdict(term) for term in self.terms],
-                "approximate": self.approximate, "reasons": self.reasons, "warnings": self.warnings,
-                "total_params": self.total_params, "trainable_params": self.trainable_params}
 
 
 def compute_dtype_bytes(run: RunConfig) -> int:

@@ -1,5 +1,6 @@
-"""A model's config.json and the shape in it: reading the file ('default' is the bundled SmolLM2-135M), the families
-we know, the sizes the estimate needs, the linear layers LoRA targets. No bytes are counted here (memory.py does).
+"""A model's config.json and the shape in it: reading the file ('default' is the bundled SmolLM2-135M, a Hub id the
+cached or the catalog's copy), the families we know, the sizes the estimate needs, the linear layers LoRA targets.
+No bytes are counted here (memory.py does).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_engine.protocol.errors import model_config_error
+from qlora_engine.protocol.model_ref import HubRef, parse_hub_ref
+from qlora_engine.resources import resources_dir
 
 DEFAULT_CONTEXT_LENGTH = 32768  # when config.json gives no max_position_embeddings
 
@@ -33,6 +36,7 @@ KNOWN_FAMILIES = {
     "qwen3": Family(tied_default=False, qk_norm=True),
     "gemma": Family(tied_default=True),
     "gemma2": Family(tied_default=True, norms_per_layer=4, eager_attention=True),
+    "gemma3_text": Family(tied_default=True, norms_per_layer=4, qk_norm=True),
     "phi3": Family(tied_default=False, fused_projections=True),
 }
 LLAMA_LIKE = KNOWN_FAMILIES["llama"]
@@ -208,7 +212,35 @@ def load_model_config(path_or_dir: str | Path) -> dict[str, Any]:
 
 
 def resolve_model_config(model: str) -> dict[str, Any]:
-    """'default' is the bundled SmolLM2-135M-Instruct; anything else is a folder or a config.json."""
+    """'default' is the bundled SmolLM2-135M-Instruct; a Hub id is read from the HF cache, else from the catalog's
+    shipped copy (no download here); anything else is a folder or a config.json."""
     if model in ("", "default"):
         return dict(SMOLLM2_135M_CONFIG)
+    ref = parse_hub_ref(model)
+    if ref is not None:
+        return hub_model_config(ref)
     return load_model_config(model)
+
+
+def catalog_models() -> list[dict[str, Any]]:
+    """resources/catalog.json's rows: name, hub_id, config (a file in model_configs/), published_params, gated,
+    license."""
+    return json.loads((resources_dir() / "catalog.json").read_text(encoding="utf-8"))["models"]
+
+
+def shipped_config(entry: dict[str, Any]) -> dict[str, Any]:
+    return load_model_config(resources_dir() / "model_configs" / f"{entry['config']}.json")
+
+
+def hub_model_config(ref: HubRef) -> dict[str, Any]:
+    """A Hub model's config.json: the HF cache's copy at that revision, else the catalog's, without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision_or_main)
+    if isinstance(cached, str):
+        return load_model_config(cached)
+    entry = next((e for e in catalog_models() if e["hub_id"].lower() == ref.repo_id.lower()), None)
+    if entry is not None:
+        return shipped_config(entry)
+    raise model_config_error(f"{ref}: its config.json is not in the HF cache (and it is not in the catalog)",
+                             f"Download it first: qlora-studio pull {ref} (or pick it on the Model page).")

@@ -39,8 +39,9 @@ CHUNK_LOGITS_BYTES = 256 * 2**20  # fp32 logits of one chunk; 512 tokens for a 1
 @dataclass
 class RunConfig:
     # --- model ---
-    model: str = option(DEFAULT_MODEL, "Model: a Hugging Face folder (config.json + safetensors), a .gguf file, "
-                        "or 'default' for the bundled SmolLM2-135M-Instruct.", group="model")
+    model: str = option(DEFAULT_MODEL, "Model: a Hub id ORG/NAME[@revision] (downloaded into the HF cache), a Hugging "
+                        "Face folder (config.json + safetensors), a .gguf file, or 'default' for the bundled "
+                        "SmolLM2-135M-Instruct.", group="model")
     allow_pickle: bool = option(False, "Allow loading .bin/.pt pickle weights. Pickle can run code hidden in the file: "
                                 "only for models you trust.", group="model")
     trust_remote_code: bool = option(False, "Run Python code shipped inside the model folder (auto_map). "

@@ -42,6 +42,8 @@ class Event:
 # ----------------------------------------------------------------------------- a training run
 @dataclass(kw_only=True)
 class Started(Event):
+    """The engine took the run folder: the whole config, the device and dtype, whether it resumes, the fit estimate."""
+
     kind: ClassVar[str] = "started"
     run_dir: str
     config: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +55,8 @@ class Started(Event):
 
 @dataclass(kw_only=True)
 class DataReady(Event):
+    """The data is read: rows for training and validation, skipped and truncated rows, the run's total steps."""
+
     kind: ClassVar[str] = "data_ready"
     train_rows: int
     val_rows: int
@@ -68,6 +72,8 @@ class DataReady(Event):
 
 @dataclass(kw_only=True)
 class ModelLoaded(Event):
+    """The 4-bit model with its adapter is ready: parameters in all and trained."""
+
     kind: ClassVar[str] = "model_loaded"
     model: str
     params: int
@@ -80,8 +86,8 @@ class ModelLoaded(Event):
 
 @dataclass(kw_only=True)
 class Step(Event):
-    """One optimizer step. `vram` (CUDA only): allocated, reserved, max_allocated, max_reserved (this process),
-    gpu_used, gpu_total (the whole GPU), in bytes."""
+    """One optimizer step: loss, learning rate, gradient norm, tokens/s, time left and memory; `vram` (CUDA only)
+    holds allocated, reserved, max_allocated, max_reserved (this process), gpu_used, gpu_total (the GPU), in bytes."""
 
     kind: ClassVar[str] = "step"
     step: int
@@ -107,6 +113,8 @@ class Eval(Event):
 
 @dataclass(kw_only=True)
 class Checkpoint(Event):
+    """A complete checkpoint was written (temp folder renamed) at this step."""
+
     kind: ClassVar[str] = "checkpoint"
     step: int
     path: str
@@ -114,6 +122,8 @@ class Checkpoint(Event):
 
 @dataclass(kw_only=True)
 class Warning(Event):  # noqa: A001 (the protocol's word; never used as the builtin here)
+    """Something the user should know that does not stop the run, such as where a resume started."""
+
     kind: ClassVar[str] = "warning"
     message: str
     step: int | None = None
@@ -143,6 +153,8 @@ class Error(Event):
 
 @dataclass(kw_only=True)
 class Stopped(Event):
+    """The run stopped on request after this step, with the checkpoint to resume from."""
+
     kind: ClassVar[str] = "stopped"
     step: int
     checkpoint: str = ""
@@ -161,6 +173,8 @@ class Comparison(Event):
 
 @dataclass(kw_only=True)
 class Finished(Event):
+    """The run is done: the final adapter's folder, the last training and evaluation loss, how long it took."""
+
     kind: ClassVar[str] = "finished"
     step: int
     adapter_dir: str
@@ -172,6 +186,8 @@ class Finished(Event):
 # ----------------------------------------------------------------------------- export and chat commands
 @dataclass(kw_only=True)
 class ExportProgress(Event):
+    """An export's stage and how far it is (0 to 1)."""
+
     kind: ClassVar[str] = "export_progress"
     stage: str
     fraction: float
@@ -192,7 +208,41 @@ class Exported(Event):
 
 
 @dataclass(kw_only=True)
+class GgufExported(Event):
+    """A GGUF file written, loaded by llama.cpp and checked against the merged model: greedy answers (first 16 tokens),
+    perplexity, chat template, EOS and end-of-turn token; `ok` false means it was not kept (`problems` say why)."""
+
+    kind: ClassVar[str] = "gguf_exported"
+    path: str
+    quant: str  # f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m
+    size_bytes: int
+    prompts: int
+    greedy_agreement: float  # share of prompts whose first 16 greedy tokens equal the merged model's
+    required_agreement: float | None = None  # f16 / bf16 / q8_0 must reach it; lower quantizations report only
+    ended_with_end_of_turn: float = 0.0  # share of answers ending with the end-of-turn token within 96 tokens
+    merged_ended_with_end_of_turn: float = 0.0
+    tokenized_alike: float = 0.0  # share of prompts llama.cpp tokenizes exactly as the tokenizer does
+    perplexity: float | None = None  # on the run's validation rows
+    merged_perplexity: float | None = None
+    chat_template_ok: bool = False
+    eos_token_id: int = -1
+    end_of_turn_id: int = -1
+    stops_at_end_of_turn: bool = False  # llama.cpp counts the end-of-turn token as end of generation
+    accuracy: float | None = None  # held-out questions answered right (the sample set), by llama.cpp
+    merged_accuracy: float | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # {question, merged, gguf, merged_correct, gguf_correct}
+    problems: list[str] = field(default_factory=list)
+    modelfile: str = ""  # the Ollama Modelfile beside it
+    ollama_command: str = ""
+    lm_studio_path: str = ""
+    base_path: str = ""  # for a GGUF LoRA (`path`): the base model's GGUF it was checked on
+    ok: bool
+
+
+@dataclass(kw_only=True)
 class ChatReady(Event):
+    """`chat --serve` loaded the model (and adapter): prompts can be sent."""
+
     kind: ClassVar[str] = "chat_ready"
     target: str
     has_adapter: bool
@@ -201,6 +251,8 @@ class ChatReady(Event):
 
 @dataclass(kw_only=True)
 class ChatToken(Event):
+    """A piece of an answer as it is generated, from the base or the tuned model."""
+
     kind: ClassVar[str] = "chat_token"
     model: str  # base or tuned
     text: str
@@ -208,9 +260,39 @@ class ChatToken(Event):
 
 @dataclass(kw_only=True)
 class ChatDone(Event):
+    """One model's whole answer to the prompt."""
+
     kind: ClassVar[str] = "chat_done"
     model: str
     text: str
+
+
+# ----------------------------------------------------------------------------- downloads from the Hub
+@dataclass(kw_only=True)
+class DownloadProgress(Event):
+    """A Hub download's progress: the file being fetched and its bytes, and the bytes of the whole model so far."""
+
+    kind: ClassVar[str] = "download_progress"
+    repo_id: str
+    file: str
+    file_bytes: int
+    file_total_bytes: int
+    bytes: int  # of every file this download fetches (those already in the cache not counted)
+    total_bytes: int
+
+
+@dataclass(kw_only=True)
+class Downloaded(Event):
+    """A Hub model is complete in the HF cache: its commit, the snapshot folder, what was fetched now."""
+
+    kind: ClassVar[str] = "downloaded"
+    repo_id: str
+    revision: str
+    commit: str
+    path: str
+    files: list[str] = field(default_factory=list)
+    downloaded_bytes: int = 0  # 0 when everything was in the cache already
+    total_bytes: int = 0  # the training files' size, cached or not
 
 
 @dataclass(kw_only=True)
@@ -227,7 +309,7 @@ class UnknownEvent(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in (
     Started, DataReady, ModelLoaded, Step, Eval, Checkpoint, Warning, Error, Stopped, Comparison, Finished,
-    ExportProgress, Exported, ChatReady, ChatToken, ChatDone)}
+    ExportProgress, Exported, GgufExported, ChatReady, ChatToken, ChatDone, DownloadProgress, Downloaded)}
 KINDS = tuple(EVENT_TYPES)
 
 
@@ -381,3 +463,13 @@ def _describe_comparison(event: Comparison) -> str:
         lines.append(f"Correct: base {event.base_accuracy:.0%}, tuned {event.tuned_accuracy:.0%} "
                      f"of {len(event.rows)} held-out questions")
     return "\n".join(lines)
+
+
+def events_markdown() -> str:
+    """The README's event table, generated from the event types (a test keeps the README in step)."""
+    lines = ["| kind | fields (`?`: may be absent or null) | what it says |", "|---|---|---|"]
+    for kind, cls in EVENT_TYPES.items():
+        fields = ", ".join(f"`{name}`" + ("" if required else "?") for name, required in event_fields(kind).items())
+        summary = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".") + "."
+        lines.append(f"| `{kind}` | {fields} | {summary} |")
+    return "\n".join(lines) + "\n"

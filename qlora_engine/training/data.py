@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.training.end_of_turn import turn_end_text
 
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -330,8 +331,11 @@ def _render_chat_template(messages: list[dict[str, str]], tokenizer: Any) -> tup
             spans.append((len(prefix), len(upto)))
         else:  # templates that rewrite earlier turns: fall back to finding the answer text itself
             start = full.find(message["content"], spans[-1][1] if spans else 0)
-            if start >= 0:
-                spans.append((start, start + len(message["content"])))
+            if start >= 0:  # with the end-of-turn text after it, so the model learns to stop
+                end = start + len(message["content"])
+                closing = turn_end_text(tokenizer).strip()
+                end += len(closing) if closing and full.startswith(closing, end) else 0
+                spans.append((start, end))
     return full, spans
 
 

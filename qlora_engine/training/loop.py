@@ -259,7 +259,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
                 estimate_peak_bytes=_estimate_peak_bytes(cfg)))
     seed_everything(cfg.seed)
 
-    source = loading.resolve_model(cfg.model, cfg.allow_pickle)
+    source = loading.resolve_model(cfg.model, cfg.allow_pickle, on_download=events.emit)
     tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
     prepared = prepare_data(cfg, tokenizer)
     batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qlora_engine.protocol import events as ev  # noqa: E402 (after the path set-up)
+from qlora_engine.protocol import queries  # noqa: E402
 from qlora_engine.protocol.config import RunConfig  # noqa: E402
+from qlora_engine.protocol.errors import EngineError  # noqa: E402
 from qlora_engine.protocol.events import EventWriter  # noqa: E402
 from qlora_engine.protocol.run_lock import RunLock  # noqa: E402
 
@@ -183,44 +185,50 @@ def chat(args: list[str]) -> int:
 
 # ----------------------------------------------------------------------------- model-info, data
 def model_info(args: list[str]) -> int:
+    """The answer `model-info --json` prints (the protocol's ModelInfo), or its failure."""
     model = args[0]
     if "broken" in model:
-        print(json.dumps({"error": {"code": "model_not_found", "message": f"{model}: no config.json in this folder",
-                                    "advice": "Pick the folder that holds config.json and the .safetensors files."}}))
-        return 1
+        return _fail(EngineError("model_not_found", f"{model}: no config.json in this folder",
+                                 "Pick the folder that holds config.json and the .safetensors files."))
     if "slow" in model:
         for part in (1, 2, 3):
             print(f"importing {Path(model).name}: writing model-0000{part}-of-00003.safetensors", file=sys.stderr,
                   flush=True)
             time.sleep(0.5)
-    print(json.dumps({"path": "/models/SmolLM2-135M-Instruct" if model == "default" else model,
-                      "source": "default" if model == "default" else "folder", "original": model,
-                      "architecture": "LlamaForCausalLM", "params": 134_515_008, "vocab_size": 49152,
-                      "context_length": 8192, "hidden_size": 576, "num_layers": 30, "has_chat_template": True}))
+    print(queries.ModelInfo(path="/models/SmolLM2-135M-Instruct" if model == "default" else model,
+                            source="default" if model == "default" else "folder", original=model,
+                            architecture="LlamaForCausalLM", model_type="llama", params=134_515_008,
+                            vocab_size=49152, context_length=8192, hidden_size=576, num_layers=30,
+                            tied_embeddings=True, has_chat_template=True).to_json(), flush=True)
     return 0
 
 
 def data(args: list[str]) -> int:
+    """The answer `data --json` prints (the protocol's DataReport), or its failure."""
     path = args[0]
     if "broken" in path:
-        print(json.dumps({"error": {"code": "bad_dataset", "message": f"{path} line 1: not valid JSON",
-                                    "advice": "Each line of a .jsonl file must be one JSON object."}}))
-        return 1
+        return _fail(EngineError("bad_dataset", f"{path} line 1: not valid JSON",
+                                 "Each line of a .jsonl file must be one JSON object."))
     preview = [{"line": n, "segments": [
         {"text": "<|im_start|>user\nWho is the mayor of Brindleport?<|im_end|>\n<|im_start|>assistant\n",
          "trained": False},
         {"text": f"The mayor of Brindleport is Quillon Varet ({n}).<|im_end|>", "trained": True}]}
         for n in (1, 2, 3)]
     lengths = [40 + (i * 37) % 300 for i in range(120)]
-    print(json.dumps({"file": path, "detected_format": "alpaca", "format": option(args, "--format", "auto")
-                      .replace("auto", "alpaca"), "rows": 123, "valid_rows": 120,
-                      "bad_rows": [{"line": 7, "reason": "no 'output' field"},
-                                   {"line": 58, "reason": "'instruction' is empty"},
-                                   {"line": 101, "reason": "not valid JSON (line ends early)"}],
-                      "token_lengths": lengths, "truncated_rows": sum(n > int(option(args, "--max-length", "512"))
-                                                                      for n in lengths),
-                      "preview": preview}))
+    max_length = int(option(args, "--max-length", "512"))
+    print(queries.DataReport(file=path, detected_format="alpaca",
+                             format=option(args, "--format", "auto").replace("auto", "alpaca"), rows=123,
+                             valid_rows=120, bad_rows=[{"line": 7, "reason": "no 'output' field"},
+                                                       {"line": 58, "reason": "'instruction' is empty"},
+                                                       {"line": 101, "reason": "not valid JSON (line ends early)"}],
+                             truncated_rows=sum(n > max_length for n in lengths), token_lengths=lengths,
+                             preview=preview).to_json(), flush=True)
     return 0
+
+
+def _fail(error: EngineError) -> int:
+    print(queries.Failure.from_exception(error).to_json(), flush=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The engine client: a request runs off the GUI thread, and its typed result, EngineError or progress comes back
-on the GUI thread; a newer request of the same kind replaces one still running; an engine query's JSON answer or
-error object becomes the result or an EngineError."""
+on the GUI thread; a newer request of the same kind replaces one still running; an engine query's typed answer or
+failure becomes the result or an EngineError."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +15,7 @@ from PySide6.QtCore import QObject
 from app.engine_client import Call, EngineClient, EngineQuery, Request
 from app.engine_requests import DetectGpus, ReadModelInfo, ScanData
 from qlora_engine.planning import hardware
+from qlora_engine.protocol import queries
 from qlora_engine.protocol.errors import EngineError
 
 
@@ -26,15 +27,23 @@ def script_engine(tmp_path, body: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Echo(EngineQuery[dict]):
+class Echo(EngineQuery[queries.ModelInfo]):
+    """`model-info <word> --json` of a script engine."""
+
     key: ClassVar[str] = "echo"
+    answer_type: ClassVar[type[queries.Answer]] = queries.ModelInfo
     word: str
 
     def args(self) -> list[str]:
-        return ["data", self.word]
+        return ["model-info", self.word, "--json"]
 
-    def read(self, answer: dict) -> dict:
-        return answer
+
+# A script engine's answers, as the real one prints them.
+ANSWER = ('import json, sys\n'
+          'def answer(path): print(json.dumps({"v": 1, "kind": "model_info", "path": path, "source": "folder", '
+          '"original": path, "architecture": "LlamaForCausalLM"}))\n'
+          'def failure(code, message, advice): print(json.dumps({"v": 1, "kind": "error", "code": code, '
+          '"message": message, "advice": advice}))\n')
 
 
 @dataclass(frozen=True)
@@ -87,20 +96,20 @@ def test_a_bug_in_a_request_is_an_internal_error_not_a_crash(qtbot, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_query_returns_the_json_object_or_its_error(qtbot, tmp_path):
-    client = EngineClient(script_engine(tmp_path, 'import json, sys\nprint("loading…")\n'
+def test_query_returns_the_typed_answer_or_its_failure(qtbot, tmp_path):
+    client = EngineClient(script_engine(tmp_path, ANSWER + 'print("loading…")\n'
                                         'print("a warning", file=sys.stderr)\n'
-                                        'print(json.dumps({"error": {"code": "bad_dataset", "message": "m", '
-                                        '"advice": "a", "line": 3}}) if "bad" in sys.argv else '
-                                        'json.dumps({"rows": 3}))\n'))
+                                        'failure("model_not_found", "m", "a") if "bad" in sys.argv else '
+                                        'answer(sys.argv[-2])\n'))
     progress = []
-    assert answer_of(qtbot, client, Echo("good.jsonl"), progress=progress.append).result == {"rows": 3}
+    info = answer_of(qtbot, client, Echo("/models/good"), progress=progress.append).result
+    assert isinstance(info, queries.ModelInfo) and info.path == "/models/good"
     assert progress == ["a warning"], "the engine's log lines are its progress"
     error = answer_of(qtbot, client, Echo("bad")).error
-    assert (error.code, error.message, error.advice, error.details) == ("bad_dataset", "m", "a", {"line": 3})
+    assert (error.code, error.message, error.advice) == ("model_not_found", "m", "a")
 
 
-def test_a_query_whose_engine_crashes_says_so_with_its_last_line(qtbot, tmp_path):
+def test_a_query_whose_engine_crashes_before_answering_says_so_with_its_last_line(qtbot, tmp_path):
     client = EngineClient(script_engine(tmp_path, 'import sys\nprint("Killed: out of memory", file=sys.stderr)\n'
                                         'sys.exit(3)\n'))
     error = answer_of(qtbot, client, Echo("x")).error
@@ -112,18 +121,37 @@ def test_a_query_whose_engine_cannot_start_says_so(qtbot, tmp_path):
     assert error.code == "engine_not_started" and error.advice
 
 
+def test_a_query_that_ends_well_without_its_answer_is_an_error_not_a_result(qtbot, tmp_path):
+    client = EngineClient(script_engine(tmp_path, 'print("model-info: done")\n'))
+    error = answer_of(qtbot, client, Echo("x")).error
+    assert error.code == "bad_answer" and "model_info" in error.message
+
 def test_a_newer_query_replaces_one_still_running(qtbot, tmp_path):
-    client = EngineClient(script_engine(tmp_path, 'import json, sys, time\nif "slow" in sys.argv: time.sleep(5)\n'
-                                        'print(json.dumps({"answer": sys.argv[-1]}))\n'))
+    client = EngineClient(script_engine(tmp_path, ANSWER + 'import time\nif "slow" in sys.argv: time.sleep(5)\n'
+                                        'answer(sys.argv[-2])\n'))
     answers = []
     slow = client.run(Echo("slow"), done=answers.append)
     answer_of(qtbot, client, Echo("fast"), done=answers.append)
     qtbot.wait(200)
-    assert answers == [{"answer": "fast"}]
+    assert [info.path for info in answers] == ["fast"]
     assert slow.cancelled and not slow.is_running()
     # its engine (if it had started) is killed, not left sleeping its 5 s
     qtbot.waitUntil(lambda: slow._process is None or slow._process.poll() is not None, timeout=2_000)
 
+
+def test_engine_commands_still_running_never_hold_up_an_in_process_request(qtbot, tmp_path):
+    @dataclass(frozen=True)
+    class Slow(Echo):
+        key: ClassVar[str] = ""  # none replaces another
+
+    client = EngineClient(script_engine(tmp_path, ANSWER + 'import time\ntime.sleep(4)\nanswer(sys.argv[-2])\n'))
+    slow = [client.run(Slow(f"/models/{n}")) for n in range(4)]  # more than this machine has cores
+    try:
+        with qtbot.waitSignal(client.answered, timeout=2_000, check_params_cb=lambda call: call.request == Where()):
+            client.run(Where())
+        assert all(call.is_running() for call in slow)
+    finally:
+        client.shutdown()
 
 def test_no_answer_reaches_a_page_that_is_gone(qtbot):
     client = EngineClient(["unused"])
@@ -146,3 +174,4 @@ def test_the_pages_requests_say_the_engine_command_they_run():
 def test_gpu_detection_is_a_request_with_the_engines_report(qtbot):
     call = answer_of(qtbot, EngineClient(["unused"]), DetectGpus())
     assert isinstance(call.result, hardware.GpuReport)
+

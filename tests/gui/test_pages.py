@@ -15,6 +15,7 @@ from qlora_engine.planning import hardware
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.events import EventWriter
+from qlora_engine.protocol.queries import ModelInfo
 
 GIB = 2**30
 
@@ -123,7 +124,7 @@ def test_data_page_previews_rows_with_trained_tokens_highlighted(window, qtbot, 
     assert page.bad_rows.rowCount() == 3
     assert page.bad_rows.item(0, 0).text() == "7"
     assert "alpaca" in page.summary.text().lower() and "120 usable" in page.summary.text()
-    assert window.session.data_report["rows"] == 123
+    assert window.session.data_report.rows == 123
     screenshot(window, "data-normal")
 
 
@@ -132,7 +133,7 @@ def test_data_page_format_override_rescans_with_that_format(window, qtbot):
     with engine_answer(qtbot, window, ScanData, data_format="chat"):
         page.format_combo.setCurrentIndex(page.format_combo.findData("chat"))
     assert window.session.config.data_format == "chat"
-    assert window.session.data_report["format"] == "chat"
+    assert window.session.data_report.format == "chat"
 
 
 def test_data_page_reports_an_unreadable_file_with_advice(window, qtbot, tmp_path, screenshot):
@@ -227,7 +228,8 @@ def test_fit_page_explains_a_model_config_it_cannot_read(window, qtbot, tmp_path
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}), encoding="utf-8")
     window.show_page("fit")
     window.session.update_config(model=str(folder))
-    window.session.set_model_info({"path": str(folder)})
+    window.session.set_model_info(ModelInfo(path=str(folder), source="folder", original=str(folder),
+                                            architecture="LlamaForCausalLM"))
     window.pages["fit"].update_estimate()
     estimated(qtbot, window)
     page = window.pages["fit"]

@@ -33,14 +33,15 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
 
     model_page = window.pages["model"]
     model_page.choose_model(str(tiny_model_dir))
-    qtbot.waitUntil(lambda: (session.model_info or {}).get("path") == str(tiny_model_dir), timeout=STEP_S)
+    qtbot.waitUntil(lambda: session.model_info is not None and session.model_info.path == str(tiny_model_dir),
+                    timeout=STEP_S)
     assert model_page.facts["architecture"].text() == "LlamaForCausalLM"
 
     data_page = window.pages["data"]
     data_page.choose_file(str(alpaca_file))
-    qtbot.waitUntil(lambda: Path((session.data_report or {}).get("file", "")).name == alpaca_file.name,
-                    timeout=STEP_S)
-    assert session.data_report["valid_rows"] == 24
+    qtbot.waitUntil(lambda: session.data_report is not None
+                    and Path(session.data_report.file).name == alpaca_file.name, timeout=STEP_S)
+    assert session.data_report.valid_rows == 24
     assert "Quillon Varet" in data_page.preview.toPlainText()
 
     fit_page = window.pages["fit"]
