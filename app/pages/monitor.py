@@ -27,7 +27,6 @@ from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card, primary_button
 from qlora_engine.protocol import events as ev
-from qlora_engine.protocol.run_lock import engine_alive
 from qlora_engine.protocol.run_state import ENDED_STATUSES, LIVE_STATUSES, RunState
 
 GIB = 2**30
@@ -197,8 +196,7 @@ class MonitorPage(Page):
                 if event is not None and not isinstance(event, ev.UnknownEvent):
                     self.state.apply(event)
                     self.log.appendPlainText(ev.describe(event))
-        if self.state.status in LIVE_STATUSES and not engine_alive(run_dir):
-            self.state.engine_gone()  # its engine was killed, or this folder was copied mid-run
+        self.state.check_engine(run_dir)
         if self.state.status in ENDED_STATUSES or not path.exists():
             self.follow_timer.stop()
         elif not self.follow_timer.isActive():

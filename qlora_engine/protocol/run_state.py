@@ -170,9 +170,10 @@ class RunState:
         if self.status in ("loading", "training"):
             self.status, self.dirty = "stopping", True
 
-    def engine_gone(self) -> None:
-        """Events ended mid-run and no engine is left to send more (killed, crashed, or the folder was copied)."""
-        if self.status in LIVE_STATUSES:
+    def check_engine(self, run_dir: Path) -> None:
+        """Events that end mid-run with no engine holding the folder any more mean an interrupted run (killed,
+        crashed, or the folder was copied mid-run): the one place this rule lives."""
+        if self.status in LIVE_STATUSES and not engine_alive(run_dir):
             self.status, self.dirty = "interrupted", True
 
     @property
@@ -231,8 +232,7 @@ def summarize_run(run_dir: Path) -> RunState:
         state.apply(event)
     if state.duration_s is None and state.started_at is not None and state.last_event_at is not None:
         state.duration_s = state.last_event_at - state.started_at
-    if state.status in LIVE_STATUSES and not engine_alive(run_dir):
-        state.engine_gone()
+    state.check_engine(run_dir)
     state.dirty = True
     return state
 
