@@ -72,14 +72,15 @@ def test_compiling_is_for_cuda_only():
     assert cfg.compile_layers  # on by default; attach_lora asks compile_supported first
 
 
-def saved_activation_bytes(model_dir, compiled: bool) -> int:
+def saved_activation_bytes(model_dir, compiled: bool, activation_memory_budget: float = 0.0) -> int:
     """Bytes of the tensors a forward keeps for the backward, other than the model's own weights and buffers."""
     cfg = RunConfig(model=str(model_dir), packing=False, compute_dtype="fp32", device="cpu")
     model = loop.build_model(cfg, model_dir, "cpu", torch.float32)
     model.train()
     if compiled:
         torch._dynamo.reset()
-        layer_compile.compile_layers(model, backend="aot_eager_decomp_partition", fullgraph=True)
+        layer_compile.compile_layers(model, backend="aot_eager_decomp_partition", fullgraph=True,
+                                     activation_memory_budget=activation_memory_budget)
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept = {}
 
@@ -123,3 +124,15 @@ def test_a_compiler_that_fails_leaves_the_layers_running_eagerly(tiny_model_dir,
         batch = loop.collate(random_rows([20, 33]), 0, "cpu")
         losses.append(float(lm_loss.causal_lm_loss(model, batch, loop.trained_tokens(batch))))
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_an_activation_memory_budget_keeps_more_of_each_layer_for_the_backward(tiny_model_dir):
+    """activation_memory_budget (a run option) lets the compiled backward keep activations instead of recomputing
+    them: with the whole budget the forward keeps several times what it keeps at 0 (checkpointing's trade)."""
+    try:
+        recomputing = saved_activation_bytes(tiny_model_dir, compiled=True)
+        keeping = saved_activation_bytes(tiny_model_dir, compiled=True, activation_memory_budget=1.0)
+        assert torch._functorch.config.activation_memory_budget == 1.0
+    finally:
+        torch._functorch.config.activation_memory_budget = 0.0
+    assert keeping > 3 * recomputing, (keeping, recomputing)

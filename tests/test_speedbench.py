@@ -25,3 +25,18 @@ def test_speed_bench_runs_the_plain_stack_and_the_engine_side_by_side_with_the_s
     for plain, engine, reference in zip(*(results[s]["losses"] for s in ("plain", "engine", "plain_fp32"))):
         assert abs(plain - engine) <= 1e-3 * abs(plain) and abs(plain - reference) <= 1e-3 * abs(plain)
     assert results["plain"]["losses"][0] != results["plain"]["losses"][-1]  # it trained
+
+
+def test_engine_variants_are_named_by_the_run_options_they_change():
+    """`--stacks engine@OPTION=VALUE+...`: any run option changed, typed as the config types it; a name that is not
+    a run option is refused before any worker starts."""
+    import pytest
+
+    from qlora_engine.bench.speed import engine_switches
+
+    assert engine_switches("engine@activation_memory_budget=0.25+fp32_residual=false") == {
+        "activation_memory_budget": 0.25, "fp32_residual": False}
+    assert engine_switches("engine_eager") == {"compile_layers": False}
+    assert engine_switches("plain") is None and engine_switches("unsloth") is None
+    with pytest.raises(SystemExit, match="not OPTION=VALUE"):
+        engine_switches("engine@lora_rank=8")

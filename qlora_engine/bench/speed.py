@@ -56,6 +56,26 @@ VARIABLE_MEDIAN_TOKENS, VARIABLE_MAX_TOKENS, VARIABLE_BATCH, PROMPT_FRACTION = 2
 GIB = 2**30
 
 
+def engine_switches(stack: str) -> dict[str, Any] | None:
+    """The run options an engine stack changes from the defaults; None for a stack that is not the engine's.
+    Besides the named stacks, `engine@OPTION=VALUE[+OPTION=VALUE...]` runs the engine with any run options changed
+    (e.g. `engine@activation_memory_budget=0.2`): variants side by side in one bench without a new stack name."""
+    if stack in ENGINE_SWITCHES:
+        return ENGINE_SWITCHES[stack]
+    if not stack.startswith("engine@"):
+        return None
+    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    switches: dict[str, Any] = {}
+    for item in stack.removeprefix("engine@").split("+"):
+        name, _, text = item.partition("=")
+        if name not in types or not text:
+            raise SystemExit(f"stack {stack!r}: {item!r} is not OPTION=VALUE with a run option's name")
+        kind = types[name] if isinstance(types[name], str) else types[name].__name__
+        switches[name] = {"bool": lambda t: t.lower() in ("1", "true", "yes", "on"), "int": int,
+                          "float": float}.get(kind, str)(text)
+    return switches
+
+
 # ----------------------------------------------------------------------------- workloads
 def text_stream() -> Any:
     import numpy as np
@@ -133,8 +153,9 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) 
 
     from qlora_engine.training import loop
 
-    if stack in ENGINE_SWITCHES:
-        cfg = dataclasses.replace(cfg, **ENGINE_SWITCHES[stack])
+    switches = engine_switches(stack)
+    if switches is not None:
+        cfg = dataclasses.replace(cfg, **switches).validate()
         model = loop.attach_lora(base, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = loop.build_optimizer(cfg, trainable)
@@ -343,9 +364,9 @@ def speed_main(args: argparse.Namespace) -> int:
     results = []
     for workload in args.workloads.split(","):
         for stack in args.stacks.split(","):
-            if stack not in STACKS:
-                raise SystemExit(f"unknown stack {stack!r}: choose from {', '.join(STACKS)}")
-            if workload == "long" and stack not in ENGINE_SWITCHES and stack not in LONG_STACKS \
+            if stack not in STACKS and engine_switches(stack) is None:
+                raise SystemExit(f"unknown stack {stack!r}: choose from {', '.join(STACKS)}, or engine@OPTION=VALUE")
+            if workload == "long" and engine_switches(stack) is None and stack not in LONG_STACKS \
                     and not args.long_all_stacks:
                 continue
             results.append(_spawn(stack, workload, config_path, args, lengths))

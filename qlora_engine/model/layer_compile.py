@@ -37,10 +37,12 @@ def compile_supported(device: torch.device | str) -> str | None:
     return None
 
 
-def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = False) -> int:
+def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = False,
+                   activation_memory_budget: float = 0.0) -> int:
     """Compile every decoder layer of `model` in place; returns how many. A layer that transformers would
     checkpoint is compiled without that checkpoint: the compiled backward recomputes what it needs instead
-    (activation memory budget 0, the same trade as checkpointing: only the layer's inputs are kept).
+    (activation memory budget 0, the same trade as checkpointing: only the layer's inputs are kept; a larger
+    `activation_memory_budget` lets the partitioner keep the activations that are dearest to recompute).
     `backend` and `fullgraph` are for tests (aot_eager_decomp_partition traces, differentiates and partitions
     like Inductor, without generating code; fullgraph raises on any graph break)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -53,6 +55,6 @@ def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = Fals
     for layer in layers:
         if layer.gradient_checkpointing:
             layer.gradient_checkpointing = False
-            torch._functorch.config.activation_memory_budget = 0.0
+            torch._functorch.config.activation_memory_budget = activation_memory_budget
         layer.compile(backend=backend, fullgraph=fullgraph, dynamic=None)
     return len(layers)

@@ -122,6 +122,12 @@ class RunConfig:
                                   "dequantization fused. The first step takes a minute or two longer.",
                                   memory="Measured no higher than without it (Llama-3.1-8B on an H100); the "
                                   "estimate counts the uncompiled path.", group="speed")
+    activation_memory_budget: float = option(0.0, "With compiled layers and gradient checkpointing: the fraction "
+                                             "of a layer's activations the compiled backward may keep instead of "
+                                             "recomputing them (torch's activation memory budget; 0 = keep only "
+                                             "the layer's inputs, as checkpointing does). More is faster.",
+                                             memory="Activations kept grow with it, up to an unchecked layer's.",
+                                             group="speed", minimum=0.0, maximum=1.0)
     seed: int = option(42, "Random seed for LoRA init, data order and dropout.")
     # --- run ---
     run_dir: str = option("", "Run folder; empty = a new folder under the runs directory.", group="run")

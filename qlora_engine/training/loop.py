@@ -144,7 +144,7 @@ def attach_lora(model: Any, cfg: RunConfig) -> Any:
     if cfg.fused_lora:
         lora_nf4.use_fused_lora(peft_model)
     if cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
-        layer_compile.compile_layers(peft_model)
+        layer_compile.compile_layers(peft_model, activation_memory_budget=cfg.activation_memory_budget)
         print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
               "longer", file=sys.stderr, flush=True)
     return peft_model
