@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="destination folder [<run>/exports/<kind>]")
     add_events_flag(export)
 
+    add_to = commands.add_parser("add-to", help="put an exported GGUF in LM Studio's models folder, or create it "
+                                                "in Ollama from the Modelfile beside it")
+    add_to.add_argument("app", choices=("lm-studio", "ollama"))
+    add_to.add_argument("gguf", help="an exported .gguf file")
+    add_to.add_argument("--name", help="the model's name there [the file's name without its quantization]")
+    add_to.add_argument("--json", action="store_true")
+
     chat = commands.add_parser("chat", help="answer a prompt with the base and the tuned model")
     chat.add_argument("target", help="a run folder, a model folder, a .gguf, or 'default'")
     chat.add_argument("--prompt", help="the question (without it: read questions from the terminal)")
@@ -93,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     add_config_flags(models)
 
+    token = commands.add_parser("hub-token", help="whether a Hugging Face token is there for gated and private "
+                                                  "models; --save: check the token read from stdin and store it")
+    token.add_argument("--save", action="store_true",
+                       help="read a token from stdin, check it with the Hub, store it where `hf auth login` does")
+    token.add_argument("--json", action="store_true")
+
     runs = commands.add_parser("runs", help="list the runs: status, step / total, losses (what the Runs page shows)")
     runs.add_argument("--runs-dir", help=f"the runs folder [${run_folders.RUNS_ENV} or the user data dir]")
     runs.add_argument("--json", action="store_true")
@@ -128,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
-               "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models}[args.command]
+               "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models,
+               "hub-token": cmd_hub_token, "add-to": cmd_add_to}[args.command]
     return handler(args)
 
 
@@ -317,6 +331,26 @@ def cmd_export_gguf(args: argparse.Namespace, run_dir: Path, events: EventWriter
     return 0
 
 
+def cmd_add_to(args: argparse.Namespace) -> int:
+    from qlora_engine.products import lm_studio, modelfile
+
+    gguf = Path(args.gguf).expanduser()
+    name = args.name or gguf.stem.rsplit("-", 1)[0]
+    try:
+        if not gguf.is_file():
+            raise EngineError("not_found", f"{gguf} does not exist", "Export the GGUF first (export RUN --gguf).")
+        if args.app == "lm-studio":
+            answer = queries.AddedTo(app=args.app, gguf=str(gguf), where=str(lm_studio.add_to_lm_studio(gguf, name)))
+        else:
+            name = modelfile.ollama_name(name)
+            output = modelfile.ollama_create(name, gguf.with_suffix(".Modelfile"))
+            answer = queries.AddedTo(app=args.app, gguf=str(gguf), where=name, output=output)
+    except EngineError as exc:
+        return print_failure(exc, args.json)
+    print_answer(answer, args.json, f"{args.app}: {answer.where}")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_engine.products import chat
 
@@ -471,6 +505,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     lines += [f"  ({folder['source']}: {folder['path']} not found)" for folder in answer.folders
               if not folder["exists"]]
     print_answer(answer, args.json, "\n".join(lines) if answer.models else "no models on disk\n" + "\n".join(lines))
+    return 0
+
+
+def cmd_hub_token(args: argparse.Namespace) -> int:
+    """The token is read from stdin (never argv, which other users can see) and never printed."""
+    from qlora_engine.model import hub
+
+    try:
+        answer = hub.save_token(sys.stdin.readline()) if args.save else hub.token_status()
+    except EngineError as exc:
+        return print_failure(exc, args.json)
+    human = (("saved; " if args.save else "") + f"a token is there ({answer.source})"
+             + (f", it belongs to {answer.user}" if answer.user else "")) if answer.present else (
+        "no token: set HF_TOKEN, run `hf auth login`, or `qlora-studio hub-token --save` and paste one")
+    print_answer(answer, args.json, human)
     return 0
 
 

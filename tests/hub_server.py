@@ -1,10 +1,10 @@
 """A small Hugging Face Hub for tests: serves model folders in the Hub's URL layout, as huggingface_hub requests it.
 
 GET /api/models/{repo}[/revision/{rev}] (model info, `?blobs=True` adds sizes), /api/models/{repo}/tree/{rev},
-/api/models?search= (search), HEAD and GET /{repo}/resolve/{rev}/{file} with ETag, X-Repo-Commit and
-X-Linked-Size headers and byte ranges. Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound,
-GatedRepo, EntryNotFound). A gated repo answers 401 unless the request carries its token; `drop_after` makes the
-next GET of a file close the connection after that many bytes (a lost connection mid-file).
+/api/models?search= (search), /api/whoami-v2 (a token's owner), HEAD and GET /{repo}/resolve/{rev}/{file} with
+ETag, X-Repo-Commit and X-Linked-Size headers and byte ranges. Errors carry the Hub's X-Error-Code (RepoNotFound,
+RevisionNotFound, GatedRepo, EntryNotFound). A gated repo answers 401 unless the request carries its token;
+`drop_after` makes the next GET of a file close the connection after that many bytes (a lost connection mid-file).
 """
 from __future__ import annotations
 
@@ -34,11 +34,14 @@ class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, Range header)
     drop_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent before the connection drops
+    users: dict[str, str] = field(default_factory=dict)  # token -> the user it belongs to
     url: str = ""
 
     def add(self, repo_id: str, folder: Path, gated: bool = False, token: str | None = None) -> Repo:
         commit = hashlib.sha1(repo_id.encode()).hexdigest()
         self.repos[repo_id] = Repo(folder, commit, gated, token)
+        if token:
+            self.users[token] = "tiny-user"
         return self.repos[repo_id]
 
     def gets_of(self, name: str) -> list[tuple[str, str, str]]:
@@ -62,6 +65,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             path = unquote(url.path)
             hub.requests.append((self.command, path, self.headers.get("Range", "")))
+            if path == "/api/whoami-v2":
+                return self.whoami()
             if path == "/api/models":
                 return self.search(parse_qs(url.query).get("search", [""])[0])
             api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?(?:/.*)?", path)
@@ -117,8 +122,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def search(self, text: str) -> None:
             self.send_json([{"id": repo_id, "modelId": repo_id, "downloads": 7, "likes": 1,
                              "gated": "auto" if repo.gated else False, "cardData": {"license": "apache-2.0"},
-                             "config": {"model_type": "llama"}}
+                             "config": {"model_type": "llama"}, "safetensors": _safetensors_params(repo)}
                             for repo_id, repo in hub.repos.items() if text.lower() in repo_id.lower()])
+
+        def whoami(self) -> None:
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token not in hub.users:
+                return self.error(401, "", "Invalid credentials in Authorization header")
+            self.send_json({"type": "user", "name": hub.users[token],
+                            "auth": {"type": "access_token", "accessToken": {"displayName": "qlora-test",
+                                                                             "role": "read"}}})
 
         def resolve(self, repo_id: str, revision: str, name: str, head: bool) -> None:
             repo = self.repo_or_error(repo_id, revision)
@@ -154,6 +167,21 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data[start:])
 
     return Handler
+
+
+def _safetensors_params(repo: Repo) -> dict | None:
+    """What the Hub computes from the safetensors headers: parameters by dtype and their total."""
+    by_dtype: dict[str, int] = {}
+    for path in repo.folder.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                by_dtype[tensor["dtype"]] = by_dtype.get(tensor["dtype"], 0) + count
+    return {"parameters": by_dtype, "total": sum(by_dtype.values())} if by_dtype else None
 
 
 def _sha1(path: Path) -> str:

@@ -5,6 +5,7 @@ huggingface_hub wrote it, and a model by id loads offline from it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from hub_server import FakeHub, start
+from safetensors import safe_open
 
 from qlora_engine.model import hub, loading
 from qlora_engine.model.local_models import local_models
@@ -53,9 +55,10 @@ def pull(fake_hub: FakeHub, cache: Path, spec: str = REPO, **kwargs) -> tuple[ev
     return done, seen
 
 
-def engine(*args: str, env: dict) -> subprocess.CompletedProcess:
+def engine(*args: str, env: dict, stdin: str | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     return subprocess.run([sys.executable, "-m", "qlora_engine", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, **env})
+                          timeout=300, env={**base, **env}, input=stdin)
 
 
 def test_hub_ids_are_told_from_paths_and_the_default(tmp_path, monkeypatch):
@@ -228,3 +231,49 @@ def test_hub_search_lists_matching_models(fake_hub, tmp_path):
     assert answer["kind"] == "hub_search"
     assert {r["repo_id"] for r in answer["results"]} == {REPO, "gated-org/tiny-gated"}
     assert all(r["supported"] and r["license"] == "apache-2.0" for r in answer["results"])
+    with safe_open(fake_hub.repos[REPO].folder / "model.safetensors", "np") as weights:
+        params = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    assert [r["params"] for r in answer["results"]] == [params, params]
+
+
+def test_model_info_of_a_hub_id_reads_its_config_before_any_weight_is_downloaded(fake_hub, tmp_path):
+    env = {"HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "hf")}
+    fake_hub.requests.clear()
+    result = engine("model-info", REPO, "--json", env=env)
+    info = json.loads(result.stdout.splitlines()[-1])
+    assert info["kind"] == "model_info", result.stdout + result.stderr
+    assert info["architecture"] == "LlamaForCausalLM" and info["params"] and info["has_chat_template"]
+    fetched = {r[1].rsplit("/", 1)[-1] for r in fake_hub.requests if "/resolve/" in r[1]}
+    assert fetched == {"config.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert not fake_hub.gets_of("model.safetensors") and not fake_hub.gets_of("tokenizer.json")
+    sizes = {name: (fake_hub.repos[REPO].folder / name).stat().st_size for name in TRAINING_NAMES}
+    assert info["downloaded"] is False and info["download_bytes"] == sum(sizes.values())
+
+    assert engine("pull", REPO, "--events", "jsonl", env=env).returncode == 0
+    after = json.loads(engine("model-info", REPO, "--json", env=env).stdout.splitlines()[-1])
+    assert after["downloaded"] is True and after["download_bytes"] == 0
+
+
+def test_a_token_is_checked_then_stored_where_huggingface_hub_keeps_it_and_never_printed(fake_hub, tmp_path):
+    env = {"HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "hf")}
+    before = json.loads(engine("hub-token", "--json", env=env).stdout)
+    assert before == {"v": 1, "kind": "hub_token", "present": False, "source": "", "user": None}
+    saved = engine("hub-token", "--save", "--json", env=env, stdin=TOKEN + "\n")
+    answer = json.loads(saved.stdout)
+    assert answer["present"] and answer["user"] == "tiny-user", saved.stdout + saved.stderr
+    assert answer["source"] == str(tmp_path / "hf" / "token")
+    assert (tmp_path / "hf" / "token").read_text().strip() == TOKEN
+    assert TOKEN not in saved.stdout + saved.stderr
+    assert json.loads(engine("hub-token", "--json", env=env).stdout)["present"]
+    # The stored token is the one huggingface_hub sends: the gated model downloads without HF_TOKEN.
+    pulled = engine("pull", "gated-org/tiny-gated", "--events", "jsonl", env=env)
+    assert pulled.returncode == 0 and TOKEN not in pulled.stdout + pulled.stderr
+
+
+def test_a_token_the_hub_refuses_is_not_stored(fake_hub, tmp_path):
+    env = {"HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "hf")}
+    result = engine("hub-token", "--save", "--json", env=env, stdin="hf_not_a_real_token\n")
+    failure = json.loads(result.stdout)
+    assert result.returncode == 1 and failure["code"] == "bad_token" and "not stored" in failure["message"]
+    assert "huggingface.co/settings/tokens" in failure["advice"]
+    assert not (tmp_path / "hf" / "token").exists() and "hf_not_a_real_token" not in result.stdout + result.stderr

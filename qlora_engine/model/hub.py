@@ -13,13 +13,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.errors import EngineError, write_failure
 from qlora_engine.protocol.model_ref import HubRef
-from qlora_engine.protocol.queries import HubModel
+from qlora_engine.protocol.queries import HubModel, HubToken
 
 # Everything from_pretrained needs for a causal LM and its tokenizer; weights are picked separately.
 TRAINING_FILES = frozenset({
@@ -224,28 +225,48 @@ def _cached_or_raise(ref: HubRef, cache_dir: Path, allow_pickle: bool, error: En
                          files=files, downloaded_bytes=0, total_bytes=sum((folder / f).stat().st_size for f in files))
 
 
-def _download(ref: HubRef, allow_pickle: bool, on_progress: Progress, cache_dir: Path, endpoint: str | None,
-              token: str | None) -> ev.Downloaded:
-    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+@dataclass(frozen=True)
+class RemoteModel:
+    """What the Hub holds of a revision: its commit, every file's size, the files training needs, and the snapshot
+    folder in the HF cache (config.json is in it already)."""
+
+    commit: str
+    sizes: dict[str, int]
+    names: list[str]
+    folder: Path
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.get(name, 0) for name in self.names)
+
+
+def _fetch(ref: HubRef, name: str, revision: str, cache_dir: Path, endpoint: str | None, token: str | None,
+           progress: Any = None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(ref.repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+                                token=token, tqdm_class=progress))
+
+
+def remote_model(ref: HubRef, allow_pickle: bool, cache_dir: Path, endpoint: str | None = None,
+                 token: str | None = None) -> RemoteModel:
+    """The Hub's file list for `ref` and the training files chosen from it; fetches config.json (and the weight
+    index, a few KB) but no weights. A repo without config.json or without safetensors is refused here."""
+    from huggingface_hub import HfApi
 
     info = HfApi(endpoint=endpoint, token=token).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
     sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
-    commit = info.sha
     if "config.json" not in sizes:
         ggufs = [name for name in sizes if name.endswith(".gguf")]
         raise EngineError("unsupported_model", f"{ref} has no config.json: it is not a transformers model folder"
                           + (" (it holds .gguf files)" if ggufs else ""),
                           "Download one of its .gguf files and pick that file instead." if ggufs
                           else f"Pick a model whose files on {ref.page_url} include config.json and *.safetensors.")
-
-    def fetch(name: str, revision: str, progress: Any = None) -> Path:
-        return Path(hf_hub_download(ref.repo_id, name, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
-                                    token=token, tqdm_class=progress))
-
     # config.json first, by the revision asked for: this also records refs/<branch> for offline use by id.
-    folder = fetch("config.json", ref.revision_or_main).parent
+    folder = _fetch(ref, "config.json", ref.revision_or_main, cache_dir, endpoint, token).parent
     index_name = index_file(list(sizes), allow_pickle)
-    index = json.loads(fetch(index_name, commit).read_text(encoding="utf-8")) if index_name else None
+    index = (json.loads(_fetch(ref, index_name, info.sha, cache_dir, endpoint, token).read_text(encoding="utf-8"))
+             if index_name else None)
     names = training_files(list(sizes), allow_pickle, index)
     if not any(name.endswith((".safetensors", ".bin")) for name in names):
         pickles = [name for name in sizes if name.endswith((".bin", ".pt", ".pth"))]
@@ -254,16 +275,76 @@ def _download(ref: HubRef, allow_pickle: bool, on_progress: Progress, cache_dir:
         raise EngineError("pickle_refused" if pickles else "unsupported_model",
                           f"{ref} has no safetensors weights" + (" (only pickle .bin files)" if pickles else ""),
                           advice)
-    missing = [name for name in names if not isinstance(
+    return RemoteModel(commit=info.sha, sizes=sizes, names=names, folder=folder)
+
+
+def _download(ref: HubRef, allow_pickle: bool, on_progress: Progress, cache_dir: Path, endpoint: str | None,
+              token: str | None) -> ev.Downloaded:
+    from huggingface_hub import try_to_load_from_cache
+
+    remote = remote_model(ref, allow_pickle, cache_dir, endpoint, token)
+    sizes, commit = remote.sizes, remote.commit
+    missing = [name for name in remote.names if not isinstance(
         try_to_load_from_cache(ref.repo_id, name, cache_dir=cache_dir, revision=commit), str)]
     total = sum(sizes.get(name, 0) for name in missing)
     check_disk_space(total, cache_dir, f"downloading {ref}")
     done = 0
     for name in missing:
-        fetch(name, commit, _progress_class(ref, name, sizes.get(name, 0), done, total, on_progress))
+        _fetch(ref, name, commit, cache_dir, endpoint, token,
+               _progress_class(ref, name, sizes.get(name, 0), done, total, on_progress))
         done += sizes.get(name, 0)
-    return ev.Downloaded(repo_id=ref.repo_id, revision=ref.revision_or_main, commit=commit, path=str(folder),
-                         files=names, downloaded_bytes=total, total_bytes=sum(sizes.get(name, 0) for name in names))
+    return ev.Downloaded(repo_id=ref.repo_id, revision=ref.revision_or_main, commit=commit, path=str(remote.folder),
+                         files=remote.names, downloaded_bytes=total, total_bytes=remote.total_bytes)
+
+
+# ----------------------------------------------------------------------------- a model's facts before its weights
+# What model-info reads besides config.json: whether there is a chat template (and the tokenizer's settings).
+FACT_FILES = ("tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The folder model-info reads (config.json and the tokenizer's config), whether the weights are in the cache
+    too, and how much a download of what training needs would fetch."""
+
+    folder: Path
+    downloaded: bool
+    download_bytes: int
+
+
+def fetch_model_facts(ref: HubRef, *, allow_pickle: bool = False, cache_dir: Path | None = None,
+                      endpoint: str | None = None, token: str | None = None) -> ModelFacts:
+    """A complete cached snapshot when there is one; else config.json, the tokenizer's config and the chat template
+    fetched alone (a few KB), never a weight file. Offline, whatever the cache holds of it with a config.json."""
+    cache_dir = cache_dir or hf_cache_dir()
+    found = cached_snapshot(ref, cache_dir, allow_pickle)
+    if found is not None:
+        return ModelFacts(found[1], True, 0)
+    try:
+        if is_offline():
+            with hub_errors(ref, cache_dir):
+                from huggingface_hub.errors import OfflineModeIsEnabled
+
+                raise OfflineModeIsEnabled(f"{ref} is not in the HF cache")
+        with hub_errors(ref, cache_dir):
+            remote = remote_model(ref, allow_pickle, cache_dir, endpoint, token)
+            for name in FACT_FILES:
+                if name in remote.sizes:
+                    _fetch(ref, name, remote.commit, cache_dir, endpoint, token)
+    except EngineError as exc:
+        partial = _cached_config_folder(ref, cache_dir) if exc.code == "offline" else None
+        if partial is None:
+            raise
+        return ModelFacts(partial, False, 0)
+    return ModelFacts(remote.folder, False, remote.total_bytes)
+
+
+def _cached_config_folder(ref: HubRef, cache_dir: Path) -> Path | None:
+    """The revision's snapshot folder when it holds at least config.json (a model-info before its download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(ref.repo_id, "config.json", cache_dir=cache_dir, revision=ref.revision_or_main)
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def _progress_class(ref: HubRef, name: str, size: int, done_before: int, total: int, on_progress: Progress) -> Any:
@@ -298,3 +379,45 @@ def _hub_model(info: Any) -> HubModel:
     return HubModel(repo_id=info.id, downloads=info.downloads or 0, likes=info.likes or 0,
                     gated=bool(info.gated), license=str(card.get("license") or ""),
                     params=info.safetensors.total if info.safetensors else None, model_type=config.get("model_type"))
+
+
+# ----------------------------------------------------------------------------- the user's token
+TOKEN_PAGE = "https://huggingface.co/settings/tokens"
+
+
+def token_status(user: str | None = None) -> HubToken:
+    """Whether huggingface_hub has a token to send, and where it comes from (never the token itself)."""
+    from huggingface_hub import constants, get_token
+
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        source = "the HF_TOKEN environment variable"
+    else:
+        source = constants.HF_TOKEN_PATH if get_token() else ""
+    return HubToken(present=bool(source), source=source, user=user)
+
+
+def save_token(token: str, endpoint: str | None = None) -> HubToken:
+    """Check `token` with the Hub, then store it where huggingface_hub keeps it (HF_TOKEN_PATH, as
+    `hf auth login` does; never as a git credential). Nothing of the token is printed or returned."""
+    import httpx2
+    from huggingface_hub import HfApi, login
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = token.strip()
+    if not token:
+        raise EngineError("bad_token", "the token is empty", f"Copy a token from {TOKEN_PAGE} ('Read' is enough).")
+    try:
+        user = HfApi(endpoint=endpoint).whoami(token=token)["name"]
+        login(token=token, add_to_git_credential=False)
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        raise EngineError("bad_token", f"the Hub did not accept this token (HTTP {status}); it was not stored",
+                          f"Copy the token again from {TOKEN_PAGE}, or make a new one ('Read' is enough)."
+                          ) from None
+    except ValueError as exc:  # an organization token
+        raise EngineError("bad_token", f"{exc}; it was not stored", f"Make a personal token on {TOKEN_PAGE}."
+                          ) from None
+    except (httpx2.ConnectError, httpx2.TimeoutException) as exc:
+        raise EngineError("offline", f"the token can't be checked: the Hub can't be reached ({type(exc).__name__})",
+                          "Connect to the internet and save the token again; it was not stored.") from None
+    return token_status(user)

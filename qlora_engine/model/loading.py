@@ -123,8 +123,12 @@ def read_model_config(path: Path) -> dict[str, Any]:
 
 
 def model_info(spec: str, allow_pickle: bool = False) -> ModelInfo:
-    """Facts the Model page shows, from config.json and the tokenizer files (no weights loaded)."""
-    source = resolve_model(spec, allow_pickle)
+    """Facts the Model page shows, from config.json and the tokenizer files (no weights loaded). A Hub id not in
+    the cache yet is answered from its config.json and tokenizer config alone: the weights are not downloaded."""
+    ref = parse_hub_ref(spec)
+    facts = hub.fetch_model_facts(ref, allow_pickle=allow_pickle) if ref is not None else None
+    source = (ModelSource(facts.folder, "hub", str(ref)) if facts is not None
+              else resolve_model(spec, allow_pickle))
     config = read_model_config(source.path)
     text_config = config.get("text_config", config)
     template_files = [source.path / "chat_template.jinja", source.path / "tokenizer_config.json"]
@@ -137,7 +141,8 @@ def model_info(spec: str, allow_pickle: bool = False) -> ModelInfo:
         vocab_size=text_config.get("vocab_size"), context_length=text_config.get("max_position_embeddings"),
         hidden_size=text_config.get("hidden_size"), num_layers=text_config.get("num_hidden_layers"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)), has_chat_template=has_template,
-        custom_code="auto_map" in config)
+        custom_code="auto_map" in config, downloaded=facts is None or facts.downloaded,
+        download_bytes=facts.download_bytes if facts is not None else 0)
 
 
 def estimate_param_count(config: dict[str, Any]) -> int | None:

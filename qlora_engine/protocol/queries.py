@@ -51,6 +51,8 @@ class ModelInfo(Answer):
     tied_embeddings: bool = False
     has_chat_template: bool = False
     custom_code: bool = False
+    downloaded: bool = True  # a Hub model: its weights are in the HF cache (else only config and tokenizer files)
+    download_bytes: int = 0  # a Hub model not downloaded yet: what downloading what training needs fetches
 
 
 @dataclass(kw_only=True)
@@ -262,6 +264,28 @@ class HubSearch(Answer):
 
 
 @dataclass(kw_only=True)
+class HubToken(Answer):
+    """`hub-token --json`: whether huggingface_hub has a token to send and where it is kept; never the token."""
+
+    kind: ClassVar[str] = "hub_token"
+    present: bool
+    source: str = ""  # the HF_TOKEN environment variable, or the file it is stored in
+    user: str | None = None  # the Hub's name for its owner, when it was just checked
+
+
+@dataclass(kw_only=True)
+class AddedTo(Answer):
+    """`add-to lm-studio|ollama FILE --json`: a verified GGUF put in LM Studio's models folder, or created as an
+    Ollama model from the Modelfile beside it."""
+
+    kind: ClassVar[str] = "added_to"
+    app: str  # lm-studio or ollama
+    gguf: str
+    where: str  # LM Studio: the file in its models folder; Ollama: the model's name
+    output: str = ""  # what ollama create printed
+
+
+@dataclass(kw_only=True)
 class Failure(Answer):
     """A query that failed: the EngineError it raised."""
 
@@ -276,7 +300,7 @@ class Failure(Answer):
 
 
 ANSWER_TYPES: dict[str, type[Answer]] = {cls.kind: cls for cls in (
-    ModelInfo, DataReport, EstimateReport, LocalModels, Catalog, HubSearch, Failure)}
+    ModelInfo, DataReport, EstimateReport, LocalModels, Catalog, HubSearch, HubToken, AddedTo, Failure)}
 
 
 def read_answer(text: str, expected: type[Answer]) -> Answer:
