@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,29 @@ def test_each_shipped_config_counts_the_parameters_its_model_page_states(entry):
     estimate = estimate_peak(shipped_config(entry), RunConfig())
     assert not estimate.approximate, estimate.reasons
     assert estimate.total_params == pytest.approx(entry["published_params"], rel=0.02)
+
+
+def size_in_name(hub_id: str) -> float | None:
+    """The size a model's makers put in its id ("Qwen2.5-7B-Instruct" -> 7e9), or None when there is none."""
+    found = re.search(r"(?:^|[-_])(\d+(?:\.\d+)?)([bm])(?=$|[-_])", hub_id.split("/")[1].lower())
+    return float(found.group(1)) * (1e9 if found.group(2) == "b" else 1e6) if found else None
+
+
+@pytest.mark.parametrize("entry", [m for m in catalog_models() if size_in_name(m["hub_id"])],
+                         ids=lambda entry: entry["hub_id"])
+def test_each_shipped_config_is_the_size_its_name_says(entry):
+    """A second check, independent of published_params: the count from config.json against the size in the model's
+    id. Makers round loosely (Llama-3.2-1B has 1.24B, gemma-2-2b 2.61B), so this catches a config of another
+    size of the family, not a small slip."""
+    params = estimate_peak(shipped_config(entry), RunConfig()).total_params
+    assert params == pytest.approx(size_in_name(entry["hub_id"]), rel=0.35)
+
+
+def test_the_size_in_a_name_is_read_as_its_makers_write_it():
+    assert size_in_name("HuggingFaceTB/SmolLM2-135M-Instruct") == 135e6
+    assert size_in_name("TinyLlama/TinyLlama-1.1B-Chat-v1.0") == 1.1e9
+    assert size_in_name("google/gemma-2-9b-it") == 9e9
+    assert size_in_name("microsoft/phi-4") is None and size_in_name("mistralai/Mistral-Nemo-Instruct-2407") is None
 
 
 def test_each_row_is_the_estimate_of_its_shipped_config_at_the_chosen_settings():
