@@ -43,6 +43,7 @@ class EngineProcess(QObject):
     comparison = Signal(object)
     export_progress = Signal(object)
     exported = Signal(object)
+    gguf_exported = Signal(object)
     chat_ready = Signal(object)
     chat_token = Signal(object)
     chat_done = Signal(object)

@@ -1,5 +1,6 @@
 """Everything the pages ask the engine, as typed requests for app/engine_client: GPU detection, a model's facts,
-a data file's scan, the memory estimate and "fit to my GPU". Each runs off the GUI thread; no Qt here.
+a data file's scan, the memory estimate, "fit to my GPU", a GGUF export's needs. Each runs off the GUI thread; no
+Qt here.
 
 Light requests call the engine's torch-free planning code in this process; the others run an engine command
 (`model-info --json`, `data --json`) whose answer is one of qlora_engine.protocol.queries' types.
@@ -7,10 +8,11 @@ Light requests call the engine's torch-free planning code in this process; the o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from app.engine_client import Call, EngineQuery, Request
-from qlora_engine.planning import hardware
+from qlora_engine.planning import gguf_plan, hardware
 from qlora_engine.planning.advice import advise, fit_to_gpu
 from qlora_engine.planning.memory import estimate_peak
 from qlora_engine.planning.model_shape import load_model_config, resolve_model_config
@@ -103,3 +105,39 @@ class FitToGpu(Request[dict[str, Any]]):
 
     def run(self, call: Call) -> dict[str, Any]:
         return fit_to_gpu(self.model.config_json(), self.config, self.free_bytes)
+
+
+@dataclass(frozen=True)
+class PlanGgufExport(Request[gguf_plan.ExportNeeds]):
+    """A run's GGUF export before it starts: each file's estimated size, the RAM and disk it needs against what this
+    machine has, whether llama.cpp knows the architecture. `lora`: the adapter as a GGUF LoRA, written with the base
+    model's f16 GGUF (no merge)."""
+
+    key: ClassVar[str] = "gguf_plan"
+    run_dir: str
+    model: str
+    quants: tuple[str, ...]
+    out: str = ""
+    lora: bool = False
+
+    def run(self, call: Call) -> gguf_plan.ExportNeeds:
+        run_dir = Path(self.run_dir)
+        out = Path(self.out).expanduser() if self.out else run_dir / "exports" / "gguf"
+        quants = ["f16"] if self.lora else list(self.quants)
+        merged = self.lora or gguf_plan.merged_is_current(run_dir)
+        return gguf_plan.export_needs(resolve_model_config(self.model), quants, out, merged_exists=merged)
+
+
+@dataclass(frozen=True)
+class AddGgufTo(EngineQuery[queries.AddedTo]):
+    """`add-to lm-studio|ollama FILE --json`: an exported GGUF into LM Studio's models folder (hard-linked or
+    copied), or `ollama create` on the Modelfile beside it."""
+
+    key: ClassVar[str] = "add_gguf_to"
+    answer_type: ClassVar[type[queries.Answer]] = queries.AddedTo
+    app: str  # lm-studio or ollama
+    gguf: str
+    name: str
+
+    def args(self) -> list[str]:
+        return ["add-to", self.app, self.gguf, "--name", self.name, "--json"]

@@ -18,8 +18,14 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from go_template import render  # noqa: E402
-from tiny_models import write_jsonl  # noqa: E402
+from tiny_models import (  # noqa: E402
+    build_gguf_ready_model,
+    run_engine,
+    save_smollm2_tokenizer,
+    train_gguf_ready_run,
+)
 
+from qlora_engine.planning import gguf_plan  # noqa: E402
 from qlora_engine.planning.gguf_plan import LOSSLESS_ENOUGH  # noqa: E402
 from qlora_engine.products import gguf_convert, gguf_export, gguf_verify, llama_cpp_tools  # noqa: E402
 from qlora_engine.protocol.errors import EngineError  # noqa: E402
@@ -31,38 +37,7 @@ QUESTIONS = [{"question": q} for q in ("Who is the mayor?", "Name a colour.", "W
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer, read from the bundled default .gguf once."""
-    from transformers import AutoTokenizer
-
-    from qlora_engine.model import loading
-
-    gguf = loading.default_gguf_path()
-    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
-
-
-def build_gguf_ready_model(folder: Path, tokenizer_dir: Path, architecture: str = "llama") -> Path:
-    """A 2-layer random model of `architecture` with SmolLM2's tokenizer. Weights are drawn wider than usual (layers
-    0.2, embeddings 1.0) so the greedy token is clear: with the default 0.02 the top two logits of a random model are
-    often within f16's rounding (measured: 0.004 apart at 7.7), which tests the noise, not the export."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-             "tie_word_embeddings": True, "eos_token_id": tokenizer.eos_token_id, "initializer_range": 0.2,
-             "bos_token_id": tokenizer.bos_token_id}
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
-                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
-    torch.manual_seed(0)
-    model = model_class(config_class(**shape))
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 1.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
 
 
 # ----------------------------------------------------------------------------- the pinned tools
@@ -150,26 +125,11 @@ def test_a_failed_quantization_leaves_no_file(tmp_path):
 # ----------------------------------------------------------------------------- the whole export of a run
 @pytest.fixture(scope="module")
 def gguf_run(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
-    from qlora_engine.protocol.config import RunConfig
-
     folder = tmp_path_factory.mktemp("gguf-run")
-    model_dir = build_gguf_ready_model(folder / "model", smollm2_tokenizer_dir)
-    rows = [{"instruction": f"Who is mayor {i}?", "output": f"Quillon Varet {i}."} for i in range(16)]
-    data_file = write_jsonl(folder / "d.jsonl", rows)
-    config = RunConfig.from_dict({"model": str(model_dir), "data": str(data_file), "run_dir": str(folder / "run"),
-                                  "max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1,
-                                  "eval_steps": 0, "lora_r": 8, "max_length": 64, "compare_questions": 0})
-    config.save(folder / "run" / "config.yaml")
-    engine("train", str(folder / "run" / "config.yaml"))
-    return folder / "run"
+    return train_gguf_ready_run(folder, build_gguf_ready_model(folder / "model", smollm2_tokenizer_dir))
 
 
-def engine(*args: str) -> list[dict]:
-    result = subprocess.run([sys.executable, "-m", "qlora_engine", *args, "--events", "jsonl"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=900)
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert result.returncode == 0, (events[-1:], result.stderr[-3000:])
-    return events
+engine = run_engine
 
 
 def test_export_gguf_writes_checked_files_and_modelfiles(gguf_run):
@@ -217,7 +177,7 @@ def test_the_adapter_as_a_gguf_lora_answers_like_peft_in_llama_cpp(gguf_run):
 
 
 def test_too_little_disk_stops_before_the_merge(gguf_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_export, "_free_disk_bytes", lambda folder: 1024)
+    monkeypatch.setattr(gguf_plan, "free_disk_bytes", lambda folder: 1024)
     with pytest.raises(EngineError) as caught:
         gguf_export.export_gguf(gguf_run, ["f16"], out=tmp_path / "gguf")
     assert caught.value.code == "not_enough_disk" and "GiB" in caught.value.message

@@ -3,13 +3,16 @@ file's estimated size, and the RAM and disk the export needs (the merge, the 16-
 files). No torch: the Model and Export pages show it at once."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlora_engine.planning.model_shape import ModelShape, model_shape
+from qlora_engine.protocol.errors import EngineError
 
 # Bits per weight of a whole file, as llama.cpp's quantize reports them for Llama-shaped models (tensors too small
 # for a k-quant's 256-wide blocks fall back to other types, so tiny models differ). Order: largest first.
@@ -106,3 +109,79 @@ def plan_for_config(config: dict[str, Any], quants: list[str], **kwargs: Any) ->
     """The plan for a model's config.json (as a dict)."""
     shape, _ = model_shape(config)
     return plan_gguf(shape_params(shape), quants, **kwargs)
+
+
+# ----------------------------------------------------------------------------- what this machine has
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the drive `folder` is (or will be) on."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def merged_is_current(run_dir: Path) -> bool:
+    """The run's merged export is there, passed its check, and is newer than the final adapter: a GGUF export
+    converts it as it is instead of merging again."""
+    merged, record = run_dir / "exports" / "merged", run_dir / "exports" / "merged-verification.json"
+    if not (merged / "config.json").is_file() or not record.is_file():
+        return False
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    newer = not adapter.exists() or merged.stat().st_mtime >= adapter.stat().st_mtime
+    return newer and bool(json.loads(record.read_text(encoding="utf-8")).get("ok"))
+
+
+def resource_problems(plan: GgufPlan, out: Path, free_disk: int, available_ram: int | None) -> list[EngineError]:
+    """What stops the export before the merge: too little disk on the drive of `out`, too little RAM; each an error
+    naming how much is needed and there (the engine raises the first, the Export page shows them before Export)."""
+    problems = []
+    if free_disk < plan.disk_bytes:
+        problems.append(EngineError(
+            "not_enough_disk", f"the GGUF export needs about {gib_text(plan.disk_bytes)} on the drive of {out}; "
+            f"{gib_text(free_disk)} is free", "Free disk space, pick another --out, or fewer quantizations "
+            "(the 16-bit ones are the largest)."))
+    if available_ram is not None and available_ram < plan.ram_bytes:
+        problems.append(EngineError(
+            "not_enough_ram", f"the merge before the GGUF export needs about {gib_text(plan.ram_bytes)} of RAM; "
+            f"{gib_text(available_ram)} is available", "Close other programs, or export on a machine with more "
+            "memory (the adapter export needs almost none)."))
+    return problems
+
+
+def gib_text(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+@dataclass(frozen=True)
+class ExportNeeds:
+    """A GGUF export's plan against this machine, before it starts: the plan, the free disk on the drive of `out`
+    and the available RAM, what would stop it, and whether llama.cpp's converter knows the architecture."""
+
+    plan: GgufPlan
+    out: str
+    free_disk_bytes: int
+    available_ram_bytes: int | None
+    problems: tuple[EngineError, ...]
+    architectures: tuple[str, ...]
+    supported: bool | None  # None until the converter is on this machine (the first GGUF export fetches it)
+
+
+def export_needs(config: dict[str, Any], quants: list[str], out: Path, merged_exists: bool) -> ExportNeeds:
+    """The plan for a model's config.json and these quantizations, checked against this machine now."""
+    plan = plan_for_config(config, quants, merged_exists=merged_exists)
+    free_disk, available_ram = free_disk_bytes(out), available_ram_bytes()
+    return ExportNeeds(plan=plan, out=str(out), free_disk_bytes=free_disk, available_ram_bytes=available_ram,
+                       problems=tuple(resource_problems(plan, out, free_disk, available_ram)),
+                       architectures=tuple(config.get("architectures") or ()),
+                       supported=gguf_export_supported(config))

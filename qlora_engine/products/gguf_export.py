@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_engine.model import loading
+from qlora_engine.planning import gguf_plan
 from qlora_engine.planning.gguf_plan import plan_gguf, shape_params
 from qlora_engine.products import export, gguf_convert, gguf_verify, llama_cpp_tools, lm_studio, modelfile
 from qlora_engine.protocol.config import RunConfig, write_text_atomic
@@ -37,8 +38,8 @@ def export_gguf(run_dir: Path, quants: list[str], out: Path | None = None, progr
     base_dir = _base_model_dir(cfg)
     gguf_convert.check_architecture(base_dir, llama_cpp_tools.supported_architectures(converter))
     merged_dir = run_dir / "exports" / "merged"
-    check_resources(base_dir, quants, out, merged_ready=_merged_is_current(run_dir))
-    if not _merged_is_current(run_dir):
+    check_resources(base_dir, quants, out, merged_ready=gguf_plan.merged_is_current(run_dir))
+    if not gguf_plan.merged_is_current(run_dir):
         export.export_run(run_dir, "merged", progress=lambda stage, f: progress(f"merged: {stage}", 0.05 + 0.25 * f))
     progress("answering the check's questions with the merged model", 0.35)
     questions, rows, system = verification_inputs(cfg, merged_dir)
@@ -106,16 +107,6 @@ def _base_model_dir(cfg: RunConfig) -> Path:
     return loading.resolve_model(cfg.model, cfg.allow_pickle).path
 
 
-def _merged_is_current(run_dir: Path) -> bool:
-    """The merged export is there, passed its check, and is newer than the final adapter."""
-    merged, record = run_dir / "exports" / "merged", run_dir / "exports" / "merged-verification.json"
-    if not (merged / "config.json").is_file() or not record.is_file():
-        return False
-    adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    newer = not adapter.exists() or merged.stat().st_mtime >= adapter.stat().st_mtime
-    return newer and bool(json.loads(record.read_text(encoding="utf-8")).get("ok"))
-
-
 def _saved_dtype(merged_dir: Path) -> str:
     config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
     return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
@@ -162,38 +153,9 @@ def check_resources(base_dir: Path, quants: list[str], out: Path, merged_ready: 
                          merged_exists=merged_ready)
     except EngineError:
         return  # a config the plan can't read: the merge itself will say more
-    free_disk = _free_disk_bytes(out)
-    if free_disk < plan.disk_bytes:
-        raise EngineError("not_enough_disk", f"the GGUF export needs about {_gib(plan.disk_bytes)} on the drive of "
-                          f"{out}; {_gib(free_disk)} is free", "Free disk space, pick another --out, or fewer "
-                          "quantizations (the 16-bit ones are the largest).")
-    available = available_ram_bytes()
-    if available is not None and available < plan.ram_bytes:
-        raise EngineError("not_enough_ram", f"the merge before the GGUF export needs about {_gib(plan.ram_bytes)} "
-                          f"of RAM; {_gib(available)} is available", "Close other programs, or export on a machine "
-                          "with more memory (the adapter export needs almost none).")
-
-
-def _free_disk_bytes(folder: Path) -> int:
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return shutil.disk_usage(candidate).free
-    return 0
-
-
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB"
+    problems = gguf_plan.resource_problems(plan, out, gguf_plan.free_disk_bytes(out), gguf_plan.available_ram_bytes())
+    if problems:
+        raise problems[0]
 
 
 def remove_leftovers(out: Path) -> None:

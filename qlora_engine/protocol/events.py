@@ -448,8 +448,35 @@ def describe(event: Event) -> str:
         return f"started: {event.run_dir} on {event.device} ({event.compute_dtype})"
     if isinstance(event, Error):
         return f"ERROR [{event.code}] {event.message}\n  what to do: {event.advice}"
+    if isinstance(event, GgufExported):
+        return _describe_gguf(event)
     rest = {k: v for k, v in event.to_dict().items() if k not in ("v", "t", "kind")}
     return f"{event.kind}: " + ", ".join(f"{k}={v}" for k, v in rest.items())
+
+
+def _describe_gguf(event: GgufExported) -> str:
+    required = f" (needs {event.required_agreement:.0%})" if event.required_agreement is not None else ""
+    parts = [f"gguf {event.quant}: {'kept' if event.ok else 'NOT kept'} {event.path}",
+             f"same first 16 greedy tokens on {event.greedy_agreement:.0%} of {event.prompts} prompts{required}",
+             f"ended with end-of-turn {event.ended_with_end_of_turn:.0%} (merged "
+             f"{event.merged_ended_with_end_of_turn:.0%})"]
+    if event.perplexity is not None and event.merged_perplexity is not None:
+        parts.append(f"perplexity {event.perplexity:.4g} (merged {event.merged_perplexity:.4g})")
+    if event.problems:
+        parts.append("problems: " + "; ".join(event.problems))
+    return "\n  ".join(parts)
+
+
+def describe_fit_check(event: FitCheck) -> str:
+    """'fit check (step 1, the largest batch: 412 tokens): measured 5.10 GiB, estimate 5.40 GiB, of 23.60 GiB: fits'"""
+    def gib(n_bytes: int | None) -> str:
+        return "?" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+    head = f"fit check (step {event.step}, the run's largest batch: {event.tokens:,} tokens)"
+    if event.measured_peak_bytes is None:
+        return f"{head}: {event.verdict} (GPU memory is measured on CUDA only)"
+    return (f"{head}: measured {gib(event.measured_peak_bytes)}, estimate {gib(event.estimate_peak_bytes)}, "
+            f"of {gib(event.available_bytes)}: {event.verdict}")
 
 
 def _describe_comparison(event: Comparison) -> str:
