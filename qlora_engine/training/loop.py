@@ -233,13 +233,19 @@ class PreparedRun:
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedRun:
     options = {"data_format": cfg.data_format, "max_length": cfg.max_length,
-               "train_on_prompt": cfg.train_on_prompt, "bad_rows": cfg.bad_rows}
-    train_data = data.prepare_file(data_path(cfg.data), tokenizer, **options)
+               "train_on_prompt": cfg.train_on_prompt, "bad_rows": cfg.bad_rows, "columns": cfg.columns}
+    train_data = data.prepare_mix(data_sources(cfg), tokenizer, seed=cfg.seed, **options)
     if cfg.val_data:
         val_data = data.prepare_file(Path(cfg.val_data).expanduser(), tokenizer, **options)
         return PreparedRun(train_data.examples, val_data.examples, [train_data.report, val_data.report])
     train, val = data.split_validation(train_data.examples, cfg.val_fraction, cfg.seed)
-    return PreparedRun(train, val, [train_data.report])
+    return PreparedRun(train, val, train_data.reports)
+
+
+def data_sources(cfg: RunConfig) -> list[tuple[Path, float]]:
+    """data and the data_mix sources, each with its share of the training rows."""
+    ratios = data.mix_ratios(list(cfg.data_mix.values()))
+    return list(zip([data_path(cfg.data), *map(data_path, cfg.data_mix)], ratios))
 
 
 def total_steps_for(cfg: RunConfig, batches_per_epoch: int) -> int:
@@ -360,7 +366,9 @@ def _emit_data_ready(events: EventWriter, prepared: PreparedRun, total_steps: in
                 format=reports[0].format, detected_format=reports[0].detected_format,
                 mean_tokens=round(sum(lengths) / max(len(lengths), 1), 1), max_tokens=max(lengths, default=0),
                 bad_rows=[{"file": b.file, "line": b.line, "reason": b.reason} for r in reports
-                          for b in r.bad_rows[:200]]))
+                          for b in r.bad_rows[:200]],
+                not_target_rows=sum(r.not_target_rows for r in reports),
+                sources=[r.summary_fields() for r in reports], notices=sorted({r.notice for r in reports} - {""})))
 
 
 def _emit_eval(events: EventWriter, model: Any, prepared: PreparedRun, cfg: RunConfig, pad_id: int, device: str,
