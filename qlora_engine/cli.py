@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars of downloads and weight loading are noise in the log view and in events.jsonl's client.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if args.command in ("train", "export"):
+        library_log.capture()  # library warnings to the run's engine.log, not the terminal or the GUI's log view
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
                "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models,
                "hub-token": cmd_hub_token, "add-to": cmd_add_to}[args.command]
@@ -250,6 +252,9 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         if not str(run_dir) or not (run_dir / "config.yaml").is_file():
             raise config_error("--resume needs --run-dir pointing at an existing run folder (with config.yaml)")
         values = RunConfig.load(run_dir / "config.yaml").to_dict()
+        from qlora_engine.training.resume_rules import check_resume
+
+        check_resume(values, overrides, str(run_dir))  # before config.yaml is written again
     else:
         values = RunConfig.load(args.config_file).to_dict() if args.config_file else {}
     values.update(overrides)
@@ -268,6 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg, run_dir = resolve_train_config(args)
         run_dir.mkdir(parents=True, exist_ok=True)
+        library_log.write_to(run_dir / library_log.LOG_FILE)
         cfg.save(run_dir / "config.yaml")
         events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
         stop = loop.StopRequest()
@@ -291,6 +297,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run).expanduser()
     events = EventWriter(run_dir / "events.jsonl" if run_dir.is_dir() else None, human=args.events == "human")
+    if run_dir.is_dir():
+        library_log.write_to(run_dir / library_log.LOG_FILE)
     if args.kind in ("gguf", "gguf-lora"):
         return cmd_export_gguf(args, run_dir, events)
     try:

@@ -21,9 +21,14 @@ MIN_MAX_LENGTH = 16  # RunConfig's minimum
 
 def fit_verdict(estimate: Estimate, free_bytes: int) -> str:
     """'fits', 'tight' (within TIGHT_MARGIN_FRACTION of free memory) or "won't fit"."""
-    if estimate.peak_bytes > free_bytes:
+    return peak_verdict(estimate.peak_bytes, free_bytes)
+
+
+def peak_verdict(peak_bytes: int, free_bytes: int) -> str:
+    """The verdict for a peak, estimated or measured (the first step's), against the memory the run has."""
+    if peak_bytes > free_bytes:
         return "won't fit"
-    if estimate.peak_bytes > free_bytes * (1 - TIGHT_MARGIN_FRACTION):
+    if peak_bytes > free_bytes * (1 - TIGHT_MARGIN_FRACTION):
         return "tight"
     return "fits"
 
@@ -177,3 +182,18 @@ def fit_to_gpu(model_config: dict[str, Any], run: RunConfig, free_bytes: int) ->
                 and (b == 1 or _fits(model_config, _with(sized, micro_batch_size=b), free_bytes)))
     changes.update({"micro_batch_size": batch, "grad_accum": effective // batch})
     return {name: value for name, value in changes.items() if getattr(run, name) != value}
+
+
+def non_finite_loss_advice(compute_dtype: str, bf16_supported: bool) -> str:
+    """What to do when the loss became NaN or inf, for the dtype the run used and what this device can do:
+    bf16 is only offered where the hardware has it (GPUs of compute capability 8.0+), never on a T4 or V100."""
+    kept = " The last checkpoint is kept: resume from it with --resume and the changed option."
+    if compute_dtype == "float16":
+        if bf16_supported:
+            return ("This device supports bf16, which has fp32's range: set compute_dtype bf16 (or auto), or lower "
+                    "the learning rate." + kept)
+        return ("This GPU has no bf16 (it needs compute capability 8.0), so fp16 with loss scaling is its fast "
+                "option: lower the learning rate (e.g. by half) and keep max_grad_norm on (1.0); if it happens "
+                "again, compute_dtype fp32 is slower and needs more memory but cannot overflow." + kept)
+    return ("Lower the learning rate (e.g. by half) and keep max_grad_norm on (1.0); check the data for rows "
+            "that are empty or far longer than the rest." + kept)

@@ -104,6 +104,22 @@ class Step(Event):
     tokens_per_s: float = 0.0
     eta_s: float = 0.0
     vram: dict[str, int] = field(default_factory=dict)
+    skipped_steps: int = 0  # fp16: steps so far whose gradients overflowed, skipped by the loss scaler
+
+
+@dataclass(kw_only=True)
+class FitCheck(Event):
+    """The first step ran the run's largest micro-batches: its measured peak next to the estimate, and whether the
+    rest of the run fits (no later step holds more tokens). CUDA measures bytes; on the CPU the verdict is
+    'not measured'."""
+
+    kind: ClassVar[str] = "fit_check"
+    step: int
+    tokens: int  # in the largest micro-batch, what activation memory grows with (padded rows count their padding)
+    verdict: str  # fits, tight (within 10% of the memory the run has), not measured
+    estimate_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = None  # this process's peak reserved memory after the step
+    available_bytes: int | None = None  # reserved + free on the GPU: what the run has to itself
 
 
 @dataclass(kw_only=True)
@@ -313,7 +329,7 @@ class UnknownEvent(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.kind: cls for cls in (
-    Started, DataReady, ModelLoaded, Step, Eval, Checkpoint, Warning, Error, Stopped, Comparison, Finished,
+    Started, DataReady, ModelLoaded, Step, FitCheck, Eval, Checkpoint, Warning, Error, Stopped, Comparison, Finished,
     ExportProgress, Exported, GgufExported, ChatReady, ChatToken, ChatDone, DownloadProgress, Downloaded)}
 KINDS = tuple(EVENT_TYPES)
 
@@ -444,7 +460,11 @@ def describe(event: Event) -> str:
                  f"grad_norm {event.grad_norm:.3f}", f"{event.tokens_per_s:.0f} tok/s"]
         if event.vram.get("max_allocated"):
             parts.append(f"peak {event.vram['max_allocated'] / 2**30:.2f} GiB")
+        if event.skipped_steps:
+            parts.append(f"{event.skipped_steps} skipped (fp16 overflow)")
         return "  ".join(parts)
+    if isinstance(event, FitCheck):
+        return describe_fit_check(event)
     if isinstance(event, Eval):
         return f"eval at step {event.step}: loss {event.eval_loss:.4f}  perplexity {event.perplexity:.2f}"
     if isinstance(event, Comparison):

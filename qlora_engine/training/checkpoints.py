@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 
-from qlora_engine.protocol.errors import write_failure
+from qlora_engine.protocol.errors import EngineError, write_failure
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 KEEP_LAST = 2
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-step-"
+CONFIG_FILE = "config.json"  # the options the run had when this checkpoint was written
+SCALER_FILE = "scaler.pt"  # fp16 runs: the loss scaler's scale and growth tracker
+LORA_KEY_MARK = "lora_"  # lora_A, lora_B, lora_magnitude_vector (DoRA), lora_embedding_A/B
 
 
 @dataclass
@@ -32,6 +35,7 @@ class TrainerState:
     micro_index: int  # micro-batches consumed: the data position
     total_steps: int
     seed: int
+    skipped_steps: int = 0  # fp16 steps whose gradients overflowed: skipped by the loss scaler, not applied
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -53,7 +57,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState,
+                    config: dict[str, Any] | None = None, scaler: Any = None) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step}"
     tmp = root / f"{TMP_PREFIX}{state.step}-{os.getpid()}"
@@ -66,6 +71,10 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / SCALER_FILE)
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         replace_folder(tmp, final, root / f".tmp-{final.name}-old-{os.getpid()}")
@@ -101,16 +110,45 @@ def replace_folder(tmp: Path, final: Path, old: Path) -> None:
     _fsync_folder(final.parent)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None) -> TrainerState:
+    """Put the checkpoint's adapter, optimizer, scheduler, loss scale and RNG into the run; its TrainerState.
+    Every LoRA weight of the model must come from the checkpoint and every checkpoint weight must land in the
+    model, else EngineError `checkpoint_mismatch` (nothing is ignored)."""
+    load_adapter_weights(path / "adapter" / "adapter_model.safetensors", model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None and (path / SCALER_FILE).is_file():
+        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
+    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def stored_config(path: Path) -> dict[str, Any] | None:
+    """The options the run had when this checkpoint was written; None for a checkpoint from before they were kept."""
+    config_file = path / CONFIG_FILE
+    return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+
+
+def load_adapter_weights(file: Path, model: Any) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, adapter)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(file)))
+    except RuntimeError as exc:  # a weight of another shape (size mismatch)
+        raise mismatch_error(file, str(exc).splitlines()[-1].strip()) from exc
+    missing = [key for key in result.missing_keys if LORA_KEY_MARK in key]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} LoRA weight(s), e.g. {keys[0]}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise mismatch_error(file, "; ".join(parts))
+
+
+def mismatch_error(file: Path, detail: str) -> EngineError:
+    return EngineError("checkpoint_mismatch", f"{file} does not fit this run's adapter: {detail}",
+                       "The checkpoint was written by a run with another adapter (rank, target modules or model). "
+                       "Resume with that run's options, or start a new run without --resume.")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -19,14 +19,16 @@ from typing import Any
 
 import torch
 
-from qlora_engine.model import layer_compile, lm_loss, loading, lora_nf4, packing, residual
+from qlora_engine.model import adapter_init, layer_compile, lm_loss, loading, lora_nf4, packing, residual, run_base
 from qlora_engine.model.generation import inference_mode
+from qlora_engine.planning import advice
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
-from qlora_engine.training import checkpoints, compare, data
+from qlora_engine.training import checkpoints, compare, data, resume_rules
+from qlora_engine.training.batch_order import Batcher
 
 ADAPTER_TMP_PREFIX, ADAPTER_OLD_PREFIX = ".tmp-adapter-", ".old-adapter-"
 
@@ -68,27 +70,6 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------- batches
-@dataclass
-class Batcher:
-    """Deterministic micro-batches: epoch e uses permutation(seed + e); position = micro-batch index."""
-
-    examples: list[data.Tokenized]
-    micro_batch_size: int
-    seed: int
-    pad_id: int
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.examples) / self.micro_batch_size)
-
-    def batch(self, micro_index: int) -> list[data.Tokenized]:
-        epoch, within = divmod(micro_index, self.batches_per_epoch)
-        order = list(range(len(self.examples)))
-        random.Random(self.seed + epoch).shuffle(order)
-        chosen = order[within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
-        return [self.examples[i] for i in chosen]
-
-
 def collate(rows: list[data.Tokenized], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, and labels that are -100 wherever no loss is computed."""
     width = max(len(r.input_ids) for r in rows)
@@ -113,36 +94,47 @@ def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device:
 
 
 # ----------------------------------------------------------------------------- model setup
-def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any) -> Any:
-    model = loading.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                        compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
-                                        trust_remote_code=cfg.trust_remote_code)
-    return attach_lora(model, cfg)
+def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None) -> Any:
+    """The base (uniform 4-bit, or the precision plan in run_dir) with LoRA; the init's files go into run_dir."""
+    model = run_base.load_base(cfg, model_path, device, compute_dtype, run_dir)
+    return attach_lora(model, cfg, init_file=run_dir / adapter_init.INIT_FILE if run_dir is not None else None)
 
 
-def attach_lora(model: Any, cfg: RunConfig) -> Any:
-    """Freeze the 4-bit base, set up checkpointing, and wrap it with trainable LoRA adapters."""
+def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None) -> Any:
+    """Freeze the 4-bit base, set up checkpointing, and wrap it with trainable LoRA adapters (cfg.init_lora's start;
+    a base it rewrote is recorded in, or when present rebuilt from, `init_file`)."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # activation_* is the name from transformers 5.24 on, gradient_* before
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else [
         name.strip() for name in cfg.target_modules.split(",") if name.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", use_dora=cfg.use_dora,
+                      use_rslora=cfg.use_rslora)
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise EngineError("bad_config", f"target_modules: {exc}",
                           "Use 'all-linear' or names of linear layers in this model, e.g. q_proj,v_proj.") from exc
+    init_note = adapter_init.initialize(peft_model, cfg, init_file)  # before the fused path reads the 4-bit tensors
+    if init_note:
+        print(init_note, file=sys.stderr, flush=True)
     if cfg.fp32_residual:
         residual.keep_residual_fp32(peft_model.get_base_model())
     if cfg.packing:
         packing.use_packed_attention(peft_model, cfg.max_length)
     if cfg.fused_lora:
         lora_nf4.use_fused_lora(peft_model)
+        fallback = lora_nf4.peft_path_note(peft_model)
+        if fallback:
+            print(fallback, file=sys.stderr, flush=True)
     if cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
         layer_compile.compile_layers(peft_model, activation_memory_budget=cfg.activation_memory_budget)
         print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
@@ -159,7 +151,9 @@ def freeze_heap() -> None:
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # fused on CUDA: one kernel updates every LoRA tensor, where a per-tensor optimizer launches hundreds
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 fused=bool(params) and params[0].is_cuda)
     import bitsandbytes as bnb
 
     optimizer_class = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
@@ -204,23 +198,50 @@ def seed_everything(seed: int) -> None:
 
 
 def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trainable: list[torch.nn.Parameter],
-                  optimizer: torch.optim.Optimizer, max_grad_norm: float,
-                  chunked_loss: bool = True) -> tuple[float, float]:
+                  optimizer: torch.optim.Optimizer, max_grad_norm: float, chunked_loss: bool = True,
+                  scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """One optimizer step over the micro-batches; the loss is the mean over every trained token of the step.
 
     A non-finite loss skips the update (the caller decides what to do), so the weights stay the last good ones.
+    With a `scaler` (fp16) the loss is scaled before backward so small gradients don't underflow; a step whose
+    gradients overflowed is skipped and the scale lowered (the caller sees it as a lower `scaler.get_scale()`).
     """
     items = sum(trained_tokens(b) for b in micro_batches)
     step_loss = 0.0
     for batch in micro_batches:
         loss = lm_loss.causal_lm_loss(model, batch, items, chunked=chunked_loss)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         step_loss += float(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip and report the true gradient norm
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
     if math.isfinite(step_loss):
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+            scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
+
+
+def loss_scaler(compute_dtype: Any, device: str) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for fp16 (its 5 exponent bits underflow small gradients); bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device) if compute_dtype == torch.float16 else None
+
+
+def keep_trainable_fp32(trainable: list[torch.nn.Parameter]) -> None:
+    """The LoRA weights (and so the optimizer's states and updates) in fp32 whatever the compute dtype: an fp16 or
+    bf16 weight would round away most of each small update."""
+    for param in trainable:
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def bf16_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -237,7 +258,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedRun:
     train_data = data.prepare_mix(data_sources(cfg), tokenizer, seed=cfg.seed, **options)
     if cfg.val_data:
         val_data = data.prepare_file(Path(cfg.val_data).expanduser(), tokenizer, **options)
-        return PreparedRun(train_data.examples, val_data.examples, [train_data.report, val_data.report])
+        return PreparedRun(train_data.examples, val_data.examples, [*train_data.reports, val_data.report])
     train, val = data.split_validation(train_data.examples, cfg.val_fraction, cfg.seed)
     return PreparedRun(train, val, train_data.reports)
 
@@ -260,39 +281,38 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     started_s = time.time()
     device = loading.resolve_device(cfg.device)
     compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
-    events.emit(ev.Started(run_dir=str(run_dir), config=cfg.to_dict(), device=device,
-                compute_dtype=str(compute_dtype).replace("torch.", ""), resume=resume,
-                estimate_peak_bytes=_estimate_peak_bytes(cfg)))
+    dtype_name = str(compute_dtype).replace("torch.", "")
+    estimate_bytes = _estimate_peak_bytes(cfg)
+    events.emit(ev.Started(run_dir=str(run_dir), config=cfg.to_dict(), device=device, compute_dtype=dtype_name,
+                resume=resume, estimate_peak_bytes=estimate_bytes))
     seed_everything(cfg.seed)
 
     source = loading.resolve_model(cfg.model, cfg.allow_pickle, on_download=events.emit)
     tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
     prepared = prepare_data(cfg, tokenizer)
-    batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id)
+    batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id,
+                      first_step_batches=cfg.grad_accum, packed=cfg.packing)
     total_steps = total_steps_for(cfg, batcher.batches_per_epoch)
     _emit_data_ready(events, prepared, total_steps)
 
     load_started_s = time.time()
-    model = build_model(cfg, source.path, device, compute_dtype)
+    model = build_model(cfg, source.path, device, compute_dtype, run_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    keep_trainable_fp32(trainable)
     events.emit(ev.ModelLoaded(model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device)))
     optimizer = build_optimizer(cfg, trainable)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
+    scaler = loss_scaler(compute_dtype, device)
     freeze_heap()
 
     state = checkpoints.TrainerState(step=0, micro_index=0, total_steps=total_steps, seed=cfg.seed)
     if resume:
-        latest = checkpoints.latest_checkpoint(run_dir)
-        if latest is None:
-            raise EngineError("no_checkpoint", f"{run_dir} has no complete checkpoint to resume from",
-                              "Start the run again without --resume.")
-        state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler)
-        events.emit(ev.Warning(message=f"resumed from {latest.name}", step=state.step))
+        state = resume_from_checkpoint(cfg, run_dir, model, optimizer, scheduler, scaler, events)
 
     def save(step_state: checkpoints.TrainerState) -> Path:
-        path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state)
+        path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state, cfg.to_dict(), scaler)
         events.emit(ev.Checkpoint(step=step_state.step, path=str(path)))
         return path
 
@@ -306,13 +326,17 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         step_started_s = time.time()
         micro_batches = [micro_batch(batcher.batch(state.micro_index + k), cfg, batcher.pad_id, device)
                          for k in range(cfg.grad_accum)]
+        scale_before = scaler.get_scale() if scaler is not None else 0.0
         step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm,
-                                             cfg.chunked_loss)
+                                             cfg.chunked_loss, scaler=scaler)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
-                              "Lower the learning rate, or use compute_dtype bf16/fp32 instead of fp16. "
-                              "The last checkpoint is kept.")
-        scheduler.step()
+                              advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
+        if scaler is not None and scaler.get_scale() < scale_before:  # overflowed: skipped, not applied
+            state.skipped_steps += 1
+            check_loss_scale(scaler, state.step + 1, dtype_name, device)
+        else:
+            scheduler.step()
         state.step += 1
         state.micro_index += cfg.grad_accum
         last_loss = step_loss
@@ -323,7 +347,9 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
                     lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm, 5),
                     tokens_per_s=round(tokens / step_times_s[-1], 1),
                     eta_s=round(_mean_recent(step_times_s) * (total_steps - state.step), 1),
-                    vram=vram_figures(device)))
+                    vram=vram_figures(device), skipped_steps=state.skipped_steps))
+        if state.step == 1:  # the run's largest micro-batches just ran: the peak the rest of the run stays under
+            events.emit(fit_check(micro_batches, estimate_bytes, device))
         if prepared.val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
             eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
@@ -344,6 +370,48 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     events.emit(ev.Finished(step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
                 eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1)))
     return {"status": "finished", "step": state.step, "eval_loss": eval_loss, "comparison": comparison}
+
+
+def resume_from_checkpoint(cfg: RunConfig, run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: torch.amp.GradScaler | None,
+                           events: EventWriter) -> checkpoints.TrainerState:
+    """The run's state from its last checkpoint, after checking that this config continues that run (resume_rules);
+    the options that may change (learning rate, weight decay, schedule) take effect from here on."""
+    latest = checkpoints.latest_checkpoint(run_dir)
+    if latest is None:
+        raise EngineError("no_checkpoint", f"{run_dir} has no complete checkpoint to resume from",
+                          "Start the run again without --resume.")
+    stored = checkpoints.stored_config(latest)
+    accepted = resume_rules.check_resume(stored, cfg.to_dict(), str(latest)) if stored is not None else []
+    state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler, scaler)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["weight_decay"], group["initial_lr"] = cfg.weight_decay, cfg.learning_rate
+        group["lr"] = cfg.learning_rate * lr_lambda(scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    changed = f", with changed options: {', '.join(accepted)}" if accepted else ""
+    events.emit(ev.Warning(message=f"resumed from {latest.name}{changed}", step=state.step))
+    return state
+
+
+def check_loss_scale(scaler: torch.amp.GradScaler, step: int, dtype_name: str, device: str) -> None:
+    """A scale below 1 means even unscaled gradients overflow fp16, step after step: stop instead of skipping on."""
+    if scaler.get_scale() < 1:
+        raise EngineError("fp16_overflow", f"fp16 gradients overflowed at every step up to step {step}: the loss "
+                          f"scale fell to {scaler.get_scale():g} and nothing was applied since",
+                          advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
+
+
+def fit_check(micro_batches: list[dict[str, Any]], estimate_bytes: int | None, device: str) -> ev.FitCheck:
+    """The first step's measured peak next to the estimate; the first step holds the run's largest micro-batches."""
+    tokens = max(int(batch["input_ids"].numel()) for batch in micro_batches)
+    if device != "cuda":
+        return ev.FitCheck(step=1, tokens=tokens, verdict="not measured", estimate_peak_bytes=estimate_bytes)
+    free_bytes, _ = torch.cuda.mem_get_info()
+    peak_bytes, available_bytes = torch.cuda.max_memory_reserved(), torch.cuda.memory_reserved() + free_bytes
+    return ev.FitCheck(step=1, tokens=tokens, verdict=advice.peak_verdict(peak_bytes, available_bytes),
+                       estimate_peak_bytes=estimate_bytes, measured_peak_bytes=peak_bytes,
+                       available_bytes=available_bytes)
 
 
 def _estimate_peak_bytes(cfg: RunConfig) -> int | None:
