@@ -161,11 +161,16 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) 
         optimizer = loop.build_optimizer(cfg, trainable)
         loop.freeze_heap()
 
+        # fp16: the engine's own dynamic loss scaling, as a run uses it (none in bf16 and fp32)
+        scaler = loop.loss_scaler(torch.float16 if cfg.compute_dtype == "fp16" else None, cfg.device)
+
         def engine_step(rows: list[Any]) -> tuple[float, float, bool]:
             batch = loop.micro_batch(rows, cfg, 0, cfg.device)
+            scale = scaler.get_scale() if scaler is not None else 0.0
             loss, grad_norm = loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm,
-                                                 cfg.chunked_loss)
-            return loss, grad_norm, not math.isfinite(loss)  # a non-finite loss counts as a skipped step
+                                                 cfg.chunked_loss, scaler=scaler)
+            # skipped: a non-finite loss, or gradients that overflowed in fp16 (the scaler then lowers its scale)
+            return loss, grad_norm, not math.isfinite(loss) or (scaler is not None and scaler.get_scale() < scale)
 
         return model, optimizer, engine_step
     if stack == "unsloth":
@@ -543,7 +548,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LoRA dropout of every stack (0: the same function, loss curves comparable)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only to try the bench out")
     parser.add_argument("--compute-dtype", default="", choices=("", "bf16", "fp16", "fp32"),
-                        help="compute dtype of every stack (default bf16 on CUDA, fp32 on the CPU); fp16: the plain "
-                             "stacks and Unsloth with torch's GradScaler, the engine without loss scaling")
+                        help="compute dtype of every stack (default bf16 on CUDA, fp32 on the CPU); fp16: every stack "
+                             "with dynamic loss scaling (torch's GradScaler; the engine's own, as in a run)")
     parser.add_argument("--profile", default="", help="comma list of stacks to profile (top GPU kernels)")
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)

@@ -358,8 +358,11 @@ def _step_peak(shape: ModelShape, run: RunConfig, dtype_bytes: int, lora: LoraSi
     residual_bytes = FP32_BYTES if run.fp32_residual else dtype_bytes
     checkpoint_bytes = int(tokens * shape.hidden_size * residual_bytes * calibration["activation_checkpointed_scale"])
     largest_weight = max(linear.in_features * linear.out_features for linear in shape.decoder_linears())
+    # activation_memory_budget: the compiled backward may keep up to that fraction of a layer's activations
+    # besides its input (torch's own cap on what the partitioner saves, so this is an upper bound)
+    kept_bytes = checkpoint_bytes + int(run.activation_memory_budget * full_layer_bytes)
     return StepPeak(
-        stored=shape.num_layers * (checkpoint_bytes if run.gradient_checkpointing else full_layer_bytes),
+        stored=shape.num_layers * (kept_bytes if run.gradient_checkpointing else full_layer_bytes),
         mask=run.micro_batch_size * run.max_length ** 2 * _mask_bytes_per_element(shape, run, dtype_bytes),
         final_norm=tokens * shape.hidden_size * FP32_BYTES,
         logits=_logits_bytes(shape, run, dtype_bytes, calibration),
@@ -384,7 +387,12 @@ def _step_terms(shape: ModelShape, run: RunConfig, step: StepPeak) -> list[Term]
     where = f"batch {run.micro_batch_size} x {run.max_length} tokens"
     if run.gradient_checkpointing:
         how = (f"gradient checkpointing: each of {shape.num_layers} layers keeps only its input "
-               f"({format_gib(step.stored)}); one layer at a time is recomputed ({format_gib(step.layer_backward)})")
+               f"({format_gib(step.stored)}); one layer at a time is recomputed ({format_gib(step.layer_backward)})"
+               if not run.activation_memory_budget else
+               f"gradient checkpointing with an activation memory budget of {run.activation_memory_budget:g}: each "
+               f"of {shape.num_layers} layers keeps its input and at most that fraction of its activations "
+               f"({format_gib(step.stored)} in all); the rest is recomputed, one layer at a time "
+               f"({format_gib(step.layer_backward)})")
     else:
         how = f"no gradient checkpointing: all {shape.num_layers} layers keep their activations"
     padding = "padded batch: attention gets a mask" if _is_padded(shape, run) else (

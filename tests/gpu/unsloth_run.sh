@@ -12,7 +12,7 @@
 #      2026.10.9 (with unsloth_zoo_downloads/), bitsandbytes 0.50.2 (only libbitsandbytes_cpu.so and _cuda130.so),
 #      all unpacked; xformers, flash-attn and torchao are left out (Unsloth then uses PyTorch's SDPA attention)
 #   $D -d .whl/tf transformers==5.24.0 regex==2026.11.19      (stage tf-newest only)
-# Usage: BUDGET_S=570 bash tests/gpu/unsloth_run.sh STAGE     (STAGE: fixed-fp16 | long | variable-tf | fixed-repeat | budget)
+# Usage: BUDGET_S=570 bash tests/gpu/unsloth_run.sh STAGE     (STAGE: fixed-fp16 | long | variable-tf | fixed-repeat | budget | speed2)
 # Each bench writes its JSON after every stack, so a run cut short by its timeout keeps what finished; everything
 # lands in /tmp/issue19-res/STAGE and comes back as one archive, $OUT/results-STAGE.tgz.
 set -uo pipefail
@@ -103,6 +103,14 @@ case "$stage" in
     bench amb-fixed-50-engine-variants-unsloth 540 "${model[@]}" --workloads fixed --steps 50 --warmup 4 \
       --profile engine --stacks engine,engine@activation_memory_budget=0.1,engine@activation_memory_budget=0.25,\
 engine@activation_memory_budget=0.5,engine@activation_memory_budget=1.0,unsloth ;;
+  speed2)  # in one session: the activation memory budget and the fused AdamW (one kernel for every LoRA tensor,
+    # where the paged 8-bit optimizer launches one per tensor from Python), each alone and together, then fp16 with
+    # the engine's loss scaling next to the plain stack's
+    bench speed2-fixed-50 480 "${model[@]}" --workloads fixed --steps 50 --warmup 4 \
+      --stacks plain,engine,engine@activation_memory_budget=0.25,engine@optimizer=adamw,\
+engine@optimizer=adamw+activation_memory_budget=0.25,unsloth
+    bench speed2-fp16-fixed-50 200 "${model[@]}" --workloads fixed --steps 50 --warmup 4 --compute-dtype fp16 \
+      --stacks engine,plain ;;
   fixed-repeat)  # the fixed rows once more: this machine's speed varies from run to run
     bench fixed-50-plain-engine-unsloth-repeat 280 "${model[@]}" --stacks plain,engine,unsloth --workloads fixed \
       --steps 50 --warmup 4 ;;
