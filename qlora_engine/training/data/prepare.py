@@ -70,7 +70,7 @@ def prepare_file(path: Path | str, tokenizer: Any, *, data_format: str, max_leng
             report.not_target_rows += 1
             continue
         except RowError as exc:
-            report.bad_rows.append(BadRow(name, line, str(exc)))
+            report.bad_rows.append(BadRow(name, line, _with_columns(str(exc), mapping)))
             continue
         report.truncated_rows += tokenized.truncated
         if not any(tokenized.trained_token_mask[1:]):
@@ -93,6 +93,12 @@ def columns_for(names: list[str], columns: dict[str, str]) -> tuple[dict[str, st
         suggested = suggest_columns(names)
         return suggested, bool(suggested)
     return {}, False
+
+
+def _with_columns(reason: str, mapping: dict[str, str]) -> str:
+    """A reason that names a mapped field also names the file's column: "missing field 'output' (column 'answer')"."""
+    named = [f"column '{column}'" for target, column in mapping.items() if f"'{target}'" in reason]
+    return f"{reason} ({', '.join(named)})" if named else reason
 
 
 def _check_outcome(path: Path | str, report: DataReport, examples: list[Tokenized], bad_rows: str) -> None:

@@ -100,18 +100,18 @@ def plain_tools(messages: list[dict[str, Any]], tools: list[dict] | None) -> tup
     return plain, None
 
 
-def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The system text put at the start of the first user turn, as Gemma's model card says to; None when there is
-    no system turn to fold."""
+def fold_system(messages: list[dict[str, Any]], *, into_last: bool = False) -> list[dict[str, Any]] | None:
+    """The system text put at the start of the first user turn, as Gemma's model card says to (or of the last
+    one, where Mistral's template puts it when it asks for an answer); None when there is nothing to fold."""
     if not messages or messages[0]["role"] != "system":
         return None
     rest = messages[1:]
-    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
-    if first_user is None:
+    users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    if not users:
         return None
-    user = rest[first_user]
-    folded = {**user, "content": messages[0]["content"] + "\n\n" + user["content"]}
-    return rest[:first_user] + [folded] + rest[first_user + 1:]
+    index = users[-1] if into_last else users[0]
+    folded = {**rest[index], "content": messages[0]["content"] + "\n\n" + rest[index]["content"]}
+    return rest[:index] + [folded] + rest[index + 1:]
 
 
 class _Template:
@@ -143,14 +143,21 @@ def _render_chat_template(messages: list[dict[str, Any]], tools: list[dict] | No
         if full is None:
             raise RowError(f"the model's chat template refuses this conversation ({_first_line(exc)})") from None
         messages = folded
+    if _drops_system_text(messages, full):  # Mistral's: only a conversation that ends with a question has it
+        folded = fold_system(messages, into_last=True)
+        refolded = apply.or_none(folded) if folded else None
+        if refolded is not None and not _drops_system_text(messages, refolded):
+            messages, full = folded, refolded
     end_text = _end_of_turn_text(tokenizer)
     trained, never, cursor = [], [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
-            found = _find_text(full, message["content"], cursor)
-            if found is not None:
-                cursor = found[1]
-                if message["role"] == "tool" or message.get("tool_result"):
+            is_result = message["role"] == "tool" or message.get("tool_result", False)
+            found = (is_result and _turn_by_prefixes(full, messages, index, apply)) or \
+                _find_text(full, message["content"], cursor)
+            if found:
+                cursor = max(cursor, found[1])
+                if is_result:
                     never.append(found)
             continue
         span = _assistant_span(full, messages, index, apply, end_text, cursor)
@@ -159,6 +166,21 @@ def _render_chat_template(messages: list[dict[str, Any]], tools: list[dict] | No
         cursor = span[1]
         (trained if message.get(UNTRAINED, True) else never).append(span)
     return full, trained, never
+
+
+def _turn_by_prefixes(full: str, messages: list[dict[str, Any]], index: int, apply: _Template) -> Span | None:
+    """A turn's whole text, where the turns before it and through it both render as prefixes of the full text (a
+    tool result the template writes as JSON text is found this way, not by its content)."""
+    before = apply.or_none(messages[:index]) if index > 0 else None
+    upto = apply.or_none(messages[: index + 1]) if before is not None else None
+    if upto is None or not (full.startswith(upto) and upto.startswith(before)) or len(upto) == len(before):
+        return None
+    return len(before), len(upto)
+
+
+def _drops_system_text(messages: list[dict[str, Any]], full: str) -> bool:
+    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    return bool(system) and system not in full
 
 
 def _assistant_span(full: str, messages: list[dict[str, Any]], index: int, apply: _Template, end_text: str,
