@@ -21,7 +21,8 @@ FAKE_ENGINE = ROOT / "tests" / "gui" / "fake_engine.py"
 RUN_FLAGS = ["--max-steps", "6", "--save-steps", "2", "--eval-steps", "2", "--micro-batch-size", "2",
              "--max-length", "48", "--lora-r", "4", "--compare-questions", "2", "--events", "jsonl"]
 # Filled only on a CUDA GPU (this contract runs on the CPU), or only when the GPU runs out of memory.
-CUDA_ONLY_FIELDS = {("step", "vram"), ("model_loaded", "vram"), *(("error", name) for name in (
+CUDA_ONLY_FIELDS = {("step", "vram"), ("model_loaded", "vram"), ("fit_check", "measured_peak_bytes"),
+                    ("fit_check", "available_bytes"), *(("error", name) for name in (
     "step", "peak_bytes", "reserved_bytes", "free_bytes", "gpu_total_bytes", "estimate_peak_bytes", "fixes"))}
 
 

@@ -51,6 +51,9 @@ class MonitorPage(Page):
         self.header_row.insertWidget(1, self.run_name)
         self.body.addLayout(self._build_progress())
         self.body.addWidget(self._build_stats())
+        self.fit_label = QLabel(objectName="muted", wordWrap=True)
+        self.fit_label.hide()
+        self.body.addWidget(self.fit_label)
         self.banner = Banner()
         self.body.addWidget(self.banner)
         splitter = QSplitter(Qt.Orientation.Vertical)
@@ -124,6 +127,7 @@ class MonitorPage(Page):
         }
         self.total_line = self._level_line("total", "GPU total")
         self.estimate_line = self._level_line("estimate", "estimated peak")
+        self.measured_line = self._level_line("measured", "first step's peak (the largest)", 0.45)
         grid.addWidget(self.plots["loss"], 0, 0, 1, 3)
         grid.addWidget(self.plots["vram"], 0, 3, 1, 3)
         grid.addWidget(self.plots["lr"], 1, 0, 1, 2)
@@ -139,11 +143,11 @@ class MonitorPage(Page):
         return self.plots[plot].plot([], [], name=legend, pen=pg.mkPen(color, width=2), symbol=symbol,
                                      symbolSize=7, symbolBrush=color, symbolPen=None)
 
-    def _level_line(self, key: str, label: str) -> pg.InfiniteLine:
+    def _level_line(self, key: str, label: str, position: float = 0.02) -> pg.InfiniteLine:
         anchor = (0, 0)  # text hangs below the line, so a line at the top of the plot keeps its label
         line = pg.InfiniteLine(angle=0, pen=pg.mkPen(theme.SERIES_COLORS[key], width=1.5,
                                                       style=Qt.PenStyle.DashLine),
-                               label=label, labelOpts={"position": 0.02, "anchors": [anchor, anchor],
+                               label=label, labelOpts={"position": position, "anchors": [anchor, anchor],
                                                       "color": theme.SERIES_COLORS[key]})
         line.hide()
         self.plots["vram"].addItem(line)
@@ -236,8 +240,10 @@ class MonitorPage(Page):
             series = state.series[name]
             scale = 1 / GIB if name.startswith("vram") else 1
             curve.setData(series.x, series.y * scale)
+        measured_bytes = state.fit_check.measured_peak_bytes if state.fit_check else None
         for line, size_bytes in ((self.total_line, state.gpu_total_bytes),
-                                 (self.estimate_line, state.estimate_peak_bytes)):
+                                 (self.estimate_line, state.estimate_peak_bytes),
+                                 (self.measured_line, measured_bytes)):
             line.setVisible(bool(size_bytes))
             line.setValue((size_bytes or 0) / GIB)
         self._fit_vram_range()
@@ -247,7 +253,8 @@ class MonitorPage(Page):
     def _fit_vram_range(self) -> None:
         """Room for the curves and both level lines (auto-range ignores lines)."""
         state = self.state
-        highest_bytes = max([state.gpu_total_bytes, state.estimate_peak_bytes] +
+        measured_bytes = (state.fit_check.measured_peak_bytes or 0) if state.fit_check else 0
+        highest_bytes = max([state.gpu_total_bytes, state.estimate_peak_bytes, measured_bytes] +
                             [float(state.series[n].y.max()) for n in ("vram_process", "vram_gpu")
                              if state.series[n].count])
         if highest_bytes:
@@ -264,7 +271,8 @@ class MonitorPage(Page):
                                "file." if elsewhere else "")
         self.progress.setValue(int(m.progress * 1000))
         self.progress.setFormat(f"step {m.step} of {m.total_steps}  (epoch {m.epoch:.2f})" if m.total_steps else "")
-        values = {"step": m.step_text if m.total_steps else "—",
+        skipped = f" ({m.skipped_steps} skipped)" if m.skipped_steps else ""
+        values = {"step": (m.step_text if m.total_steps else "—") + skipped,
                   "loss": formatting.number(m.loss), "eval_loss": formatting.number(m.eval_loss),
                   "lr": f"{m.lr:.2e}" if m.lr is not None else "—",
                   "tokens_per_s": f"{m.tokens_per_s:,.0f}" if m.tokens_per_s is not None else "—",
@@ -272,6 +280,10 @@ class MonitorPage(Page):
                   "peak": formatting.gib(m.peak_process_bytes) if m.peak_process_bytes else "—"}
         for key, text in values.items():
             self.stat_values[key].setText(text)
+        self.stat_values["step"].setToolTip(f"{m.skipped_steps} fp16 step(s) skipped by the loss scaler: their "
+                                            "gradients overflowed, so nothing was applied" if m.skipped_steps else "")
+        self.fit_label.setVisible(m.fit_check is not None)
+        self.fit_label.setText(_fit_check_text(m.fit_check))
         self._show_buttons()
 
     def _show_outcome(self) -> None:
@@ -321,6 +333,21 @@ def _comparison_text(comparison: ev.Comparison | None) -> str:
         return ""
     return (f" On {len(comparison.rows)} held-out questions the base model answered "
             f"{comparison.base_accuracy:.0%} right, the tuned one {comparison.tuned_accuracy:.0%}.")
+
+
+def _fit_check_text(check: ev.FitCheck | None) -> str:
+    """The first step ran the run's largest micro-batches: what it measured, in a person's words."""
+    if check is None:
+        return ""
+    head = f"Fit check: step 1 ran the run's largest batch ({check.tokens:,} tokens)"
+    if check.measured_peak_bytes is None:
+        return f"{head}; memory is measured on a CUDA GPU only (this run is on the CPU)."
+    estimate = f", estimate {formatting.gib(check.estimate_peak_bytes)}" if check.estimate_peak_bytes else ""
+    verdict = {"fits": "no later step needs more, so it will not run out of memory later",
+               "tight": "it fits, but within 10% of the memory it has: other programs on the GPU could push it over"
+               }.get(check.verdict, check.verdict)
+    return (f"{head}: measured peak {formatting.gib(check.measured_peak_bytes)}{estimate}, of "
+            f"{formatting.gib(check.available_bytes)} available — {verdict}.")
 
 
 def _file_size(path: Path) -> int:

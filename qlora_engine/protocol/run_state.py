@@ -75,6 +75,8 @@ class RunState:
     last_checkpoint: str = ""
     adapter_dir: str = ""
     comparison: ev.Comparison | None = None  # base vs tuned answers to held-out questions, after training
+    fit_check: ev.FitCheck | None = None  # the first (largest) step's measured peak against the estimate
+    skipped_steps: int = 0  # fp16 steps the loss scaler skipped (gradients overflowed)
     error: ev.Error | None = None
     warnings: list[str] = field(default_factory=list)
     started_at: float | None = None
@@ -121,6 +123,7 @@ class RunState:
         self.total_steps = event.total_steps or self.total_steps
         self.loss, self.final_loss, self.lr = event.loss, event.loss, event.lr
         self.tokens_per_s, self.eta_s = event.tokens_per_s, event.eta_s
+        self.skipped_steps = event.skipped_steps
         for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
             value = getattr(event, name)
             if value is not None and math.isfinite(value):
@@ -132,6 +135,10 @@ class RunState:
             self.series["vram_gpu"].append(event.step, vram["gpu_used"])
         self.gpu_total_bytes = vram.get("gpu_total") or self.gpu_total_bytes
         self.peak_process_bytes = max(self.peak_process_bytes, vram.get("max_allocated") or 0)
+
+    def _on_fit_check(self, event: ev.FitCheck) -> None:
+        self.fit_check = event
+        self.estimate_peak_bytes = event.estimate_peak_bytes or self.estimate_peak_bytes
 
     def _on_eval(self, event: ev.Eval) -> None:
         self.eval_loss, self.perplexity = event.eval_loss, event.perplexity
