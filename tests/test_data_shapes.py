@@ -175,3 +175,34 @@ def test_the_data_command_maps_columns_and_mixes_with_each_sources_report(tiny_m
     assert [(s["file"], s["used_rows"]) for s in report["sources"]] == [("qa.csv", 2), ("kto.jsonl", 2)]
     assert report["sources"][1]["not_target_rows"] == 2
     assert {row["file"] for row in report["preview"]} == {"qa.csv", "kto.jsonl"}
+
+
+def test_a_run_on_preference_pairs_mixed_with_kto_rows_says_what_it_trained_in_data_ready(tiny_model_dir, tmp_path):
+    from test_train import run, tiny_config
+
+    config = tiny_config(tiny_model_dir, SHAPES / "preference.jsonl", tmp_path / "run", max_steps=1,
+                         data_mix={str(SHAPES / "kto.jsonl"): 1 / 3}, val_fraction=0.0)
+    _, events = run(config)
+    ready = next(e for e in events if e.kind == "data_ready")
+    assert ready.notices == [data.PREFERENCE_NOTICE]
+    assert [(s["file"], s["format"], s["used_rows"]) for s in ready.sources] == [
+        ("preference.jsonl", "preference", 4), ("kto.jsonl", "prompt_completion", 2)]
+    assert ready.not_target_rows == 2 and ready.train_rows == 6
+    assert [(b["file"], b["line"]) for b in ready.bad_rows] == [("preference.jsonl", 5)]
+    assert events[-1].kind == "finished"
+
+
+
+
+def test_a_hub_dataset_id_offline_and_uncached_is_a_clear_error(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    environ = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "qlora_engine", "data", "someone/harbour-facts:train", "--model",
+                             str(tiny_model_dir), "--json"], capture_output=True, text=True, env=environ, timeout=300)
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["kind"] == "error" and answer["code"] == "offline", answer
+    assert "someone/harbour-facts" in answer["message"] and "HF_HUB_OFFLINE" in answer["message"]
+    assert "Traceback" not in result.stderr
