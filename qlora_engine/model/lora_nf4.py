@@ -151,3 +151,16 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     out_dtype = getattr(layer, "residual_dtype", None) or compute_dtype
     return LoraOver4bit.apply(x.to(compute_dtype), layer.lora_A[name].weight, layer.lora_B[name].weight, base.bias,
                               layer.scaling[name], dropout_p, out_dtype, layer.fused_layout, packed, *quant)
+
+
+def peft_path_note(model: Any) -> str:
+    """A log line naming the LoRA layers that run through peft's own path (DoRA, int8 or 16-bit bases), or ''."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    fused = sum(1 for m in layers if hasattr(m, "fused_layout") and not any(m.use_dora.values()))
+    if fused == len(layers):
+        return ""
+    why = "DoRA" if any(any(m.use_dora.values()) for m in layers) else "their base is not 4-bit"
+    return (f"fused LoRA: {len(layers) - fused} of {len(layers)} layers run through peft's path instead ({why}): "
+            "same result, slower")

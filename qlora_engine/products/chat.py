@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.model import loading
+from qlora_engine.model import loading, run_base
 from qlora_engine.model.generation import generate_answer
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import RunConfig
@@ -29,17 +29,19 @@ def load_for_chat(target: str) -> tuple[Any, Any, str, bool]:
     device = loading.resolve_device(cfg.device)
     source = loading.resolve_model(cfg.model, cfg.allow_pickle)
     tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
-    model = loading.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                        compute_dtype=loading.resolve_compute_dtype(cfg.compute_dtype, device),
-                                        device=device, allow_pickle=cfg.allow_pickle,
-                                        trust_remote_code=cfg.trust_remote_code)
+    compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
     adapter = run_dir / "adapter"
     if (run_dir / "config.yaml").is_file():
+        # the base as the run trained on it: its precision plan, the base its adapter start left
         if not (adapter / "adapter_config.json").is_file():
             raise EngineError("no_adapter", f"{run_dir} has no finished adapter yet",
                               "Let the run finish (or resume it), then chat with it.")
+        model = run_base.load_trained_base(cfg, source.path, device, compute_dtype, run_dir)
         model = PeftModel.from_pretrained(model, adapter)
         return model, tokenizer, device, True
+    model = loading.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                        compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
+                                        trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer, device, False
 
 

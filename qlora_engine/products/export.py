@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine.model import loading
+from qlora_engine.model import adapter_init, loading, run_base, weight_formats
 from qlora_engine.protocol.config import RunConfig, write_text_atomic
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import Exported
@@ -42,12 +42,11 @@ def run_config(run_dir: Path) -> RunConfig:
     return RunConfig.load(run_dir / "config.yaml")
 
 
-def _load_base(cfg: RunConfig, device: str) -> tuple[Any, Any, Any]:
+def _load_base(cfg: RunConfig, device: str, run_dir: Path) -> tuple[Any, Any, Any]:
+    """The base exactly as the run trained on it (its precision plan, the base its adapter start left)."""
     source = loading.resolve_model(cfg.model, cfg.allow_pickle)
     compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
-    model = loading.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                        compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
-                                        trust_remote_code=cfg.trust_remote_code)
+    model = run_base.load_trained_base(cfg, source.path, device, compute_dtype, run_dir)
     return model, loading.load_tokenizer(source.path, cfg.trust_remote_code), compute_dtype
 
 
@@ -80,29 +79,42 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
 
     cfg = run_config(run_dir)
     out = out or run_dir / "exports" / kind
+    kind_checked = kind
     recover_interrupted_export(out)
     device = loading.resolve_device(cfg.device)
     progress("loading the trained model", 0.1)
-    base, tokenizer, compute_dtype = _load_base(cfg, device)
+    base, tokenizer, compute_dtype = _load_base(cfg, device, run_dir)
     trained = PeftModel.from_pretrained(base, run_dir / "adapter")
     reference = fixed_prompt_logits(trained, tokenizer, device)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     # a full disk, an unwritable destination: no partial export is left behind
     with writing_folder(tmp, f"the {kind} export", out.parent,
                         "export again; an earlier export there is left as it was"):
-        if kind == "adapter":
+        if kind == "adapter" and run_base.adapter_is_residual(run_dir):
+            # PiSSA / OLoRA: the adapter holds part of the weights, so alone it means nothing over the originals;
+            # exported as peft's converted rank-2r LoRA over them, checked there (16-bit, as peft's conversion)
+            progress("converting the adapter to a LoRA over the original weights", 0.4)
+            adapter_init.adapter_over_original(run_dir / "adapter", run_dir / adapter_init.INIT_FILE, tmp)
+            tokenizer.save_pretrained(tmp)
+            progress("reloading with PeftModel.from_pretrained on the original weights", 0.6)
+            del trained, base
+            reference, exported = residual_adapter_logits(cfg, run_dir, tmp, tokenizer, device, compute_dtype)
+            kind_checked = "merged"  # two 16-bit models that differ by rounding
+        elif kind == "adapter":
             progress("writing the adapter", 0.4)
             trained.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if (run_dir / adapter_init.INIT_FILE).is_file():  # LoftQ: what its base was (README, adapter inits)
+                shutil.copy2(run_dir / adapter_init.INIT_FILE, tmp / adapter_init.INIT_FILE)
             progress("reloading with PeftModel.from_pretrained", 0.6)
             del trained
-            base, _, _ = _load_base(cfg, device)
+            base, _, _ = _load_base(cfg, device, run_dir)
             exported = fixed_prompt_logits(PeftModel.from_pretrained(base, tmp), tokenizer, device)
         else:
             del trained, base  # the 4-bit model goes before the 16-bit one is built
             progress("dequantizing the base and merging LoRA", 0.3)
             save_dtype = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
-            merged = merged_model(cfg, run_dir / "adapter", device, save_dtype)
+            merged = merged_model(cfg, run_dir, device, save_dtype)
             progress("writing safetensors", 0.6)
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -110,7 +122,8 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             progress("reloading with AutoModelForCausalLM.from_pretrained", 0.8)
             exported = fixed_prompt_logits(loading.load_plain_model(tmp, dtype=save_dtype, device=device),
                                            tokenizer, device)
-        verification = compare_logits(kind, out, reference, exported)
+        verification = compare_logits(kind_checked, out, reference, exported)
+        verification.export = kind
         if verification.ok:
             replace_folder(tmp, out, out.with_name(f".old-{out.name}-{os.getpid()}"))
     if not verification.ok:
@@ -123,24 +136,41 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
     return verification
 
 
-def merged_model(cfg: RunConfig, adapter_dir: Path, device: str, save_dtype: torch.dtype) -> Any:
-    """Base weights dequantized from exactly the 4-bit values training saw, LoRA merged in, plain Linear layers."""
+def residual_adapter_logits(cfg: RunConfig, run_dir: Path, converted: Path, tokenizer: Any, device: str,
+                            compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a converted PiSSA / OLoRA adapter must equal: the 16-bit residual (W - s B0 A0, unquantized) with the
+    trained adapter; and what it gives over the original 16-bit weights. The 4-bit rounding of the residual, which
+    separates both from the trained model, is the same for any export of such a run."""
     from peft import PeftModel
 
-    base, _, compute_dtype = _load_base(cfg, device)
+    folder = loading.resolve_model(cfg.model, cfg.allow_pickle).path
+    residual = loading.load_plain_model(folder, dtype=compute_dtype, device=device)
+    adapter_init.apply_corrections(residual, run_dir / adapter_init.INIT_FILE, folder)
+    reference = fixed_prompt_logits(PeftModel.from_pretrained(residual, run_dir / "adapter"), tokenizer, device)
+    del residual
+    original = loading.load_plain_model(folder, dtype=compute_dtype, device=device)
+    return reference, fixed_prompt_logits(PeftModel.from_pretrained(original, converted), tokenizer, device)
+
+
+def merged_model(cfg: RunConfig, run_dir: Path, device: str, save_dtype: torch.dtype) -> Any:
+    """Base weights dequantized from exactly the 4-bit (or int8) values training saw, LoRA merged in (DoRA's
+    magnitude too, by peft), plain Linear layers."""
+    from peft import PeftModel
+
+    base, _, compute_dtype = _load_base(cfg, device, run_dir)
     dequantize_linear4bit(base, compute_dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
     return merged.to(save_dtype)
 
 
 def dequantize_linear4bit(model: Any, dtype: torch.dtype) -> None:
-    """Replace every bitsandbytes Linear4bit with an nn.Linear holding its dequantized weight."""
+    """Replace every bitsandbytes Linear4bit (and Linear8bitLt) with an nn.Linear holding its dequantized weight."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
-        if not isinstance(module, bnb.nn.Linear4bit):
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
-        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        weight = weight_formats.dequantize_layer(module).to(dtype)
         plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                 device=weight.device, dtype=dtype)
         plain.weight.data.copy_(weight)

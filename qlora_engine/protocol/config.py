@@ -80,6 +80,20 @@ class RunConfig:
     target_modules: str = option("all-linear", "Layers that get adapters: 'all-linear' or a comma list such as "
                                  "'q_proj,v_proj'.", memory="Fewer targets: fewer LoRA weights and states.",
                                  group="lora")
+    init_lora: str = option("default", "How the adapter starts: default = B zero (the model starts as the 4-bit "
+                            "base); loftq = a low-rank correction of the 4-bit quantization error (step 0 closer to "
+                            "the 16-bit model); pissa = the weights' top singular directions, the 4-bit base holding "
+                            "the rest; olora = an orthonormal (QR) start, the base holding the rest.",
+                            choices=("default", "loftq", "pissa", "olora"),
+                            memory="No training cost; loftq and pissa take one SVD per layer at load.", group="lora")
+    loftq_iters: int = option(1, "LoftQ alternations of quantize and SVD (1 = peft's replace_lora_weights_loftq; "
+                              "more also re-quantizes the base).", group="lora", minimum=1, maximum=20)
+    use_dora: bool = option(False, "DoRA: train a magnitude per output besides the low-rank direction (peft). "
+                            "Runs through peft's layer, not the fused path.",
+                            memory="A magnitude vector per layer and peft's fp32 input copies (slower).",
+                            group="lora")
+    use_rslora: bool = option(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher "
+                              "ranks keep learning.", group="lora")
     # --- quantization ---
     quant_type: str = option("nf4", "4-bit data type for the frozen weights.", choices=("nf4", "fp4"),
                              group="quantization")
@@ -95,6 +109,12 @@ class RunConfig:
                                  "much of an adapter's early contribution is rounded away and training is slower.",
                                  memory="What checkpointing keeps per layer doubles (4 instead of 2 bytes per "
                                  "hidden value).", group="quantization")
+    precision_budget_bits: float = option(0.0, "Average bits per weight of the decoder's linear layers; each "
+                                          "matrix gets NF4 (blocks 32/64/128/256), int8 or 16-bit so that the total "
+                                          "quantization error is smallest within it (exact integer program). 0 = "
+                                          "off (every matrix in quant_type, blocks of 64); from 4.03 to 16.",
+                                          memory="The 4-bit weights term becomes this many bits per weight.",
+                                          group="quantization", minimum=0.0, maximum=16.0)
     # --- optimization ---
     optimizer: str = option("paged_adamw_8bit", "Optimizer for the LoRA weights.",
                             choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),
@@ -165,6 +185,9 @@ class RunConfig:
                 setattr(self, spec.name, value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise config_error(f"{spec.name}: expected {expected.__name__}, got {value!r}")
+            if expected is dict:
+                _check_mapping(spec, value)
+                continue
             meta = spec.metadata
             if meta["choices"] and value not in meta["choices"]:
                 raise config_error(f"{spec.name}: {value!r} is not one of {', '.join(meta['choices'])}")
@@ -172,10 +195,22 @@ class RunConfig:
                 raise config_error(f"{spec.name}: {value} is below the minimum {meta['minimum']}")
             if meta["maximum"] is not None and value > meta["maximum"]:
                 raise config_error(f"{spec.name}: {value} is above the maximum {meta['maximum']}")
+        self._check_adapter_options()
         if self.max_steps == 0 and self.epochs == 0:
             raise config_error("max_steps and epochs are both 0: the run would do nothing",
                               "Set max_steps (e.g. 60) or epochs (e.g. 1).")
         return self
+
+    def _check_adapter_options(self) -> None:
+        """Combinations peft cannot do correctly on a quantized base (see model/adapter_init.py)."""
+        if self.use_dora and self.init_lora != "default":
+            raise config_error(f"use_dora with init_lora: {self.init_lora}: peft computes DoRA's magnitude from the "
+                               "base before the start rewrites base and adapter, and a DoRA adapter has no plain-LoRA "
+                               "form to export", "Use use_dora with init_lora: default, or turn use_dora off.")
+        if 0 < self.precision_budget_bits < 4.03:
+            raise config_error(f"precision_budget_bits: {self.precision_budget_bits} is below the smallest format "
+                               "(4-bit in blocks of 256: about 4.03 bits per weight)",
+                               "Use 0 (plain 4-bit) or a value from 4.03 to 16, e.g. 4.25.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,9 +220,6 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(Path(path), self.to_yaml())
-            if expected is dict:
-                _check_mapping(spec, value)
-                continue
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
@@ -216,47 +248,11 @@ class RunConfig:
 
 
 def _field_type(spec: dataclasses.Field) -> type:
+    if str(spec.type).startswith("dict"):
+        return dict
     return {"str": str, "int": int, "float": float, "bool": bool}[str(spec.type)]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; only flags given on the command line override the YAML."""
-    for spec in dataclasses.fields(RunConfig):
-        meta = spec.metadata
-        flag = "--" + spec.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
-                                  "help": meta["help"] + (f" [{option_default(spec)}]"
-                                                          if option_default(spec) not in ("", {}) else "")}
-        if spec.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if _field_type(spec) is dict:
-            kwargs["type"] = mapping_flag(mapping_value_type(spec))
-        else:
-            kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag, **kwargs)
-
-
-def options_markdown() -> str:
-    """The README's option table, generated from the fields (a test keeps the README in step)."""
-    lines = ["| option (YAML key / `--flag`) | default | what it does | memory effect |", "|---|---|---|---|"]
-    for spec in fields(RunConfig):
-        meta = spec.metadata
-        choices = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
-        default = option_default(spec) if option_default(spec) != "" else "(empty)"
 def mapping_value_type(spec: dataclasses.Field) -> type:
     """The value type of a mapping option (`dict[str, float]` -> float)."""
     return float if str(spec.type) == "dict[str, float]" else str
@@ -294,9 +290,37 @@ def option_default(spec: dataclasses.Field) -> Any:
     return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
-        lines.append(f"| `{spec.name}` / `--{spec.name.replace('_', '-')}` | `{default}` | {meta['help']}{choices} "
-                     f"| {meta['memory']} |")
-    return "\n".join(lines) + "\n"
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; only flags given on the command line override the YAML."""
+    for spec in dataclasses.fields(RunConfig):
+        meta = spec.metadata
+        flag = "--" + spec.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS,
+                                  "help": meta["help"] + (f" [{option_default(spec)}]"
+                                                          if option_default(spec) not in ("", {}) else "")}
+        if spec.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if _field_type(spec) is dict:
+            kwargs["type"] = mapping_flag(mapping_value_type(spec))
+        else:
+            kwargs["type"] = {"str": str, "int": int, "float": float}[spec.type]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
 def mapping_flag(value_type: type) -> Any:
     def parse(text: str) -> dict[str, Any]:
         try:
@@ -306,3 +330,13 @@ def mapping_flag(value_type: type) -> Any:
     return parse
 
 
+def options_markdown() -> str:
+    """The README's option table, generated from the fields (a test keeps the README in step)."""
+    lines = ["| option (YAML key / `--flag`) | default | what it does | memory effect |", "|---|---|---|---|"]
+    for spec in fields(RunConfig):
+        meta = spec.metadata
+        choices = f" One of: {', '.join(meta['choices'])}." if meta["choices"] else ""
+        default = option_default(spec) if option_default(spec) != "" else "(empty)"
+        lines.append(f"| `{spec.name}` / `--{spec.name.replace('_', '-')}` | `{default}` | {meta['help']}{choices} "
+                     f"| {meta['memory']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""A memory budget spent on precision (LQ-LoRA's integer program, data-free): which format each linear weight gets.
+
+Each decoder linear weight W may be held as 4-bit with blocks of 32 / 64 / 128 / 256, as int8 or in 16-bit
+(weight_formats.FORMATS); each choice costs its exact bits and leaves an error ||W - dequant(quant(W))||_F^2.
+`solve` picks one format per matrix so that the summed error is smallest and the summed bits stay within the budget:
+an exact 0/1 integer program (scipy.optimize.milp, HiGHS, relative gap 0, so the answer is proven optimal). The
+plan is written into the run folder (precision_plan.json) so that resume, chat and export build the same model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine.model import weight_formats as wf
+from qlora_engine.protocol.config import RunConfig, write_text_atomic
+from qlora_engine.protocol.errors import EngineError
+
+PLAN_FILE = "precision_plan.json"
+SKIPPED_MODULES = ("lm_head",)  # kept in the compute dtype, as transformers' bitsandbytes integration does
+
+
+@dataclass
+class MatrixChoice:
+    """One weight matrix's options: bits and squared error of each format, in FORMATS order."""
+    name: str
+    rows: int
+    cols: int
+    bits: list[int]
+    errors: list[float]
+
+
+@dataclass
+class PrecisionPlan:
+    budget_bits: float  # average bits per weight allowed
+    formats: dict[str, str]  # module name -> format name
+    total_bits: int
+    params: int
+    error: float  # summed squared Frobenius error of the plan
+    plain_error: float  # the same with every matrix in blocks of 64 (plain QLoRA)
+    relative_error: float  # mean over matrices of ||W - Q(W)||_F / ||W||_F
+    plain_relative_error: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.params
+
+
+def solve(choices: list[MatrixChoice], budget_bits_total: int) -> list[int]:
+    """The format index of each matrix minimizing the summed error with sum of bits <= budget (exact)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_options = len(choices[0].bits)
+    bits = np.array([c.bits for c in choices], dtype=float)
+    errors = np.array([c.errors for c in choices], dtype=float)
+    if bits.min(axis=1).sum() > budget_bits_total:
+        params = _params(choices)
+        raise EngineError("bad_config", f"precision_budget_bits: the budget ({budget_bits_total / params:.3f} bits per "
+                          f"weight) is below the smallest mix ({bits.min(axis=1).sum() / params:.3f})",
+                          "Raise precision_budget_bits, or set it to 0 for plain 4-bit.")
+    scale = max(float(errors.max()), 1e-30)  # errors to order 1: HiGHS' tolerances are absolute
+    one_each = np.kron(np.eye(len(choices)), np.ones(n_options))
+    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(bits.reshape(1, -1), -np.inf, budget_bits_total)]
+    result = milp((errors / scale).reshape(-1), integrality=np.ones(bits.size), bounds=Bounds(0, 1),
+                  constraints=constraints, options={"mip_rel_gap": 0.0, "presolve": True})
+    if result.status != 0 or result.x is None:
+        raise EngineError("solver_failed", f"the precision budget's integer program ended with: {result.message}",
+                          "Set precision_budget_bits to 0 (plain 4-bit) and report this with the model.")
+    picked = [int(i) for i in result.x.reshape(len(choices), n_options).argmax(axis=1)]
+    used = sum(c.bits[i] for c, i in zip(choices, picked))
+    if used > budget_bits_total:  # the solver's feasibility tolerance, never our budget
+        return solve(choices, budget_bits_total - (used - budget_bits_total))
+    return picked
+
+
+def _params(choices: list[MatrixChoice]) -> int:
+    return sum(c.rows * c.cols for c in choices)
+
+
+def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers bitsandbytes would quantize: every nn.Linear but the lm_head."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] not in SKIPPED_MODULES}
+
+
+def measure_choices(linears: dict[str, torch.nn.Linear], quant_type: str, double_quant: bool) -> list[MatrixChoice]:
+    choices = []
+    for name, linear in linears.items():
+        weight = linear.weight.detach().float()
+        rows, cols = weight.shape
+        choices.append(MatrixChoice(name, rows, cols, [f.bits(rows, cols, double_quant) for f in wf.FORMATS],
+                                    [wf.squared_error(f, weight, quant_type, double_quant) for f in wf.FORMATS]))
+    return choices
+
+
+def plan_from_choices(choices: list[MatrixChoice], budget_bits: float, norms: dict[str, float]) -> PrecisionPlan:
+    params = _params(choices)
+    picked = solve(choices, int(budget_bits * params))
+    plain = wf.FORMATS.index(wf.PLAIN_FORMAT)
+    formats = {c.name: wf.FORMATS[i].name for c, i in zip(choices, picked)}
+    counts = {f.name: sum(1 for name in formats.values() if name == f.name) for f in wf.FORMATS}
+
+    def mean_relative(index_of: Any) -> float:
+        return sum((c.errors[index_of(k)] ** 0.5) / norms[c.name] for k, c in enumerate(choices)) / len(choices)
+
+    return PrecisionPlan(
+        budget_bits=budget_bits, formats=formats, total_bits=sum(c.bits[i] for c, i in zip(choices, picked)),
+        params=params, error=sum(c.errors[i] for c, i in zip(choices, picked)),
+        plain_error=sum(c.errors[plain] for c in choices), relative_error=mean_relative(lambda k: picked[k]),
+        plain_relative_error=mean_relative(lambda k: plain), counts={k: v for k, v in counts.items() if v})
+
+
+def plan_for_model(model: torch.nn.Module, cfg: RunConfig) -> PrecisionPlan:
+    """Measure every quantizable matrix of a 16-bit model in every format and solve for cfg's budget."""
+    linears = quantizable_linears(model)
+    with torch.no_grad():
+        choices = measure_choices(linears, cfg.quant_type, cfg.double_quant)
+        norms = {name: float(linear.weight.float().norm()) or 1.0 for name, linear in linears.items()}
+    return plan_from_choices(choices, cfg.precision_budget_bits, norms)
+
+
+def save_plan(plan: PrecisionPlan, path: Path) -> None:
+    write_text_atomic(path, json.dumps(asdict(plan), indent=1))
+
+
+def load_plan(path: Path) -> PrecisionPlan:
+    return PrecisionPlan(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def apply_plan(model: torch.nn.Module, plan: PrecisionPlan, cfg: RunConfig, compute_dtype: torch.dtype,
+               device: str) -> torch.nn.Module:
+    """Swap each planned nn.Linear of a 16-bit (CPU) model for its planned layer on `device`, the rest moved."""
+    for name, linear in quantizable_linears(model).items():
+        if name not in plan.formats:
+            raise EngineError("plan_mismatch", f"{PLAN_FILE}: no format for layer {name}",
+                              "The run's precision plan was made for another model; start a new run.")
+        layer = wf.make_layer(wf.format_named(plan.formats[name]), linear, cfg.quant_type, cfg.double_quant,
+                              compute_dtype, device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model.to(device)
+
+
+def planned_model(load_16bit: Any, cfg: RunConfig, compute_dtype: torch.dtype, device: str,
+                  plan_path: Path | None) -> tuple[torch.nn.Module, PrecisionPlan]:
+    """The mixed-precision base: the plan at `plan_path` when it exists (resume, chat, export), else solved now and
+    written there."""
+    model = load_16bit()
+    if plan_path is not None and plan_path.is_file():
+        plan = load_plan(plan_path)
+    else:
+        plan = plan_for_model(model, cfg)
+        if plan_path is not None:
+            save_plan(plan, plan_path)
+    return apply_plan(model, plan, cfg, compute_dtype, device), plan
