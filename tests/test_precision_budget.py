@@ -1,0 +1,110 @@
+"""The memory budget spent on precision: bitsandbytes' block sizes, exact sizes, the integer program's optimum and
+budget, and a mixed-precision model through training, stop, resume, both exports and chat."""
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from test_adapter_init import check_exports_and_chat, train_stop_resume
+from test_train import tiny_config
+
+from qlora_engine.model import precision_budget as pb
+from qlora_engine.model import weight_formats as wf
+from qlora_engine.protocol.errors import EngineError
+
+
+@pytest.mark.parametrize("blocksize", wf.BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_takes_each_offered_block_size_and_the_bits_are_what_it_stores(blocksize, double_quant):
+    weight = torch.randn(96, 200)
+    fmt = wf.WeightFormat(f"4bit-b{blocksize}", "4bit", blocksize)
+    param = wf.quantize(fmt, weight, "nf4", double_quant, "cpu")
+    state = param.quant_state
+    assert state.blocksize == blocksize
+    tensors = [param.data, state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                                        if double_quant else [])
+    stored_bits = sum(t.numel() * t.element_size() * 8 for t in tensors)
+    assert fmt.bits(96, 200, double_quant) == stored_bits
+
+
+def test_the_error_falls_as_the_formats_cost_more():
+    weight = torch.randn(256, 384)
+    errors = [wf.squared_error(f, weight, "nf4", True) for f in wf.FORMATS]  # b32, b64, b128, b256, int8, 16bit
+    assert errors[3] > errors[2] > errors[1] > errors[0] > errors[4] > errors[5]
+    bits = [f.bits(256, 384, True) for f in wf.FORMATS]
+    assert bits[3] < bits[2] < bits[1] < bits[0] < bits[4] < bits[5]
+
+
+def test_int8_bits_are_what_bitsandbytes_stores():
+    param = wf.quantize(wf.format_named("int8"), torch.randn(96, 200), "", False, "cpu")
+    assert wf.format_named("int8").bits(96, 200, False) == param.numel() * 8 + param.SCB.numel() * 32
+
+
+def brute_force(choices, budget):
+    best = None
+    for picked in itertools.product(*[range(len(c.bits)) for c in choices]):
+        bits = sum(c.bits[i] for c, i in zip(choices, picked))
+        error = sum(c.errors[i] for c, i in zip(choices, picked))
+        if bits <= budget and (best is None or error < best[0] - 1e-12):
+            best = (error, picked)
+    return best
+
+
+def test_the_solver_picks_the_hand_checked_optimum():
+    # two matrices, three formats each: 100 bits buys one upgrade; upgrading b saves 5, a only 3
+    a = pb.MatrixChoice("a", 1, 10, bits=[40, 60, 80], errors=[10.0, 7.0, 1.0])
+    b = pb.MatrixChoice("b", 1, 10, bits=[40, 60, 80], errors=[9.0, 4.0, 3.5])
+    assert pb.solve([a, b], 100) == [0, 1]  # errors 10 + 4 = 14 beats 7 + 9 = 16
+    assert pb.solve([a, b], 120) == [2, 0]  # 1 + 9 = 10 beats 7 + 4 = 11 and 10 + 3.5
+    assert pb.solve([a, b], 160) == [2, 2]
+    assert pb.solve([a, b], 80) == [0, 0]
+
+
+def test_the_solver_is_optimal_and_never_over_budget_on_random_cases():
+    rng = random.Random(0)
+    for _ in range(40):
+        choices = []
+        for k in range(rng.randint(2, 5)):
+            bits = sorted(rng.randint(10, 200) for _ in range(4))
+            errors = sorted((rng.random() * 100 for _ in range(4)), reverse=True)
+            choices.append(pb.MatrixChoice(f"m{k}", 1, 1, bits, errors))
+        budget = rng.randint(sum(c.bits[0] for c in choices), sum(c.bits[-1] for c in choices))
+        picked = pb.solve(choices, budget)
+        assert sum(c.bits[i] for c, i in zip(choices, picked)) <= budget
+        assert sum(c.errors[i] for c, i in zip(choices, picked)) == pytest.approx(brute_force(choices, budget)[0])
+
+
+def test_a_budget_below_the_smallest_mix_is_a_bad_config():
+    a = pb.MatrixChoice("a", 1, 10, bits=[40, 60], errors=[1.0, 0.5])
+    with pytest.raises(EngineError) as caught:
+        pb.solve([a], 39)
+    assert caught.value.code == "bad_config" and "precision_budget_bits" in caught.value.message
+
+
+def test_more_budget_never_costs_error_and_the_plain_budget_is_no_worse_than_plain_qlora(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_engine.protocol.config import RunConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    linears = pb.quantizable_linears(model)
+    choices = pb.measure_choices(linears, "nf4", True)
+    plain = wf.FORMATS.index(wf.PLAIN_FORMAT)
+    plain_bits = sum(c.bits[plain] for c in choices) / sum(c.rows * c.cols for c in choices)
+    errors = []
+    for bits in (plain_bits, 6.0, 8.5, 12.0):
+        plan = pb.plan_for_model(model, RunConfig(model=str(tiny_model_dir), precision_budget_bits=bits))
+        assert plan.total_bits <= bits * plan.params
+        errors.append(plan.error)
+    assert errors[0] <= plan.plain_error + 1e-9
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
+
+
+def test_a_mixed_precision_model_trains_resumes_exports_and_chats(tiny_model_dir, alpaca_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, alpaca_file, run_dir, max_steps=4, save_steps=2, precision_budget_bits=7.0)
+    train_stop_resume(config, run_dir)
+    plan = json.loads((run_dir / pb.PLAN_FILE).read_text())
+    assert len(set(plan["formats"].values())) > 1 and plan["total_bits"] <= 7.0 * plan["params"]
+    check_exports_and_chat(run_dir)
