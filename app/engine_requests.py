@@ -57,10 +57,14 @@ class ScanData(EngineQuery[queries.DataReport]):
     max_length: int
     train_on_prompt: bool = False
 
+    columns: str = ""  # field=column,… (config.format_mapping)
+    data_mix: str = ""  # source=ratio,…
     def args(self) -> list[str]:
         args = ["data", self.data, "--model", self.model, "--format", self.data_format,
                 "--max-length", str(self.max_length), "--json"]
         return args + (["--train-on-prompt"] if self.train_on_prompt else [])
+        args += ["--columns", self.columns] if self.columns else []
+        args += ["--data-mix", self.data_mix] if self.data_mix else []
 
 
 @dataclass(frozen=True)

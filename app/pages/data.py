@@ -5,6 +5,7 @@ engine client.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,13 +39,14 @@ from app.engine_requests import ScanData
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, card
-from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.config import RunConfig, format_mapping, parse_mapping
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.queries import DataReport
 
-FORMAT_NAMES = {"alpaca": "instruction / input / output (Alpaca)", "chat": "chat messages",
-                "prompt_completion": "prompt / completion", "text": "plain text"}
-DATA_FILTER = "Data files (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
+FORMAT_NAMES = {"alpaca": "instruction / input / output (Alpaca)", "chat": "chat messages (tool calls, parts)",
+                "prompt_completion": "prompt / completion", "preference": "preference pairs (chosen / rejected)",
+                "text": "plain text"}
+DATA_FILTER = "Data files (*.jsonl *.json *.csv *.parquet *.txt *.arrow);;All files (*)"
 
 
 class DataPage(Page):
@@ -76,7 +78,8 @@ class DataPage(Page):
         box = card()
         grid = QGridLayout(box)
         grid.setColumnStretch(1, 1)
-        self.file_edit = QLineEdit(placeholderText="a .jsonl, .json, .csv, .parquet or .txt file")
+        self.file_edit = QLineEdit(placeholderText="a .jsonl, .json, .csv, .parquet, .txt or .arrow file, a saved "
+                                                   "dataset folder, or a Hub dataset ORG/NAME[:split]")
         self.file_edit.editingFinished.connect(lambda: self.choose_file(self.file_edit.text().strip()))
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
@@ -106,6 +109,27 @@ class DataPage(Page):
         grid.addLayout(row, 1, 1, 1, 3)
         grid.addWidget(QLabel("Validation"), 2, 0)
         grid.addLayout(self._build_validation(), 2, 1, 1, 3)
+        self.columns_edit = QLineEdit(objectName="columns", placeholderText="detected from the column names")
+        self.columns_edit.setToolTip(_help("columns") + "\nWrite it as field=column, e.g. instruction=question,"
+                                     "output=answer; empty: detected (or suggested from common names).")
+        self.columns_edit.editingFinished.connect(self._columns_edited)
+        self.columns_note = QLabel(objectName="muted")
+        row = QHBoxLayout()
+        row.addWidget(self.columns_edit, 1)
+        row.addWidget(self.columns_note)
+        grid.addWidget(QLabel("Columns"), 3, 0)
+        grid.addLayout(row, 3, 1, 1, 3)
+        self.mix_edit = QLineEdit(objectName="data_mix", placeholderText="more files mixed in: general.jsonl=0.3 "
+                                  "(30% of the training rows; the training data gets the rest)")
+        self.mix_edit.setToolTip(_help("data_mix"))
+        self.mix_edit.editingFinished.connect(self._mix_edited)
+        mix_browse = QPushButton("Add a file…")
+        mix_browse.clicked.connect(self._browse_mix)
+        row = QHBoxLayout()
+        row.addWidget(self.mix_edit, 1)
+        row.addWidget(mix_browse)
+        grid.addWidget(QLabel("Mix in"), 4, 0)
+        grid.addLayout(row, 4, 1, 1, 3)
         return box
 
     def _build_validation(self) -> QHBoxLayout:
@@ -197,19 +221,45 @@ class DataPage(Page):
             self.session.update_config(val_data=path)
         self._show_config()
 
+    def _columns_edited(self) -> None:
+        self._mapping_edited(self.columns_edit, "columns", str)
+
+    def _mix_edited(self) -> None:
+        self._mapping_edited(self.mix_edit, "data_mix", float)
+
+    def _mapping_edited(self, editor: QLineEdit, option: str, value_type: type) -> None:
+        try:
+            mapping = parse_mapping(editor.text(), value_type)
+        except EngineError as exc:
+            self.banner.show_error(exc, f"This {option} can't be used")
+            return
+        self.session.update_config(**{option: mapping})
+        self.scan_soon()
+
+    def _browse_mix(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose data to mix in", settings.last_folder("data"), DATA_FILTER)
+        if path:
+            settings.remember_folder("data", path)
+            mix = dict(self.session.config.data_mix)
+            mix[path] = mix.get(path, 0.3)
+            self.session.update_config(data_mix=mix)
+            self.scan_soon()
+
     def scan_soon(self) -> None:
         self.scan_timer.start()
 
     def _scan_inputs(self) -> tuple:
         config = self.session.config
-        return config.data, config.data_format, config.max_length, config.train_on_prompt
+        return (config.data, config.data_format, config.max_length, config.train_on_prompt,
+                format_mapping(config.columns), format_mapping(config.data_mix))
 
     def scan(self) -> None:
         config = self.session.config
         self._scanned_inputs = self._scan_inputs()
         self.banner.clear()
         self._set_busy(True)
-        request = ScanData(config.data, config.model, config.data_format, config.max_length, config.train_on_prompt)
+        request = ScanData(config.data, config.model, config.data_format, config.max_length, config.train_on_prompt,
+                           format_mapping(config.columns), format_mapping(config.data_mix))
         self.scanning = self.session.engine.run(request, owner=self, done=self._show_report, failed=self._show_error)
 
     def _model_changed(self) -> None:
@@ -228,6 +278,8 @@ class DataPage(Page):
         self.hold_out.setChecked(not config.val_data)
         self.use_val_file.setChecked(bool(config.val_data))
         self.val_edit.setText(config.val_data)
+        self.columns_edit.setText(format_mapping(config.columns))
+        self.mix_edit.setText(format_mapping(config.data_mix))
         self.val_fraction.setEnabled(not config.val_data)
         for widget in (self.format_combo, self.max_length, self.val_fraction):
             widget.blockSignals(False)
@@ -244,6 +296,7 @@ class DataPage(Page):
         self._set_busy(False)
         self.session.set_data_report(report)
         self.summary.setText(_summary(report, self.session.config.max_length))
+        self._show_columns(report)
         self.preview.setHtml(_preview_html(report.preview))
         lengths = np.asarray(report.token_lengths, dtype=float)
         self._show_histogram(lengths)
@@ -257,6 +310,18 @@ class DataPage(Page):
         if report.valid_rows == 0:
             self.banner.show_message("error", "No usable rows", "Every row of this file was rejected.",
                                      "Check the format choice above and the reasons listed under Bad rows.")
+        elif _notices(report):
+            self.banner.show_message("info", "What will be trained", " ".join(_notices(report)), "")
+
+    def _show_columns(self, report: DataReport) -> None:
+        """The mapping the scan used: the config's, or the one suggested from the names (put in the box to edit)."""
+        if report.columns_suggested and not self.session.config.columns:
+            self.columns_edit.setText(format_mapping(report.columns))
+        names = ", ".join(report.source_columns[:8])
+        if report.columns_suggested:
+            self.columns_note.setText(f"suggested from the names ({names}); press Enter to keep")
+        else:
+            self.columns_note.setText(f"the file's columns: {names}" if names else "")
 
     def _show_histogram(self, lengths: np.ndarray) -> None:
         """Rows per token-length bin, with the max-length cut as a dashed line."""
@@ -291,15 +356,44 @@ def _help(option: str) -> str:
 
 
 def _summary(report: DataReport, max_length: int) -> str:
-    detected = report.detected_format
-    shown = FORMAT_NAMES.get(report.format, report.format)
+    sources = report.sources or [{"file": report.file, "format": report.format, "detected_format":
+                                  report.detected_format, "rows": report.rows, "valid_rows": report.valid_rows,
+                                  "bad_rows": report.bad_rows, "truncated_rows": report.truncated_rows,
+                                  "used_rows": report.valid_rows, "ratio": 1.0}]
+    lines = [_source_summary(source, max_length, len(sources) > 1) for source in sources]
+    return "<br>".join(lines)
+
+
+def _source_summary(source: dict[str, Any], max_length: int, mixed: bool) -> str:
+    detected = source.get("detected_format", "")
+    shown = FORMAT_NAMES.get(source["format"], source["format"])
     parts = [f"Format: <b>{html.escape(shown)}</b>" + (f" (detected {detected})" if detected else ""),
-             f"{report.rows:,} rows", f"{report.valid_rows:,} usable"]
-    if report.bad_rows:
-        parts.append(f"{len(report.bad_rows):,} bad")
-    if report.truncated_rows:
-        parts.append(f"{report.truncated_rows:,} longer than {max_length} tokens (cut)")
+             f"{source['rows']:,} rows", f"{source['valid_rows']:,} usable"]
+    if source["bad_rows"]:
+        parts.append(f"{len(source['bad_rows']):,} bad")
+    if source.get("not_target_rows"):
+        parts.append(f"{source['not_target_rows']:,} marked label: false (never trained on)")
+    if source["truncated_rows"]:
+        parts.append(f"{source['truncated_rows']:,} longer than {max_length} tokens (cut)")
+    if mixed:
+        name = html.escape(Path(source["file"]).name)
+        parts.insert(0, f"<b>{name}</b>: {source['ratio']:.0%} of the mix, {source['used_rows']:,} rows")
     return " · ".join(parts)
+
+
+def _notices(report: DataReport) -> list[str]:
+    """What the page must say about what is trained: preference pairs on their chosen answers, label-false rows."""
+    sources = report.sources or [{"notice": report.notice, "not_target_rows": report.not_target_rows,
+                                  "file": report.file}]
+    notices = []
+    for source in sources:
+        name = Path(source["file"]).name
+        if source.get("notice"):
+            notices.append(f"{name}: {source['notice'][0].upper()}{source['notice'][1:]}.")
+        if source.get("not_target_rows"):
+            notices.append(f"{name}: {source['not_target_rows']:,} row(s) marked label: false (KTO: an undesirable "
+                           "answer) are left out: they are never a training target.")
+    return notices
 
 
 def _preview_html(rows: list[dict[str, Any]]) -> str:
@@ -309,7 +403,8 @@ def _preview_html(rows: list[dict[str, Any]]) -> str:
     for index, row in enumerate(rows, start=1):
         spans = "".join(f"<span style='{trained_style if s.get('trained') else prompt_style}'>"
                         f"{html.escape(s.get('text', ''))}</span>" for s in row.get("segments", []))
-        where = f"row {index}" + (f", line {row['line']}" if row.get("line") else "")
+        where = (f"{html.escape(Path(row['file']).name)}, " if row.get("file") else "") + f"row {index}" + (
+            f", line {row['line']}" if row.get("line") else "")
         blocks.append(f"<p style='color:{theme.color('muted')}; margin:8px 0 2px 0'><b>{where}</b></p>"
                       f"<pre style='white-space:pre-wrap; margin:0 0 10px 0'>{spans}</pre>")
     return "".join(blocks) or f"<p style='color:{theme.color('muted')}'>No rows to show yet.</p>"
