@@ -114,7 +114,7 @@ def _check_json_text(value: Any, where: str) -> None:
     try:
         check_encodable(json.dumps(value, ensure_ascii=False), where)
     except (TypeError, ValueError, RecursionError):
-        raise RowError(f"{where}: a tool call's arguments can't be written as JSON") from None
+        raise RowError(f"{where} can't be written as JSON") from None
 
 
 def is_trained(turn: dict[str, Any], where: str) -> bool:
