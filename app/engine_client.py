@@ -49,8 +49,12 @@ class EngineQuery(Request[Result]):
     def args(self) -> list[str]:
         raise NotImplementedError
 
+    def stdin_text(self) -> str | None:
+        """What to write to the command's stdin (a secret never goes on its command line); None: nothing."""
+        return None
+
     def run(self, call: Call) -> Result:
-        output = call.run_engine(self.args())
+        output = call.run_engine(self.args(), self.stdin_text())
         try:
             return queries.read_answer(output.stdout, self.answer_type)
         except EngineError as exc:
@@ -101,14 +105,16 @@ class Call:
     def report(self, text: str) -> None:
         _send("progressed", self, text)
 
-    def run_engine(self, args: list[str]) -> EngineOutput:
-        """`<engine> args` to its end, killed if the call is cancelled; each stderr line is reported as progress."""
+    def run_engine(self, args: list[str], stdin_text: str | None = None) -> EngineOutput:
+        """`<engine> args` to its end (`stdin_text` written to its stdin), killed if the call is cancelled; each
+        stderr line is reported as progress."""
         command = [*self.engine_command, *args]
         with self._lock:
             if self.cancelled:
                 return EngineOutput(-1, True, "", [])
             try:
-                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
+                                           stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, env=child_environment(), text=True,
                                            encoding="utf-8", errors="replace")
             except OSError as exc:
@@ -120,6 +126,12 @@ class Call:
                    threading.Thread(target=self._read_log, args=(process.stderr, log_lines), daemon=True)]
         for reader in readers:
             reader.start()
+        if stdin_text is not None:
+            try:
+                process.stdin.write(stdin_text)
+                process.stdin.close()
+            except OSError:  # it ended before reading: its exit code and log say why
+                pass
         exit_code = process.wait()
         for reader in readers:  # a child of the engine may hold its pipes open: its exit is the end
             reader.join(PIPE_DRAIN_S)

@@ -7,15 +7,16 @@ Light requests call the engine's torch-free planning code in this process; the o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from app.engine_client import Call, EngineQuery, Request
-from qlora_engine.planning import gguf_plan, hardware
+from qlora_engine.planning import gguf_plan, hardware, precision_memory
 from qlora_engine.planning.advice import advise, fit_to_gpu
+from qlora_engine.planning.catalog import build_catalog
 from qlora_engine.planning.memory import estimate_peak
-from qlora_engine.planning.model_shape import load_model_config, resolve_model_config
+from qlora_engine.planning.model_shape import load_model_config, model_shape, resolve_model_config
 from qlora_engine.protocol import queries
 from qlora_engine.protocol.config import RunConfig
 
@@ -56,15 +57,15 @@ class ScanData(EngineQuery[queries.DataReport]):
     data_format: str
     max_length: int
     train_on_prompt: bool = False
-
     columns: str = ""  # field=column,… (config.format_mapping)
     data_mix: str = ""  # source=ratio,…
+
     def args(self) -> list[str]:
         args = ["data", self.data, "--model", self.model, "--format", self.data_format,
                 "--max-length", str(self.max_length), "--json"]
-        return args + (["--train-on-prompt"] if self.train_on_prompt else [])
         args += ["--columns", self.columns] if self.columns else []
         args += ["--data-mix", self.data_mix] if self.data_mix else []
+        return args + (["--train-on-prompt"] if self.train_on_prompt else [])
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,39 @@ class FitToGpu(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
+class SparePrecision(Request["tuple[float, float]"]):
+    """(the precision budget that `spare_bytes` more memory for the linear weights buys, their bits per weight now),
+    both in bits per linear weight."""
+
+    key: ClassVar[str] = "spare_precision"
+    model: ModelToPlan
+    current_weight_bytes: int
+    spare_bytes: int
+
+    def run(self, call: Call) -> tuple[float, float]:
+        shape, _ = model_shape(self.model.config_json())
+        now = self.current_weight_bytes * 8 / precision_memory.linear_weight_count(shape)
+        return precision_memory.bits_for_spare(shape, self.current_weight_bytes, self.spare_bytes), now
+
+
+@dataclass(frozen=True)
+class PlanPrecision(EngineQuery[queries.PrecisionPlanReport]):
+    """`precision <model> --bits N --json`: the quantization error a precision budget buys, measured on the model's
+    weights (every matrix quantized in every format: a minute for a small model, longer for a large one)."""
+
+    key: ClassVar[str] = "precision"
+    answer_type: ClassVar[type[queries.Answer]] = queries.PrecisionPlanReport
+    model: str
+    bits: float
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    def args(self) -> list[str]:
+        return ["precision", self.model, "--bits", f"{self.bits:g}", "--quant-type", self.quant_type,
+                "--double-quant" if self.double_quant else "--no-double-quant", "--json"]
+
+
+@dataclass(frozen=True)
 class PlanGgufExport(Request[gguf_plan.ExportNeeds]):
     """A run's GGUF export before it starts: each file's estimated size, the RAM and disk it needs against what this
     machine has, whether llama.cpp knows the architecture. `lora`: the adapter as a GGUF LoRA, written with the base
@@ -145,3 +179,79 @@ class AddGgufTo(EngineQuery[queries.AddedTo]):
 
     def args(self) -> list[str]:
         return ["add-to", self.app, self.gguf, "--name", self.name, "--json"]
+
+
+# ----------------------------------------------------------------------------- the Model page's sources
+@dataclass(frozen=True)
+class SearchHub(EngineQuery[queries.HubSearch]):
+    """`models --search TEXT --json`: text-generation models on the Hub whose id contains `text`."""
+
+    key: ClassVar[str] = "hub_search"
+    answer_type: ClassVar[type[queries.Answer]] = queries.HubSearch
+    text: str
+
+    def args(self) -> list[str]:
+        return ["models", "--search", self.text, "--json"]
+
+
+@dataclass(frozen=True)
+class ListLocalModels(EngineQuery[queries.LocalModels]):
+    """`models --json`: the HF cache's models and the .gguf files in Ollama's and LM Studio's folders."""
+
+    key: ClassVar[str] = "local_models"
+    answer_type: ClassVar[type[queries.Answer]] = queries.LocalModels
+
+    def args(self) -> list[str]:
+        return ["models", "--json"]
+
+
+@dataclass(frozen=True)
+class ReadHubToken(EngineQuery[queries.HubToken]):
+    """`hub-token --json`: whether huggingface_hub has a token, and where it is kept (never the token)."""
+
+    key: ClassVar[str] = "hub_token"
+    answer_type: ClassVar[type[queries.Answer]] = queries.HubToken
+
+    def args(self) -> list[str]:
+        return ["hub-token", "--json"]
+
+
+@dataclass(frozen=True)
+class SaveHubToken(EngineQuery[queries.HubToken]):
+    """`hub-token --save --json` with the token on stdin: checked with the Hub, stored where huggingface_hub keeps
+    it. The token is on no command line and in no repr."""
+
+    key: ClassVar[str] = "hub_token"
+    answer_type: ClassVar[type[queries.Answer]] = queries.HubToken
+    token: str = field(repr=False)
+
+    def args(self) -> list[str]:
+        return ["hub-token", "--save", "--json"]
+
+    def stdin_text(self) -> str:
+        return self.token + "\n"
+
+
+@dataclass(frozen=True)
+class BuildCatalog(Request[queries.Catalog]):
+    """The catalog of popular models at `config`'s settings against `free_bytes` (None: estimates, no verdicts):
+    the answer `models --catalog --json` gives, computed in this process."""
+
+    key: ClassVar[str] = "catalog"
+    config: RunConfig
+    free_bytes: int | None
+    memory_source: str
+
+    def run(self, call: Call) -> queries.Catalog:
+        return build_catalog(self.config, self.free_bytes, self.memory_source)
+
+
+@dataclass(frozen=True)
+class CheckGgufExport(Request["bool | None"]):
+    """Whether llama.cpp's converter knows the model's architecture; None until the converter is on this machine."""
+
+    key: ClassVar[str] = "gguf_support"
+    model: ModelToPlan
+
+    def run(self, call: Call) -> bool | None:
+        return gguf_plan.gguf_export_supported(self.model.config_json())

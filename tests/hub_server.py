@@ -4,7 +4,8 @@ GET /api/models/{repo}[/revision/{rev}] (model info, `?blobs=True` adds sizes), 
 /api/models?search= (search), /api/whoami-v2 (a token's owner), HEAD and GET /{repo}/resolve/{rev}/{file} with
 ETag, X-Repo-Commit and X-Linked-Size headers and byte ranges. Errors carry the Hub's X-Error-Code (RepoNotFound,
 RevisionNotFound, GatedRepo, EntryNotFound). A gated repo answers 401 unless the request carries its token;
-`drop_after` makes the next GET of a file close the connection after that many bytes (a lost connection mid-file).
+`drop_after` makes the next GET of a file close the connection after that many bytes (a lost connection mid-file),
+`hold` makes a GET of a file stop halfway until the test lets it go on.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class FakeHub:
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, Range header)
     drop_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent before the connection drops
     users: dict[str, str] = field(default_factory=dict)  # token -> the user it belongs to
+    # file name -> an event: a GET of it sends half the file, then waits for the event before the rest (a slow link)
+    hold: dict[str, threading.Event] = field(default_factory=dict)
     url: str = ""
 
     def add(self, repo_id: str, folder: Path, gated: bool = False, token: str | None = None) -> Repo:
@@ -163,6 +166,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
+                return
+            held = hub.hold.get(name)
+            if held is not None:
+                half = start + (len(data) - start) // 2
+                try:
+                    self.wfile.write(data[start:half])
+                    self.wfile.flush()
+                    held.wait(60)
+                    self.wfile.write(data[half:])
+                except OSError:  # the client went away while it waited (a cancelled download)
+                    self.close_connection = True
                 return
             self.wfile.write(data[start:])
 

@@ -162,8 +162,9 @@ def hub_errors(ref: HubRef, cache_dir: Path | None = None) -> Iterator[None]:
 class _FileProgress:
     """What huggingface_hub's download loop calls a tqdm: turned into throttled DownloadProgress events."""
 
-    def __init__(self, report: Callable[[int, bool], None], **_: Any) -> None:
-        self.report, self.n = report, 0
+    def __init__(self, report: Callable[[int, bool], None], initial: int = 0, **_: Any) -> None:
+        self.report, self.n = report, int(initial or 0)  # initial: the bytes a resumed download already has
+        self.report(self.n, False)  # the file has started: a client shows which one is on its way
 
     def __enter__(self) -> _FileProgress:
         return self
@@ -366,11 +367,20 @@ def search(text: str, limit: int = 20, endpoint: str | None = None, token: str |
     from huggingface_hub import HfApi
 
     ref = HubRef(text or "search")
-    with hub_errors(ref):
-        found = HfApi(endpoint=endpoint, token=token).list_models(
-            search=text, pipeline_tag="text-generation", sort="downloads", limit=limit,
-            expand=["downloads", "likes", "gated", "cardData", "safetensors", "config"])
-        return [_hub_model(info) for info in found]
+    try:
+        with hub_errors(ref):
+            found = HfApi(endpoint=endpoint, token=token).list_models(
+                search=text, pipeline_tag="text-generation", sort="downloads", limit=limit,
+                expand=["downloads", "likes", "gated", "cardData", "safetensors", "config"])
+            return [_hub_model(info) for info in found]
+    except EngineError as exc:
+        if exc.code != "offline":
+            raise
+        why = "HF_HUB_OFFLINE is set" if is_offline() else "the Hub can't be reached"
+        raise EngineError("offline", f"the Hub can't be searched: {why}",
+                          "Connect to the internet (or unset HF_HUB_OFFLINE) and search again. Models already "
+                          "downloaded are listed under 'On this computer' (qlora-studio models) and load offline."
+                          ) from None
 
 
 def _hub_model(info: Any) -> HubModel:
