@@ -304,3 +304,14 @@ def test_the_quick_test_preset_teaches_the_sample_facts(tmp_path):
     assert comparison["tuned_accuracy"] > 0.5 and comparison["tuned_accuracy"] > comparison["base_accuracy"] + 0.3
     evals = [e.eval_loss for e in events if e.kind == "eval"]
     assert evals[-1] < evals[0] * 0.7
+
+
+def test_gpu_detection_is_part_of_the_base_install():
+    """The README's main command installs without extras: pynvml must come with it, or the GPU page says
+    'nvidia-ml-py is not installed' on a machine with a GPU."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(dep.startswith("nvidia-ml-py") for dep in project["dependencies"])
+    assert not any(dep.startswith("nvidia-ml-py") for deps in project["optional-dependencies"].values()
+                   for dep in deps)
