@@ -136,7 +136,7 @@ def test_a_newer_query_replaces_one_still_running(qtbot, tmp_path):
     assert [info.path for info in answers] == ["fast"]
     assert slow.cancelled and not slow.is_running()
     # its engine (if it had started) is killed, not left sleeping its 5 s
-    qtbot.waitUntil(lambda: slow._process is None or slow._process.poll() is not None, timeout=2_000)
+    qtbot.waitUntil(lambda: slow._process is None or slow._process.poll() is not None, timeout=20_000)
 
 
 def test_engine_commands_still_running_never_hold_up_an_in_process_request(qtbot, tmp_path):
@@ -144,13 +144,17 @@ def test_engine_commands_still_running_never_hold_up_an_in_process_request(qtbot
     class Slow(Echo):
         key: ClassVar[str] = ""  # none replaces another
 
-    client = EngineClient(script_engine(tmp_path, ANSWER + 'import time\ntime.sleep(4)\nanswer(sys.argv[-2])\n'))
+    # the engines answer only once released: however slow this machine, they are still running when Where answers
+    release = tmp_path / "release"
+    client = EngineClient(script_engine(tmp_path, ANSWER + f'import os, time\nwhile not os.path.exists({str(release)!r}):'
+                                        ' time.sleep(0.05)\nanswer(sys.argv[-2])\n'))
     slow = [client.run(Slow(f"/models/{n}")) for n in range(4)]  # more than this machine has cores
     try:
-        with qtbot.waitSignal(client.answered, timeout=2_000, check_params_cb=lambda call: call.request == Where()):
+        with qtbot.waitSignal(client.answered, timeout=20_000, check_params_cb=lambda call: call.request == Where()):
             client.run(Where())
         assert all(call.is_running() for call in slow)
     finally:
+        release.write_text("go")
         client.shutdown()
 
 def test_no_answer_reaches_a_page_that_is_gone(qtbot):
