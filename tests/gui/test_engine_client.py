@@ -146,8 +146,8 @@ def test_engine_commands_still_running_never_hold_up_an_in_process_request(qtbot
 
     # the engines answer only once released: however slow this machine, they are still running when Where answers
     release = tmp_path / "release"
-    client = EngineClient(script_engine(tmp_path, ANSWER + f'import os, time\nwhile not os.path.exists({str(release)!r}):'
-                                        ' time.sleep(0.05)\nanswer(sys.argv[-2])\n'))
+    wait_for_release = f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)\n"
+    client = EngineClient(script_engine(tmp_path, ANSWER + wait_for_release + "answer(sys.argv[-2])\n"))
     slow = [client.run(Slow(f"/models/{n}")) for n in range(4)]  # more than this machine has cores
     try:
         with qtbot.waitSignal(client.answered, timeout=20_000, check_params_cb=lambda call: call.request == Where()):
