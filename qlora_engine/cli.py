@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--allow-pickle", action="store_true")
     info.add_argument("--json", action="store_true")
 
+    precision = commands.add_parser("precision", help="what a precision budget buys on a model: each linear "
+                                    "weight's format under --bits and the quantization error against plain 4-bit")
+    precision.add_argument("model")
+    precision.add_argument("--bits", type=float, required=True, help="average bits per linear weight, 4.03 to 16")
+    precision.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
+    precision.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    precision.add_argument("--json", action="store_true")
+
     data = commands.add_parser("data", help="check a data file: format, bad rows, token lengths, preview")
     data.add_argument("file")
     data.add_argument("--model", default="default")
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "export"):
         library_log.capture()  # library warnings to the run's engine.log, not the terminal or the GUI's log view
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
-               "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models,
+               "precision": cmd_precision, "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models,
                "hub-token": cmd_hub_token, "add-to": cmd_add_to}[args.command]
     return handler(args)
 
@@ -425,6 +433,20 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         return print_failure(exc, args.json)
     facts = {k: v for k, v in info.to_dict().items() if k not in ("v", "kind")}
     print_answer(info, args.json, "\n".join(f"{k}: {v}" for k, v in facts.items()))
+    return 0
+
+
+def cmd_precision(args: argparse.Namespace) -> int:
+    from qlora_engine.model import precision_budget
+
+    try:
+        cfg = RunConfig(model=args.model, quant_type=args.quant_type, double_quant=args.double_quant,
+                        precision_budget_bits=args.bits).validate()
+        report = precision_budget.plan_report(cfg)
+    except EngineError as exc:
+        return print_failure(exc, args.json)
+    print_answer(report, args.json, f"{report.bits_per_weight:.3f} bits per weight ({report.counts}): mean relative "
+                 f"error {report.plain_relative_error:.4f} in plain 4-bit, {report.relative_error:.4f} planned")
     return 0
 
 

@@ -108,3 +108,22 @@ def test_a_mixed_precision_model_trains_resumes_exports_and_chats(tiny_model_dir
     plan = json.loads((run_dir / pb.PLAN_FILE).read_text())
     assert len(set(plan["formats"].values())) > 1 and plan["total_bits"] <= 7.0 * plan["params"]
     check_exports_and_chat(run_dir)
+
+
+def test_the_estimate_counts_the_budget_and_the_plan_stays_within_it(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_engine.planning.memory import estimate_peak
+    from qlora_engine.planning.model_shape import load_model_config
+    from qlora_engine.protocol.config import RunConfig
+
+    model_config = load_model_config(tiny_model_dir)
+    run = RunConfig(model=str(tiny_model_dir), precision_budget_bits=7.5)
+    estimate = estimate_peak(model_config, run)
+    names = [term.name for term in estimate.terms]
+    assert "precision_weights" in names and "nf4_weights" not in names and "quant_constants" not in names
+    plain = estimate_peak(model_config, RunConfig(model=str(tiny_model_dir)))
+    plan = pb.plan_for_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), run)
+    assert plan.total_bits / 8 <= estimate.bytes_of("precision_weights") == int(plan.params * 7.5 / 8)
+    assert estimate.peak_bytes - plain.peak_bytes == pytest.approx(
+        estimate.bytes_of("precision_weights") - plain.bytes_of("nf4_weights") - plain.bytes_of("quant_constants"))

@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 
 from app import settings
 from app.engine_client import Call
-from app.engine_requests import EstimateFit, FitToGpu, ModelToPlan
+from app.engine_requests import EstimateFit, FitToGpu, ModelToPlan, PlanPrecision, SparePrecision
 from app.formatting import gib, size
 from app.session import Session
 from app.widgets.banner import Banner
@@ -33,14 +33,16 @@ from app.widgets.page import Page, card, primary_button
 from qlora_engine.planning import hardware
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
-from qlora_engine.protocol.queries import Advice, Estimate, EstimateReport, Fix
+from qlora_engine.protocol.queries import Advice, Estimate, EstimateReport, Fix, PrecisionPlanReport
 
 GIB = 2**30
 TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization constants",
               "layers_16bit": "16-bit layers", "lora_weights": "LoRA weights", "lora_gradients": "LoRA gradients",
               "optimizer_states": "Optimizer states", "activations": "Activations",
               "logits_and_loss": "Logits and loss", "cuda_context": "CUDA context",
-              "allocator_slack": "Allocator slack"}
+              "allocator_slack": "Allocator slack", "precision_weights": "Linear weights (precision budget)"}
+QUANTIZED_TERMS = ("nf4_weights", "quant_constants")
+MIN_SPARE_BYTES = 64 * 2**20  # below this the offer is not worth a line
 VERDICT_TEXT = {"fits": "Fits", "tight": "Tight: fits, with little room to spare", "won't fit": "Won't fit"}
 CUSTOM = "custom"
 
@@ -63,6 +65,8 @@ class FitPage(Page):
         self.body.addWidget(self.banner)
         self.body.addWidget(self._build_breakdown(), 1)
         self.body.addWidget(self._build_fixes())
+        self.precision = PrecisionOffer(session, self)
+        self.body.addWidget(self.precision)
         self.update_timer = QTimer(self, singleShot=True, interval=150)
         self.update_timer.timeout.connect(self.update_estimate)
         for signal in (session.config_changed, session.model_info_changed):
@@ -221,6 +225,7 @@ class FitPage(Page):
                             "".join(f"<br>⚠ {html.escape(w)}" for w in peak.warnings))
         self._show_terms(peak, segments)
         self._show_fixes(advice)
+        self.precision.show_for(peak, free_bytes)
 
     def _show_terms(self, peak: Estimate, segments: list[BarSegment]) -> None:
         self.table.setRowCount(len(peak.terms))
@@ -276,6 +281,7 @@ class FitPage(Page):
         self.table.setRowCount(0)
         self._show_fixes(Advice("", 0, 0, None, None, []))
         self.fixes_title.setText("")
+        self.precision.hide()
         self.banner.show_error(error, "The memory estimate can't be made")
 
 
@@ -287,3 +293,128 @@ def _limits_text(advice: Advice, run: Any) -> str:
     if advice.batch_that_fits is not None:
         parts.append(f"largest micro-batch at {run.max_length} tokens: {advice.batch_that_fits}")
     return ("Limits: " + "; ".join(parts) + ".") if parts else "Not even batch 1 at 16 tokens fits."
+
+
+class PrecisionOffer(QWidget):
+    """"Use N GiB of spare memory for precision": the bits per weight it buys (planning, in-process), the
+    quantization error it removes (measured by the engine's `precision` command on the model's weights), and a
+    button that sets precision_budget_bits; or, when the run already has a budget, a way back to plain 4-bit."""
+
+    def __init__(self, session: Session, page: FitPage) -> None:
+        super().__init__()
+        self.session, self.page = session, page
+        self.spare_bytes = 0
+        self.current_weight_bytes = 0
+        self.bits: float | None = None
+        self.report: PrecisionPlanReport | None = None  # the last measurement
+        self.pending: Call | None = None  # the bits for the chosen spare, or the measurement, on its way
+        box = card()
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(box)
+        layout = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.title = QLabel(wordWrap=True)
+        self.spend_gib = QDoubleSpinBox(decimals=3, singleStep=0.1, suffix=" GiB")
+        self.spend_gib.setToolTip("How much of the spare memory goes to the weights' precision; the rest stays "
+                                  "free.")
+        self.spend_gib.valueChanged.connect(self._spend_changed)
+        self.measure_button = QPushButton("Measure the error it removes", objectName="measure_precision")
+        self.measure_button.setToolTip("Quantizes every linear weight of the model in every format (a minute for a "
+                                       "small model, longer for a large one); nothing is trained.")
+        self.measure_button.clicked.connect(self.measure)
+        self.use_button = QPushButton(objectName="use_precision")
+        self.use_button.clicked.connect(self.use)
+        row.addWidget(self.title, 1)
+        row.addWidget(self.spend_gib)
+        row.addWidget(self.measure_button)
+        row.addWidget(self.use_button)
+        layout.addLayout(row)
+        self.result = QLabel(objectName="muted", wordWrap=True)
+        layout.addWidget(self.result)
+        self._say("")
+        self.hide()
+
+    def show_for(self, peak: Estimate, free_bytes: int) -> None:
+        budget = self.session.config.precision_budget_bits
+        self.spare_bytes = free_bytes - peak.peak_bytes
+        self.current_weight_bytes = sum(t.bytes for t in peak.terms if t.name in QUANTIZED_TERMS)
+        if budget > 0:
+            self._show_set_budget(budget)
+        elif self.spare_bytes < MIN_SPARE_BYTES or not self.current_weight_bytes:
+            self.hide()
+            return
+        else:
+            self.spend_gib.show()
+            self.measure_button.show()
+            self.spend_gib.blockSignals(True)
+            self.spend_gib.setMaximum(self.spare_bytes / GIB)
+            if self.spend_gib.value() <= 0 or self.spend_gib.value() > self.spend_gib.maximum():
+                self.spend_gib.setValue(int(self.spare_bytes / GIB * 1000) / 1000)
+            self.spend_gib.blockSignals(False)
+            self._spend_changed()
+        self.show()
+
+    def _show_set_budget(self, budget: float) -> None:
+        self.title.setText(f"<b>Precision</b>: this run spends a budget of {budget:g} bits per linear weight "
+                           "(each matrix 4-bit in blocks of 32 to 256, int8 or 16-bit, for the least error).")
+        self.spend_gib.hide()
+        self.measure_button.hide()
+        self.use_button.setText("Back to plain 4-bit")
+        self.use_button.setToolTip("Sets precision_budget_bits to 0: every matrix 4-bit in blocks of 64.")
+        self.bits = 0.0
+        self.use_button.setEnabled(True)
+
+    def _spend_changed(self) -> None:
+        spend = int(self.spend_gib.value() * GIB)
+        self.use_button.setEnabled(False)
+        self._say("")
+        self.pending = self.session.engine.run(
+            SparePrecision(self.page.model_to_plan(), self.current_weight_bytes, spend), owner=self,
+            done=lambda answer, spend=spend: self._bits_known(*answer, spend), failed=self._failed)
+
+    def _bits_known(self, bits: float, bits_now: float, spend: int) -> None:
+        self.bits = bits
+        self.title.setText(f"<b>Spare memory can buy precision</b>: use {size(spend)} of the "
+                           f"{size(self.spare_bytes)} spare for a budget of <b>{bits:.2f} bits per weight</b> "
+                           f"(plain 4-bit: {bits_now:.2f}).")
+        self.use_button.setText(f"Use {self.spend_gib.value():.3g} GiB for precision")
+        self.use_button.setToolTip(f"Sets precision_budget_bits to {bits:.2f}: the engine gives each weight matrix the "
+                                   "format (4-bit blocks of 32 to 256, int8 or 16-bit) that makes the total "
+                                   "quantization error smallest within it.")
+        self.use_button.setEnabled(bits > 4.03)
+        self.measure_button.setEnabled(bits > 4.03)
+
+    def measure(self) -> None:
+        if self.bits is None:
+            return
+        cfg = self.session.config
+        self.measure_button.setEnabled(False)
+        self._say("Measuring: every linear weight quantized in every format…")
+        self.pending = self.session.engine.run(
+            PlanPrecision(cfg.model, self.bits, cfg.quant_type, cfg.double_quant), owner=self,
+            done=self._measured, failed=self._failed)
+
+    def _measured(self, report: PrecisionPlanReport) -> None:
+        self.report = report
+        self.measure_button.setEnabled(True)
+        reduction = 1 - report.relative_error / report.plain_relative_error if report.plain_relative_error else 0
+        formats = ", ".join(f"{count} {name}" for name, count in report.counts.items())
+        self._say(f"Mean relative error of the linear weights: {report.plain_relative_error:.4f} in plain "
+                            f"4-bit → <b>{report.relative_error:.4f}</b> ({reduction:.1%} less), "
+                            f"{report.bits_per_weight:.3f} bits per weight used; matrices: {html.escape(formats)}.")
+
+    def _failed(self, error: EngineError) -> None:
+        self.measure_button.setEnabled(True)
+        self._say(f"⚠ {html.escape(error.message)}")
+
+    def _say(self, text: str) -> None:
+        self.result.setText(text)
+        self.result.setVisible(bool(text))
+
+    def is_busy(self) -> bool:
+        return self.pending is not None and self.pending.is_running()
+
+    def use(self) -> None:
+        if self.bits is not None:
+            self.page.apply_changes({"precision_budget_bits": round(self.bits, 2)})

@@ -36,7 +36,20 @@ INT_LIMIT = 2**31 - 1
 LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "val": "validation", "grad": "gradient", "accum": "accumulation",
                "quant": "quantization", "dir": "folder"}
 LABELS = {"lora_r": "LoRA rank (r)", "eval_steps": "Evaluate every N steps", "save_steps": "Checkpoint every N steps",
-          "micro_batch_size": "Micro-batch size", "fp32_residual": "fp32 residual stream"}
+          "micro_batch_size": "Micro-batch size", "fp32_residual": "fp32 residual stream",
+          "init_lora": "Adapter start", "loftq_iters": "LoftQ iterations", "use_dora": "DoRA", "use_rslora": "rsLoRA",
+          "precision_budget_bits": "Precision budget (bits/weight)"}
+# The first line of these options' tooltips: what the option does and what it costs.
+SUMMARIES = {
+    "init_lora": "Adapter start: LoftQ corrects the 4-bit error, PiSSA / OLoRA take the main directions; costs "
+                 "an SVD per layer at load.",
+    "loftq_iters": "LoftQ rounds of quantize + SVD: more fit the 4-bit base closer; each costs one more SVD per "
+                   "layer at load.",
+    "use_dora": "DoRA trains a magnitude per output too; often a bit better, but slower (peft's path, not fused).",
+    "use_rslora": "rsLoRA scales by alpha / sqrt(r) so high ranks keep learning; free.",
+    "precision_budget_bits": "More bits where 4-bit loses most (exact solver); costs this many bits per weight "
+                             "(0 = plain 4-bit).",
+}
 
 
 def option_label(name: str) -> str:
@@ -50,6 +63,8 @@ def option_label(name: str) -> str:
 def option_tooltip(spec: dataclasses.Field) -> str:
     meta = spec.metadata
     text = f"{meta['help']}\n(option: {spec.name})"
+    if spec.name in SUMMARIES:  # the one line first; the details a reader may want after it
+        text = f"{SUMMARIES[spec.name]}\n\n{text}"
     if meta["memory"]:
         text += f"\nMemory: {meta['memory']}"
     return text

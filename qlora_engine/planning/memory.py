@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.planning import precision_memory
 from qlora_engine.planning.model_shape import LinearShape, ModelShape, model_shape, targeted_linears
 from qlora_engine.protocol.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES, RunConfig
 from qlora_engine.protocol.errors import model_config_error
@@ -123,10 +124,14 @@ def _weight_terms(shape: ModelShape, run: RunConfig, dtype_bytes: int) -> list[T
     constants_how = ("double quantization: 8-bit absmax per 64 weights plus an fp32 constant per 256 of those"
                      if run.double_quant else "an fp32 absmax per 64 weights (double quantization off)")
     head = "embeddings shared with the lm_head (tied)" if shape.tied_embeddings else "embeddings and a separate lm_head"
-    return [
+    quantized = [
         Term("nf4_weights", nf4_bytes, f"{_millions(quantized_params)} parameters of the decoder layers' linear "
              f"layers at 4 bits ({run.quant_type.upper()}, blocks of {QUANT_BLOCKSIZE})"),
-        Term("quant_constants", constants_bytes, f"quantization constants: {constants_how}"),
+        Term("quant_constants", constants_bytes, f"quantization constants: {constants_how}")]
+    if run.precision_budget_bits > 0:
+        quantized = [precision_memory.budget_weight_term(shape, run)]
+    return [
+        *quantized,
         Term("layers_16bit", (embedding_params + norm_params + bias_params) * dtype_bytes,
              f"kept in {dtype_name}: {head} ({_millions(embedding_params)} parameters), norms"
              + (", q/k/v biases" if bias_params else "")),

@@ -83,9 +83,9 @@ class RunConfig:
     init_lora: str = option("default", "How the adapter starts: default = B zero (the model starts as the 4-bit "
                             "base); loftq = a low-rank correction of the 4-bit quantization error (step 0 closer to "
                             "the 16-bit model); pissa = the weights' top singular directions, the 4-bit base holding "
-                            "the rest; olora = an orthonormal (QR) start, the base holding the rest.",
-                            choices=("default", "loftq", "pissa", "olora"),
-                            memory="No training cost; loftq and pissa take one SVD per layer at load.", group="lora")
+                            "the rest; olora = an orthonormal (QR) start, the base holding the rest. No training "
+                            "cost; loftq and pissa take one SVD per layer at load.",
+                            choices=("default", "loftq", "pissa", "olora"), group="lora")
     loftq_iters: int = option(1, "LoftQ alternations of quantize and SVD (1 = peft's replace_lora_weights_loftq; "
                               "more also re-quantizes the base).", group="lora", minimum=1, maximum=20)
     use_dora: bool = option(False, "DoRA: train a magnitude per output besides the low-rank direction (peft). "

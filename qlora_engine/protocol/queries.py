@@ -293,6 +293,22 @@ class AddedTo(Answer):
 
 
 @dataclass(kw_only=True)
+class PrecisionPlanReport(Answer):
+    """`precision <model> --bits N`: what a precision budget buys, measured on the model's weights (the mean relative
+    Frobenius error of its linear weights, plain 4-bit against the plan) and how many matrices get each format."""
+
+    kind: ClassVar[str] = "precision_plan"
+    model: str
+    budget_bits: float
+    bits_per_weight: float  # what the plan uses (never above the budget)
+    weight_bytes: int  # the linear weights under the plan
+    plain_weight_bytes: int  # the same in plain 4-bit, blocks of 64
+    relative_error: float
+    plain_relative_error: float
+    counts: dict[str, int] = field(default_factory=dict)  # format name -> matrices
+
+
+@dataclass(kw_only=True)
 class Failure(Answer):
     """A query that failed: the EngineError it raised."""
 
@@ -307,7 +323,8 @@ class Failure(Answer):
 
 
 ANSWER_TYPES: dict[str, type[Answer]] = {cls.kind: cls for cls in (
-    ModelInfo, DataReport, EstimateReport, LocalModels, Catalog, HubSearch, HubToken, AddedTo, Failure)}
+    ModelInfo, DataReport, EstimateReport, LocalModels, Catalog, HubSearch, HubToken, AddedTo, PrecisionPlanReport,
+    Failure)}
 
 
 def read_answer(text: str, expected: type[Answer]) -> Answer:
