@@ -193,3 +193,26 @@ def loop_events(run_dir: Path):
     from qlora_engine.protocol.events import read_events
 
     return list(read_events(run_dir / "events.jsonl"))
+
+
+def test_the_base_side_of_a_pissa_run_is_the_model_as_training_began(tiny_model_dir):
+    from test_packing import random_rows
+    from transformers import AutoModelForCausalLM
+
+    batch = loop.collate(random_rows([20, 33]), 0, "cpu")
+    reference, _ = step0_logits_and_loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                         batch)
+    model = built(tiny_model_dir, init_lora="pissa", packing=False).eval()
+    started, _ = step0_logits_and_loss(model, batch)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # as if trained
+                param.add_(torch.randn_like(param) * 0.05)
+    trained, _ = step0_logits_and_loss(model, batch)
+    with adapter_init.as_started(model):
+        base_side, _ = step0_logits_and_loss(model, batch)
+    with model.disable_adapter():
+        residual_only, _ = step0_logits_and_loss(model, batch)
+    assert torch.allclose(base_side, started, atol=1e-5)
+    assert (base_side - reference).norm() < 0.5 * (residual_only - reference).norm()
+    assert torch.allclose(step0_logits_and_loss(model, batch)[0], trained)

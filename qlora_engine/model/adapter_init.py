@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ def initialize(peft_model: Any, cfg: RunConfig, init_file: Path | None) -> str:
     folder = Path(base_model.name_or_path)
     if init_file is not None and init_file.is_file():
         count = apply_corrections(base_model, init_file, folder)
+        remember_start(peft_model, init_file)
         return f"{cfg.init_lora}: the base of {count} layers rebuilt from {init_file.name}"
     start = {"loftq": _loftq, "pissa": _pissa, "olora": _olora}[cfg.init_lora]
     corrections: dict[str, torch.Tensor] = {}
@@ -72,13 +75,53 @@ def initialize(peft_model: Any, cfg: RunConfig, init_file: Path | None) -> str:
             correction = start(layer, lambda n=name: original_weight(folder, n), cfg)
             if correction is False:
                 skipped += 1
-            elif correction is not None:
+                continue
+            if correction is not None:
                 corrections[f"{name}.left"], corrections[f"{name}.right"] = correction
+            corrections[f"{name}.start_a"], corrections[f"{name}.start_b"] = adapter_weights(layer)
+    peft_model.starting_adapter = _starts(corrections)
     source = SOURCE_LOADED if cfg.init_lora == "olora" else SOURCE_ORIGINAL
     if init_file is not None:
         save_corrections(corrections, source, cfg, init_file)
     note = f" ({skipped} 16-bit layers keep the default start: nothing to correct)" if skipped else ""
     return f"{cfg.init_lora}: adapter start computed for {len(lora_layers(peft_model)) - skipped} layers{note}"
+
+
+def adapter_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone()
+
+
+def _starts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    names = {key.removesuffix(".start_a") for key in tensors if key.endswith(".start_a")}
+    return {name: (tensors[f"{name}.start_a"], tensors[f"{name}.start_b"]) for name in names}
+
+
+def remember_start(peft_model: Any, init_file: Path) -> None:
+    """Keep the run's starting adapter on the model (`starting_adapter`) so that `as_started` can show the model as
+    training began: the honest "base" of a LoftQ / PiSSA / OLoRA run, whose base alone is not the original model."""
+    from safetensors.torch import load_file
+
+    peft_model.starting_adapter = _starts(load_file(str(init_file)))
+
+
+@contextmanager
+def as_started(peft_model: Any) -> Iterator[None]:
+    """The model as training began: the starting adapter swapped in (a LoftQ / PiSSA / OLoRA run), or the adapter
+    off (a default start, whose B is zero: the same thing)."""
+    starts = getattr(peft_model, "starting_adapter", None)
+    if not starts:
+        with peft_model.disable_adapter():
+            yield
+        return
+    layers = lora_layers(peft_model)
+    trained = {name: adapter_weights(layers[name]) for name in starts}
+    try:
+        for name, (lora_a, lora_b) in starts.items():
+            _set_adapter(layers[name], lora_a, lora_b)
+        yield
+    finally:
+        for name, (lora_a, lora_b) in trained.items():
+            _set_adapter(layers[name], lora_a, lora_b)
 
 
 def _set_adapter(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -164,7 +207,7 @@ def read_corrections(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         source = handle.metadata()["source"]
-        names = sorted({key.rpartition(".")[0] for key in handle.keys()})
+        names = sorted(key.removesuffix(".left") for key in handle.keys() if key.endswith(".left"))
         return {n: (handle.get_tensor(f"{n}.left"), handle.get_tensor(f"{n}.right")) for n in names}, source
 
 

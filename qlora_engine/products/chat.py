@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.model import loading, run_base
+from qlora_engine.model import adapter_init, loading, run_base
 from qlora_engine.model.generation import generate_answer
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import RunConfig
@@ -38,6 +38,8 @@ def load_for_chat(target: str) -> tuple[Any, Any, str, bool]:
                               "Let the run finish (or resume it), then chat with it.")
         model = run_base.load_trained_base(cfg, source.path, device, compute_dtype, run_dir)
         model = PeftModel.from_pretrained(model, adapter)
+        if (run_dir / adapter_init.INIT_FILE).is_file():  # the "base" side answers as training began
+            adapter_init.remember_start(model, run_dir / adapter_init.INIT_FILE)
         return model, tokenizer, device, True
     model = loading.load_quantized_model(source.path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                         compute_dtype=compute_dtype, device=device, allow_pickle=cfg.allow_pickle,
@@ -51,7 +53,7 @@ def answer_both(model: Any, tokenizer: Any, device: str, has_adapter: bool, ques
     prompt = prompt_text(question, tokenizer)
     answers = {}
     if has_adapter:
-        with model.disable_adapter():
+        with adapter_init.as_started(model):
             answers["base"] = generate_answer(model, tokenizer, prompt, device, max_new_tokens,
                                               _bind(on_text, "base"))
         answers["tuned"] = generate_answer(model, tokenizer, prompt, device, max_new_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from qlora_engine.model import generation
+from qlora_engine.model import adapter_init, generation
 from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
 from qlora_engine.resources import resources_dir
 from qlora_engine.training import data
@@ -37,7 +37,7 @@ def compare_answers(cfg: RunConfig, model: Any, tokenizer: Any, prepared: Any, d
     """Base vs tuned answers to held-out questions (the sample set's, else validation prompts)."""
     questions = heldout_questions(cfg, prepared, tokenizer)[: cfg.compare_questions]
     prompts = [data.prompt_text(q["question"], tokenizer) for q in questions]
-    with model.disable_adapter():
+    with adapter_init.as_started(model):  # the model as training began (a LoftQ / PiSSA start included)
         base_answers = generation.generate_answers(model, tokenizer, prompts, device)
     tuned_answers = generation.generate_answers(model, tokenizer, prompts, device)
     rows = [{**question, "base": base, "tuned": tuned,
