@@ -1,5 +1,5 @@
-"""`qlora-studio bench`: --memory (the engine's peak memory against the estimate, bench/memory.py) or --speed (tokens/s
-and memory against other stacks, bench/speed.py)."""
+"""`qlora-studio bench`: --memory (the engine's peak memory against the estimate, bench/memory.py), --speed (tokens/s
+and memory against other stacks, bench/speed.py) or --adapters (adapter starts and precision budgets, adapters.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_engine.bench import memory, speed
+from qlora_engine.bench import adapters, memory, speed
 from qlora_engine.bench.models import MODEL_CONFIGS
 
 
 def bench_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qlora-studio bench", description=__doc__)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
+    parser.add_argument("--adapters", action="store_true", help="adapter starts, variants and precision budgets on "
+                        "the bundled model and sample data (CPU; bench/adapters.py), JSON lines to --out")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
     parser.add_argument("--out", help="--memory: JSON lines, one configuration each (default bench-memory.jsonl); "
@@ -27,6 +29,8 @@ def bench_main(argv: list[str]) -> int:
         return speed.speed_worker(args.speed_worker)
     if args.speed:
         return speed.speed_main(args)
+    if args.adapters:
+        return adapters.adapters_main(Path(args.out or "bench-adapters.jsonl"))
     args.out = args.out or "bench-memory.jsonl"
     if args.worker:
         return memory.memory_worker(Path(args.worker[0]), json.loads(args.worker[1]), Path(args.out))
