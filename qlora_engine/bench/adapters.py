@@ -48,7 +48,8 @@ def weight_error_and_bytes(model: Any) -> tuple[float, int]:
     return sum(errors) / len(errors), stored
 
 
-def run_variant(name: str) -> dict[str, Any]:
+def run_variant(name: str, train: bool = True) -> dict[str, Any]:
+    """One variant's numbers; without `train`, only what step 0 shows (the quantization error and its loss)."""
     import torch
 
     from qlora_engine.model import loading
@@ -59,45 +60,44 @@ def run_variant(name: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cfg = RunConfig.from_dict({**BASE_OPTIONS, **VARIANTS[name]})
     source = loading.resolve_model(cfg.model)
+    tokenizer = loading.load_tokenizer(source.path)
+    prepared = loop.prepare_data(cfg, tokenizer)
+    dtype = loading.resolve_compute_dtype(cfg.compute_dtype, "cpu")
+    row: dict[str, Any] = {"variant": name, "options": VARIANTS[name], "steps": cfg.max_steps if train else 0}
     with tempfile.TemporaryDirectory() as scratch:
         probe_dir = Path(scratch) / "probe"
         probe_dir.mkdir()
         loop.seed_everything(cfg.seed)
-        dtype = loading.resolve_compute_dtype(cfg.compute_dtype, "cpu")
-        error, stored_bytes = weight_error_and_bytes(loop.build_model(cfg, source.path, "cpu", dtype, probe_dir))
-        full_loss = sixteen_bit_eval_loss(cfg, source.path, dtype)
-        run_dir = Path(scratch) / "run"
-        events = EventWriter(run_dir / "events.jsonl", stream=None)
-        result = loop.run_training(cfg, run_dir, events)
-        events.close()
-        seen = list(read_events(run_dir / "events.jsonl"))
-    evals = [e for e in seen if e.kind == "eval"]
-    loaded = next(e for e in seen if e.kind == "model_loaded")
-    comparison = result.get("comparison") or {}
-    return {"variant": name, "options": VARIANTS[name], "weight_relative_error": round(error, 5),
-            "eval_loss_16bit": round(full_loss, 5), "eval_loss_step0": evals[0].eval_loss,
-            "eval_loss_final": evals[-1].eval_loss, "steps": cfg.max_steps,
-            "heldout_accuracy": comparison.get("tuned_accuracy"), "base_accuracy": comparison.get("base_accuracy"),
-            "trainable_params": loaded.trainable_params, "linear_weight_bytes": stored_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        probe = loop.build_model(cfg, source.path, "cpu", dtype, probe_dir)
+        error, stored_bytes = weight_error_and_bytes(probe)
+        row.update(weight_relative_error=round(error, 5), linear_weight_bytes=stored_bytes,
+                   trainable_params=sum(p.numel() for p in probe.parameters() if p.requires_grad),
+                   eval_loss_step0=round(loop.evaluate(probe, prepared.val_examples, cfg, tokenizer.pad_token_id,
+                                                       "cpu"), 5))
+        del probe
+        full = loading.load_plain_model(source.path, dtype=dtype)
+        row["eval_loss_16bit"] = round(loop.evaluate(full, prepared.val_examples, cfg, tokenizer.pad_token_id,
+                                                     "cpu"), 5)
+        del full
+        if train:
+            run_dir = Path(scratch) / "run"
+            events = EventWriter(run_dir / "events.jsonl", stream=None)
+            result = loop.run_training(cfg, run_dir, events)
+            events.close()
+            evals = [e for e in read_events(run_dir / "events.jsonl") if e.kind == "eval"]
+            comparison = result.get("comparison") or {}
+            row.update(eval_loss_final=evals[-1].eval_loss, heldout_accuracy=comparison.get("tuned_accuracy"),
+                       base_accuracy=comparison.get("base_accuracy"))
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
 
 
-def sixteen_bit_eval_loss(cfg: Any, model_path: Path, dtype: Any) -> float:
-    from qlora_engine.model import loading
-    from qlora_engine.training import loop
-
-    tokenizer = loading.load_tokenizer(model_path)
-    prepared = loop.prepare_data(cfg, tokenizer)
-    full = loading.load_plain_model(model_path, dtype=dtype)
-    return loop.evaluate(full, prepared.val_examples, cfg, tokenizer.pad_token_id, "cpu")
-
-
-def adapters_main(out: Path, only: list[str] | None = None) -> int:
-    """Every variant in its own process, one JSON line each appended to `out`; then the README table."""
+def adapters_main(out: Path, only: list[str] | None = None, train: bool = True) -> int:
+    """Every variant in its own process, one JSON line each appended to `out` (print the table with --table)."""
     failures = 0
     for name in only or list(VARIANTS):
-        done = subprocess.run([sys.executable, "-m", "qlora_engine.bench.adapters", "--variant", name],
-                              capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "qlora_engine.bench.adapters", "--variant", name]
+                              + ([] if train else ["--step0"]), capture_output=True, text=True)
         if done.returncode != 0:
             failures += 1
             print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -111,11 +111,14 @@ def adapters_main(out: Path, only: list[str] | None = None) -> int:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | weight error (mean rel. Frobenius) | eval loss step 0 (16-bit) | eval loss after "
-             "steps | held-out accuracy | trainable params | linear weights | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+             "steps | held-out accuracy | trainable params | linear weights | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        accuracy = "n/a" if r["heldout_accuracy"] is None else f"{r['heldout_accuracy']:.0%}"
+        trained = "eval_loss_final" in r
+        accuracy = "n/a" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.0%}"
+        final = f"{r['eval_loss_final']:.4f} ({r['steps']})" if trained else "not run"
         lines.append(f"| {r['variant']} | {r['weight_relative_error']:.4f} | {r['eval_loss_step0']:.4f} "
-                     f"({r['eval_loss_16bit']:.4f}) | {r['eval_loss_final']:.4f} ({r['steps']}) | {accuracy} "
+                     f"({r['eval_loss_16bit']:.4f}) | {final} | {accuracy if trained else 'not run'} "
                      f"| {r['trainable_params']:,} | {r['linear_weight_bytes'] / 2**20:.1f} MiB "
                      f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(lines) + "\n"
@@ -127,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-adapters.jsonl")
     parser.add_argument("--only", help="comma list of variants")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out")
+    parser.add_argument("--step0", action="store_true", help="only what step 0 shows: no training (minutes, not hours "
+                        "on a shared CPU)")
     args = parser.parse_args(argv)
     if args.variant:
-        print(json.dumps(run_variant(args.variant)))
+        print(json.dumps(run_variant(args.variant, train=not args.step0)))
         return 0
     if args.table:
         rows = [json.loads(line) for line in Path(args.out).read_text(encoding="utf-8").splitlines() if line]
         print(markdown_table(rows), end="")
         return 0
-    return adapters_main(Path(args.out), args.only.split(",") if args.only else None)
+    return adapters_main(Path(args.out), args.only.split(",") if args.only else None, train=not args.step0)
 
 
 if __name__ == "__main__":
