@@ -11,7 +11,13 @@ import pytest
 from qlora_engine.planning import estimate_command, hardware, memory
 from qlora_engine.planning.advice import advise, fit_to_gpu, fit_verdict
 from qlora_engine.planning.memory import Estimate, estimate_peak
-from qlora_engine.planning.model_shape import SMOLLM2_135M_CONFIG, load_model_config, model_shape, resolve_model_config
+from qlora_engine.planning.model_shape import (
+    SMOLLM2_135M_CONFIG,
+    load_model_config,
+    model_shape,
+    resolve_model_config,
+    targeted_linears,
+)
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.resources import resources_dir
@@ -31,8 +37,9 @@ def run(**changes) -> RunConfig:
     """A run config without gradient accumulation unless asked: the memory cases below are written for it."""
     # The memory model of peft's layer-by-layer path with padded batches and full logits unless a test says
     # otherwise; the engine's default speed switches are tested on their own below.
+    # (and uncompiled: the compiled layers have constants of their own, tested below)
     return RunConfig(**{"grad_accum": 1, "packing": False, "chunked_loss": False, "fused_lora": False,
-                        **changes}).validate()
+                        "compile_layers": False, **changes}).validate()
 
 
 def gib_of(estimate: Estimate, *names: str) -> float:
@@ -505,3 +512,26 @@ def test_packed_rows_have_no_padding_mask():
     packed = estimate_peak(llama, run(micro_batch_size=4, max_length=2048, packing=True))
     assert "no padding mask" in next(t.note for t in packed.terms if t.name == "activations")
     assert packed.peak_bytes < padded.peak_bytes
+
+
+def test_the_compiled_layers_on_a_gpu_have_their_own_constants():
+    """compile_layers with checkpointing on a GPU (the default there) is estimated with the compiled path's fitted
+    constants; on the CPU, where nothing is compiled, with the eager path's."""
+    model = config("llama-3.1-8b")
+    compiled = memory.CALIBRATION["compiled_allocator_slack_fraction"]
+    for device, fraction in (("cuda", compiled), ("cpu", memory.CALIBRATION["allocator_slack_checkpointed_fraction"])):
+        estimate = estimate_peak(model, run(device=device, compile_layers=True, max_length=1024))
+        short_lived = gib_of(estimate, "lora_gradients", "activations", "logits_and_loss")
+        assert gib_of(estimate, "allocator_slack") == pytest.approx(fraction * short_lived, rel=1e-6)
+
+
+def test_dora_is_estimated_on_peft_path_uncompiled_with_its_weight_norm():
+    """DoRA layers run peft's path (not the fused layer) and, checkpointed, uncompiled (the loop turns compiling
+    off for them); on top, the weight norm of the largest adapted matrix."""
+    model = config("llama-3.2-1b")
+    largest = max(linear.params for linear in targeted_linears(model_shape(model)[0], "all-linear"))
+    dora = estimate_peak(model, run(use_dora=True, fused_lora=True, compile_layers=True, device="cuda"))
+    peft_eager = estimate_peak(model, run(fused_lora=False, compile_layers=False, device="cuda"))
+    assert dora.bytes_of("dora") == int(largest * memory.CALIBRATION["dora_bytes_per_weight"])
+    assert dora.peak_bytes == peft_eager.peak_bytes + dora.bytes_of("dora")
+    assert not memory.compiled_path(RunConfig(use_dora=True, device="cuda"))

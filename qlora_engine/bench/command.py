@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_engine.bench import adapters, memory, speed
+from qlora_engine.bench import adapters, memory, memory_grid, speed
 from qlora_engine.bench.models import MODEL_CONFIGS
 
 
@@ -20,6 +20,11 @@ def bench_main(argv: list[str]) -> int:
                         "the bundled model and sample data (CPU; bench/adapters.py), JSON lines to --out")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
+    parser.add_argument("--grid", default="h100", choices=("h100", "consumer", "probe"),
+                        help="--memory: the H100 calibration grid (one process per architecture), or the consumer-card "
+                             "grid (one process per configuration, allocator capped at 8-24 GiB)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="--memory --grid consumer: configurations measured at once on the one GPU")
     parser.add_argument("--out", help="--memory: JSON lines, one configuration each (default bench-memory.jsonl); "
                         "--speed: one JSON file of every result")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG_JSON", "RUNS_JSON"), help=argparse.SUPPRESS)
@@ -37,6 +42,8 @@ def bench_main(argv: list[str]) -> int:
     if not args.memory:
         parser.error("choose what to measure: --memory or --speed")
     only = set(args.models.split(",")) if args.models else None
+    if args.grid != "h100":
+        return memory_grid.run_grid(memory_grid.consumer_runs(only, args.grid), Path(args.out), args.parallel)
     failures = 0
     for name, runs in memory.grid_runs(only, args.per_model).items():
         command = [sys.executable, "-m", "qlora_engine", "bench", "--out", args.out, "--worker",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,27 +64,40 @@ def random_micro_batch(cfg: RunConfig, vocab_size: int, generator: Any) -> dict[
     return loop.micro_batch(rows, cfg, 0, "cuda")
 
 
-def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: NvmlPeak) -> dict[str, Any]:
+def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: NvmlPeak,
+                gpu_memory_gib: float = 0.0) -> dict[str, Any]:
+    """Three engine steps of `cfg` on `base`; with `gpu_memory_gib`, torch's allocator capped as on that card."""
     import torch
 
-    from qlora_engine.planning.memory import estimate_peak
+    from qlora_engine.bench.memory_grid import cap_process_memory, outside_torch_assumed
+    from qlora_engine.planning.advice import fit_verdict
+    from qlora_engine.planning.memory import estimate_peak, load_calibration
     from qlora_engine.training import loop
 
     gc.collect()
     torch.cuda.empty_cache()
+    if gpu_memory_gib:
+        nvml.reset()
+        # what this process uses outside torch's allocator; where NVML can't tell per process, the calibrated context
+        outside = (nvml.process_peak_bytes - torch.cuda.memory_reserved() if nvml.process_peak_bytes
+                   else outside_torch_assumed() or int(load_calibration()["cuda_context_bytes"]))
+        cap_process_memory(gpu_memory_gib, outside)
     torch.cuda.reset_peak_memory_stats()
     nvml.reset()
-    model = loop.attach_lora(base, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = loop.build_optimizer(cfg, trainable)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model_config.get("vocab_size") or model_config["text_config"]["vocab_size"]
     step_s, oom = [], False
+    model = trainable = optimizer = None
     try:
+        model = loop.attach_lora(base, cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = loop.build_optimizer(cfg, trainable)
+        scaler = loop.loss_scaler(torch.float16 if cfg.compute_dtype == "fp16" else None, "cuda")
+        generator = torch.Generator().manual_seed(0)
+        vocab = model_config.get("vocab_size") or model_config["text_config"]["vocab_size"]
         for _ in range(MEASURED_STEPS):
             batch = random_micro_batch(cfg, vocab, generator)
             started = time.perf_counter()
-            loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss)
+            loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm, cfg.chunked_loss,
+                               scaler=scaler)
             torch.cuda.synchronize()
             step_s.append(time.perf_counter() - started)
     except torch.cuda.OutOfMemoryError:
@@ -92,12 +106,16 @@ def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: N
     predicted = estimate_peak(model_config, cfg)
     row = {"max_allocated_bytes": torch.cuda.max_memory_allocated(),
            "max_reserved_bytes": torch.cuda.max_memory_reserved(), "nvml_peak_used_bytes": nvml.peak_bytes,
+           "process_peak_used_bytes": nvml.process_peak_bytes, "outside_torch_assumed_bytes": outside_torch_assumed(),
+           "estimate_verdict": fit_verdict(predicted, int(gpu_memory_gib * 2**30)) if gpu_memory_gib else None,
            "oom": oom, "step_s": [round(s, 3) for s in step_s],
+           "step_tokens": cfg.max_length + (cfg.micro_batch_size - 1) * (3 * cfg.max_length // 4),
            "tokens_per_s": round(cfg.micro_batch_size * cfg.max_length / min(step_s), 1) if step_s else None,
            "estimate_peak_bytes": predicted.peak_bytes,
            "estimate_terms": {t.name: t.bytes for t in predicted.terms}}
     del optimizer, trainable
-    model.unload()  # take the LoRA layers out again: the base is reused for the next configuration
+    if model is not None:
+        model.unload()  # take the LoRA layers out again: the base is reused for the next configuration
     base.gradient_checkpointing_disable()
     return row
 
@@ -105,25 +123,30 @@ def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: N
 def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path) -> int:
     import torch
 
-    nvml = NvmlPeak()
+    nvml = NvmlPeak(process_id=os.getpid())
     idle_used = nvml.used_bytes()
     model_config = json.loads(config_path.read_text())
-    base_cfg = RunConfig(device="cuda")
+    # one compute dtype per process (the consumer grid runs one configuration per process)
+    base_cfg = RunConfig(device="cuda", compute_dtype=runs[0].get("compute_dtype", "auto"))
     base = random_quantized_model(model_config, base_cfg)
     with open(out_path, "a", encoding="utf-8") as out:
         for run in runs:
-            cfg = dataclasses.replace(base_cfg, **run).validate()
-            row = measure_one(base, model_config, cfg, nvml)
+            options = {k: v for k, v in run.items() if k not in ("model", "gpu_memory_gib")}
+            cfg = dataclasses.replace(base_cfg, **options).validate()
+            row = measure_one(base, model_config, cfg, nvml, run.get("gpu_memory_gib", 0.0))
             row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used, "packing": cfg.packing,
                         "chunked_loss": cfg.chunked_loss, "fused_lora": cfg.fused_lora,
                         "compile_layers": cfg.compile_layers, "fp32_residual": cfg.fp32_residual,
                         "gpu": torch.cuda.get_device_name(0)})
             out.write(json.dumps(row) + "\n")
             out.flush()
+            measured = row["process_peak_used_bytes"] or (
+                row["max_reserved_bytes"] + row["outside_torch_assumed_bytes"] if row["outside_torch_assumed_bytes"]
+                else row["nvml_peak_used_bytes"] - idle_used)
+            card = f"  card {run['gpu_memory_gib']} GiB: {row['estimate_verdict']}" if run.get("gpu_memory_gib") else ""
             print(f"{config_path.stem:16s} len {cfg.max_length:5d} batch {cfg.micro_batch_size} r {cfg.lora_r:2d} "
-                  f"gc {int(cfg.gradient_checkpointing)}  "
-                  f"measured {(row['nvml_peak_used_bytes'] - idle_used) / 2**30:6.2f} GiB  "
-                  f"estimate {row['estimate_peak_bytes'] / 2**30:6.2f} GiB"
-                  f"{'  OOM' if row['oom'] else ''}", flush=True)
+                  f"gc {int(cfg.gradient_checkpointing)} {cfg.compute_dtype}  measured {measured / 2**30:6.2f} GiB  "
+                  f"estimate {row['estimate_peak_bytes'] / 2**30:6.2f} GiB{card}{'  OOM' if row['oom'] else ''}",
+                  flush=True)
     nvml.close()
     return 0

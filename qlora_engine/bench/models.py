@@ -13,15 +13,20 @@ MODEL_CONFIGS = resources_dir() / "model_configs"
 
 
 class NvmlPeak:
-    """Samples whole-GPU used memory every 20 ms in a thread; keeps the maximum since the last reset."""
+    """Samples whole-GPU used memory every 20 ms in a thread; keeps the maximum since the last reset. With
+    `process_id`, also that process's own used memory (NVML's per-process accounting: what several bench processes
+    sharing one GPU each use; `process_peak_bytes` stays 0 where NVML does not list the process, e.g. in a container
+    whose process ids differ from the host's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, process_id: int | None = None) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._process_id = process_id
         self.peak_bytes = 0
+        self.process_peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -29,12 +34,23 @@ class NvmlPeak:
     def used_bytes(self) -> int:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
+    def process_used_bytes(self) -> int:
+        if self._process_id is None:
+            return 0
+        try:
+            listed = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError:
+            return 0
+        return next((int(p.usedGpuMemory or 0) for p in listed if p.pid == self._process_id), 0)
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             self.peak_bytes = max(self.peak_bytes, self.used_bytes())
+            self.process_peak_bytes = max(self.process_peak_bytes, self.process_used_bytes())
 
     def reset(self) -> None:
         self.peak_bytes = self.used_bytes()
+        self.process_peak_bytes = self.process_used_bytes()
 
     def close(self) -> None:
         self._stop.set()

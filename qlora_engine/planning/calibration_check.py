@@ -24,7 +24,12 @@ ARTIFACT_OVERHEAD_BYTES = 3 * BYTES_PER_GIB
 
 def measured_bytes(row: dict[str, Any]) -> int:
     """What a `bench --memory` row measured, the number the estimate predicts: the GPU's used memory (NVML) at
-    the peak minus its used memory before the process touched CUDA."""
+    the peak minus its used memory before the process touched CUDA (or NVML's per-process count, where the row
+    has it)."""
+    if row.get("process_peak_used_bytes"):  # NVML's own count for the process (several processes shared the GPU)
+        return int(row["process_peak_used_bytes"])
+    if row.get("outside_torch_assumed_bytes"):  # shared GPU, no per-process count: torch's peak + the first row's rest
+        return int(row["max_reserved_bytes"]) + int(row["outside_torch_assumed_bytes"])
     return int(row["nvml_peak_used_bytes"]) - int(row["idle_gpu_used_bytes"])
 
 
@@ -36,14 +41,22 @@ def row_run_config(row: dict[str, Any]) -> RunConfig:
     earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False, "compile_layers": False,
                       "fp32_residual": False}
     values = {"compute_dtype": "bf16", **earlier_engine, **{name: row[name] for name in names if name in row}}
-    return RunConfig(**values).validate()
+    run = RunConfig(**values).validate()
+    if run.packing and run.micro_batch_size > 1:
+        # packed, the step held one row of the micro-batch's real tokens, fewer than batch x max_length (the bench's
+        # rows: the first at full length, the others a quarter shorter); the estimate of that row is comparable
+        tokens = row.get("step_tokens") or run.max_length + (run.micro_batch_size - 1) * (3 * run.max_length // 4)
+        run = dataclasses.replace(run, micro_batch_size=1, max_length=int(tokens))
+    return run
 
 
 def row_artifact(row: dict[str, Any]) -> str:
     """Why a measured row can't be held against the estimate ('' when it can)."""
     if row.get("oom"):
         return "the run ran out of memory: its peak is not the step's"
-    outside = int(row["nvml_peak_used_bytes"]) - int(row["max_reserved_bytes"])
+    outside = measured_bytes(row) - int(row["max_reserved_bytes"]) if (
+        row.get("process_peak_used_bytes") or row.get("outside_torch_assumed_bytes")) else \
+        int(row["nvml_peak_used_bytes"]) - int(row["max_reserved_bytes"])
     if outside > ARTIFACT_OVERHEAD_BYTES:
         return (f"NVML saw {format_gib(outside)} more than torch reserved (expected ~1.3-1.9 GiB): memory from outside "
                 "the measured step, such as the bench's freed random-init weights. An artifact: re-measure this row")

@@ -4,6 +4,7 @@ Holds the terms, the calibration constants (calibration.json) and estimate_peak;
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -57,7 +58,40 @@ DEFAULT_CALIBRATION: dict[str, float] = {
     "logits_fp32_backward_copies": 3.0,
     # Dequantized 16-bit copies of the largest base weight alive at once while a Linear4bit runs.
     "dequant_workspace_matrices": 1.0,
+    # The same four for the compiled layers on a GPU (compile_layers with checkpointing, the default there): the
+    # compiler's recomputation keeps and frees its own set of tensors, fitted to the consumer-card table.
+    "compiled_activation_checkpointed_scale": 1.0,
+    "compiled_activation_full_scale": 1.0,
+    "compiled_backward_transient_scale": 1.0,
+    "compiled_allocator_slack_fraction": 0.35,
+    "compiled_activation_unchecked_scale": 1.0,  # compiled without checkpointing: activation_full_scale's twin
+    # DoRA (use_dora) runs peft's layers (no fused LoRA, uncompiled): while a layer computes its weight norm it
+    # holds the dequantized base weight (16-bit), B @ A and their sum (fp32): bytes per weight of the largest
+    # adapted matrix, one at a time. From peft's code, not measured: the DoRA rows of the consumer table ran on the
+    # compiled path, which kept every layer's activations and ran out of memory (why DoRA is uncompiled now).
+    "dora_bytes_per_weight": 10.0,
 }
+COMPILED_PATH_KEYS = {"activation_checkpointed_scale": "compiled_activation_checkpointed_scale",
+                      "activation_full_scale": "compiled_activation_full_scale",
+                      "backward_transient_scale": "compiled_backward_transient_scale",
+                      "allocator_slack_checkpointed_fraction": "compiled_allocator_slack_fraction"}
+
+
+def compiled_path(run: RunConfig) -> bool:
+    """Whether the run's layers are compiled: compile_layers on a GPU, except with DoRA and checkpointing, where
+    the training loop leaves them uncompiled (training.loop.attach_lora says why)."""
+    return run.device != "cpu" and run.compile_layers and not (run.use_dora and run.gradient_checkpointing)
+
+
+def path_calibration(run: RunConfig, calibration: dict[str, float]) -> dict[str, float]:
+    """The constants of the path the run takes: the compiled layers' own on a GPU (compiled_path), the eager
+    path's elsewhere."""
+    if not compiled_path(run):
+        return calibration
+    compiled = {**calibration, **{eager: calibration[key] for eager, key in COMPILED_PATH_KEYS.items()}}
+    if not run.gradient_checkpointing:  # every layer keeps what the compiler's default partition saves
+        compiled["activation_full_scale"] = calibration["compiled_activation_unchecked_scale"]
+    return compiled
 
 
 def load_calibration(path: Path = CALIBRATION_PATH) -> dict[str, float]:
@@ -435,7 +469,9 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
     what its caching allocator reserves beyond them (allocator_slack), and what never goes through torch
     (cuda_context, and the paged part of optimizer_states). calibration_check.py holds it against measured peaks.
     """
-    calibration = CALIBRATION if calibration is None else calibration
+    calibration = path_calibration(run, CALIBRATION if calibration is None else calibration)
+    if run.use_dora and run.fused_lora:  # DoRA layers take peft's path (lora_nf4.peft_path_note)
+        run = dataclasses.replace(run, fused_lora=False)
     shape, reasons = model_shape(model_config)
     dtype_bytes = compute_dtype_bytes(run)
     lora = _lora_sizes(shape, run)
@@ -459,6 +495,12 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
              "tensors (gradients, activations, logits) need: block rounding and fragmentation"
              + (", worse with checkpointing's recomputation" if run.gradient_checkpointing else "")),
     ]
+    if run.use_dora:
+        largest = max(linear.params for linear in targeted_linears(shape, run.target_modules))
+        terms.append(Term("dora", int(largest * calibration["dora_bytes_per_weight"]),
+                          f"DoRA's weight norm of the largest adapted matrix ({_millions(largest)} weights): its "
+                          "dequantized 16-bit copy, B @ A and their sum in fp32, one layer at a time (from peft's "
+                          "code; not measured on a GPU yet)"))
     linear_params = shape.num_layers * sum(linear.params for linear in shape.decoder_linears())
     embedding_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
     return Estimate(terms=terms, approximate=bool(reasons), reasons=reasons,

@@ -135,7 +135,12 @@ def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None) -> An
         fallback = lora_nf4.peft_path_note(peft_model)
         if fallback:
             print(fallback, file=sys.stderr, flush=True)
-    if cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
+    if cfg.compile_layers and cfg.use_dora and cfg.gradient_checkpointing:
+        # measured (H200, 0.6B-8B): peft's DoRA layers break the compiled graph, and the compiler's recomputation
+        # then keeps every layer's activations; transformers' checkpoint, uncompiled, keeps only each layer's input
+        print("compiled layers are off with DoRA: peft's DoRA layers break the compiled graph and it would keep "
+              "every layer's activations; the layers run uncompiled, checkpointed", file=sys.stderr, flush=True)
+    elif cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
         layer_compile.compile_layers(peft_model, activation_memory_budget=cfg.activation_memory_budget)
         print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
               "longer", file=sys.stderr, flush=True)

@@ -1,0 +1,70 @@
+"""The estimate against the consumer-card table: tests/data/memory_measured_consumer_h200.jsonl.
+
+`qlora-studio bench --memory --grid consumer --parallel 8` (qlora_engine/bench/memory_grid.py) on an H200: each
+configuration in its own process, torch's allocator capped at the card's memory (8, 12, 16 or 24 GiB) minus what the
+process uses outside it, NVML's per-process used memory as the measured peak, today's defaults (compiled layers,
+fused LoRA, packing, chunked loss, fp32 residual, expandable segments). Command and log: tests/gpu/memory_run.sh,
+tests/gpu/memory_consumer_h200.txt. The estimate is re-computed here with the current code and calibration.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_engine.planning import memory
+from qlora_engine.planning.advice import fit_verdict
+from qlora_engine.planning.calibration_check import calibration_errors, calibration_summary, row_run_config
+from qlora_engine.planning.model_shape import load_model_config
+from qlora_engine.resources import resources_dir
+
+TABLE = Path(__file__).parent / "data" / "memory_measured_consumer_h200.jsonl"
+ROWS = [json.loads(line) for line in TABLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+# The DoRA rows ran with compiled layers, which peft's DoRA layers break so that every layer's activations were
+# kept: all four ran out of memory. That measurement is why the loop no longer compiles DoRA layers; these rows
+# show a path the engine doesn't take any more, so they are kept in the table and left out here.
+CURRENT = [row for row in ROWS if not row.get("use_dora")]
+
+
+def row_id(row: dict) -> str:
+    return (f"{row['model']}-len{row['max_length']}-b{row['micro_batch_size']}-r{row['lora_r']}-"
+            f"gc{int(row['gradient_checkpointing'])}-{row['compute_dtype']}-{row['gpu_memory_gib']}GiB")
+
+
+def estimate_of(row: dict) -> memory.Estimate:
+    return memory.estimate_peak(load_model_config(resources_dir() / "model_configs" / f"{row['model']}.json"),
+                                row_run_config(row))
+
+
+def test_the_table_covers_consumer_cards_and_todays_switches():
+    assert len(ROWS) >= 45
+    assert {8, 12, 16, 24} == {row["gpu_memory_gib"] for row in ROWS}
+    assert {"bf16", "fp16"} == {row["compute_dtype"] for row in ROWS}
+    assert min(row["max_length"] for row in ROWS) <= 512 and max(row["max_length"] for row in ROWS) >= 16384
+    assert {1, 8} <= {row["micro_batch_size"] for row in ROWS} and {8, 64} <= {row["lora_r"] for row in ROWS}
+    assert {True, False} == {row["gradient_checkpointing"] for row in ROWS}
+    assert any(row.get("activation_memory_budget") for row in ROWS)
+    assert all(row["process_peak_used_bytes"] > 0 for row in ROWS)  # each process's own peak, not the GPU's
+    assert len({row["model"] for row in ROWS}) >= 12
+
+
+@pytest.mark.parametrize("row", [row for row in CURRENT if not row["oom"]], ids=row_id)
+def test_estimate_is_within_ten_percent_of_the_measured_peak(row):
+    error = calibration_errors([row])[0]
+    assert not error.artifact, error.artifact
+    assert abs(error.error) <= 0.10, (f"{error.label}: estimate {error.estimate_bytes / 2**30:.2f} GiB vs measured "
+                                      f"{error.measured_bytes / 2**30:.2f} GiB ({error.error:+.1%})")
+
+
+@pytest.mark.parametrize("row", [row for row in CURRENT if row["oom"]], ids=row_id)
+def test_no_configuration_the_estimate_calls_fits_ran_out_of_memory_on_its_card(row):
+    """The promise a user acts on: 'fits' never ends in out-of-memory on that card."""
+    verdict = fit_verdict(estimate_of(row), int(row["gpu_memory_gib"] * 2**30))
+    assert verdict != "fits", f"{row_id(row)} ran out of memory, but the estimate says it fits"
+
+
+def test_median_and_worst_error_are_what_the_readme_says():
+    summary = calibration_summary(calibration_errors([row for row in CURRENT if not row["oom"]]))
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"median {summary['median']:.1%}, worst {summary['worst']:.1%}" in readme
