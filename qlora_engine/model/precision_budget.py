@@ -18,6 +18,7 @@ import torch
 from qlora_engine.model import weight_formats as wf
 from qlora_engine.protocol.config import RunConfig, write_text_atomic
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.queries import PrecisionPlanReport
 
 PLAN_FILE = "precision_plan.json"
 SKIPPED_MODULES = ("lm_head",)  # kept in the compute dtype, as transformers' bitsandbytes integration does
@@ -158,3 +159,20 @@ def planned_model(load_16bit: Any, cfg: RunConfig, compute_dtype: torch.dtype, d
         if plan_path is not None:
             save_plan(plan, plan_path)
     return apply_plan(model, plan, cfg, compute_dtype, device), plan
+
+
+def plan_report(cfg: RunConfig) -> PrecisionPlanReport:
+    """What cfg's budget buys on cfg's model: measured on its 16-bit weights (on the CPU), nothing trained."""
+    from qlora_engine.model import loading
+
+    source = loading.resolve_model(cfg.model, cfg.allow_pickle)
+    model = loading.load_plain_model(source.path, dtype=torch.bfloat16, allow_pickle=cfg.allow_pickle,
+                                     trust_remote_code=cfg.trust_remote_code)
+    plan = plan_for_model(model, cfg)
+    plain = wf.PLAIN_FORMAT
+    plain_bits = sum(plain.bits(*linear.weight.shape, cfg.double_quant)
+                     for linear in quantizable_linears(model).values())
+    return PrecisionPlanReport(model=cfg.model, budget_bits=cfg.precision_budget_bits,
+                               bits_per_weight=round(plan.bits_per_weight, 4), weight_bytes=plan.total_bits // 8,
+                               plain_weight_bytes=plain_bits // 8, relative_error=round(plan.relative_error, 6),
+                               plain_relative_error=round(plan.plain_relative_error, 6), counts=plan.counts)
