@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from PySide6.QtCore import QTimer, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QButtonGroup,
@@ -34,7 +34,7 @@ from app import settings
 from app.engine_client import Call
 from app.engine_process import EngineProcess
 from app.engine_requests import PlanGgufExport
-from app.formatting import gib, size
+from app.formatting import size
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.gguf_results import GgufResults
@@ -84,21 +84,23 @@ class ExportPage(Page):
         self.run_label = QLabel(objectName="muted", wordWrap=True)
         layout.addWidget(self.run_label)
         layout.addWidget(self._build_choice())
+        self.gguf_plan_box = self._build_plan()
+        layout.addWidget(self.gguf_plan_box)
         layout.addLayout(self._build_action_row())
         self.banner = Banner()
         layout.addWidget(self.banner)
         self.open_button = QPushButton("Open the export folder")
         self.open_button.clicked.connect(self._open_result)
         self.open_button.hide()
-        layout.addWidget(self.open_button)
+        layout.addWidget(self.open_button, 0, Qt.AlignmentFlag.AlignLeft)
         self.results = GgufResults(session)
         self.results.message.connect(self._show_action_result)
         layout.addWidget(self.results)
         layout.addStretch(1)
-        scroll = QScrollArea(widgetResizable=True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        scroll.setWidget(content)
-        self.body.addWidget(scroll, 1)
+        self.scroll = QScrollArea(widgetResizable=True)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll.setWidget(content)
+        self.body.addWidget(self.scroll, 1)
         self.result_path = ""
         session.run_changed.connect(self._run_changed)
         session.training_changed.connect(lambda _running: self._show_state())  # an adapter may exist now
@@ -119,10 +121,6 @@ class ExportPage(Page):
             note.setContentsMargins(26, 0, 0, 4)
             layout.addWidget(note)
             button.toggled.connect(lambda on: on and self._kind_changed())
-            if kind == "gguf":
-                layout.addWidget(self._build_quant_picker())
-        self.gguf_plan_box = self._build_plan()
-        layout.addWidget(self.gguf_plan_box)
         grid = QGridLayout()
         self.destination = QLineEdit()
         self.destination.textEdited.connect(lambda _text: self.plan_timer.start())
@@ -137,8 +135,8 @@ class ExportPage(Page):
     def _build_quant_picker(self) -> QWidget:
         self.quant_picker = QWidget()
         row = QHBoxLayout(self.quant_picker)
-        row.setContentsMargins(26, 0, 0, 4)
-        row.addWidget(QLabel("Quantizations:"))
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(QLabel("Quantizations (one file each):"))
         self.quant_boxes: dict[str, QCheckBox] = {}
         for quant in QUANTS:
             box = QCheckBox(quant, objectName=f"quant_{quant}", checked=quant == DEFAULT_QUANT)
@@ -150,9 +148,10 @@ class ExportPage(Page):
         return self.quant_picker
 
     def _build_plan(self) -> QWidget:
-        holder = QWidget()
+        holder = card()
         layout = QVBoxLayout(holder)
-        layout.setContentsMargins(26, 0, 0, 6)
+        layout.addWidget(QLabel("<b>What the GGUF export writes and needs</b> (estimated before it starts)"))
+        layout.addWidget(self._build_quant_picker())
         self.plan_table = QTableWidget(0, 3)
         self.plan_table.setHorizontalHeaderLabels(["File", "Estimated size", "Check after writing"])
         self.plan_table.verticalHeader().hide()
@@ -191,7 +190,7 @@ class ExportPage(Page):
 
     def _kind_changed(self) -> None:
         self.quant_picker.setVisible(self.kind() == "gguf")
-        self.gguf_plan_box.setVisible(self.is_gguf())
+        self.gguf_plan_box.setVisible(self.is_gguf() and self.session.run_dir is not None)
         self.plan_timer.start()
         self._show_state()
 
@@ -200,6 +199,7 @@ class ExportPage(Page):
         self.open_button.hide()
         self.progress.hide()
         self.results.show_results(self._stored_results())
+        self.gguf_plan_box.setVisible(self.is_gguf() and self.session.run_dir is not None)
         self.plan_timer.start()
         self._show_state()
 
@@ -211,7 +211,8 @@ class ExportPage(Page):
         if not self.is_gguf() or summary is None or (self.kind() == "gguf" and not self.quants()):
             self._show_plan()
             return
-        self.needs_label.setText("Estimating the files' sizes…")
+        if not self.needs_label.text():  # a plan shown stays until the new one comes (no flicker per tick)
+            self.needs_label.setText("Estimating the files' sizes…")
         request = PlanGgufExport(run_dir=str(summary.run_dir), model=summary.model or "default",
                                  quants=tuple(self.quants()), out=self.destination.text().strip(),
                                  lora=self.kind() == "gguf-lora")
@@ -254,10 +255,10 @@ class ExportPage(Page):
             return f"Could not estimate the export: {self.plan_error.message}"
         if needs is None:
             return "Pick at least one quantization." if self.kind() == "gguf" and self.session.run_dir else ""
-        ram = "unknown" if needs.available_ram_bytes is None else f"{gib(needs.available_ram_bytes)} available"
+        ram = "unknown" if needs.available_ram_bytes is None else f"{size(needs.available_ram_bytes)} available"
         merge = "" if self.kind() == "gguf-lora" else " (the merge, the 16-bit GGUF it is quantized from, the files)"
-        text = (f"Needs about {gib(needs.plan.disk_bytes)} of disk{merge}: {gib(needs.free_disk_bytes)} free on the "
-                f"drive of {needs.out}. About {gib(needs.plan.ram_bytes)} of RAM: {ram}.")
+        text = (f"Needs about {size(needs.plan.disk_bytes)} of disk{merge}: {size(needs.free_disk_bytes)} free on "
+                f"the drive of {needs.out}. About {size(needs.plan.ram_bytes)} of RAM: {ram}.")
         architecture = ", ".join(needs.architectures) or "this architecture"
         if needs.supported is True:
             text += f" llama.cpp's converter knows {architecture}."
@@ -343,18 +344,23 @@ class ExportPage(Page):
         self.results.add_result(event)
         self.result_path = str(Path(event.path).parent)
         self.open_button.show()
+        QTimer.singleShot(0, lambda: self.scroll.ensureWidgetVisible(self.results))  # after the layout grew
 
     def _on_exit(self, code: int) -> None:
         kept = [r for r in self.results.shown if r.ok]
         if code == 0 and self.results.shown:
             self.progress.setValue(1000)
             self.progress.setFormat("Done")
+            lora = any(r.base_path for r in kept)
+            against = "the base model with the PEFT adapter" if lora else "the merged model"
+            record = VERIFICATION_FILES[1] if lora else VERIFICATION_FILES[0]
             self.banner.show_message("success", f"Exported and verified by llama.cpp: {len(kept)} "
                                      f"file{'s' if len(kept) != 1 else ''} in {self.result_path}",
-                                     "Each was loaded by llama.cpp and compared with the merged model; the table "
-                                     "below has the results (also in exports/gguf-verification.json).")
+                                     f"Each was loaded by llama.cpp and compared with {against}; the table below "
+                                     f"has the results (also in exports/{record}).")
         elif code != 0:
             self.progress.setFormat("Failed")
+        self.plan_timer.start()  # the merged export may be there now: less to write next time
         self._show_state()
 
     # ------------------------------------------------------------------ showing

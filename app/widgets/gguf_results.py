@@ -4,6 +4,7 @@ the table "Add to LM Studio", "Create in Ollama" (when `ollama` is on PATH) and 
 """
 from __future__ import annotations
 
+import html
 import shlex
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.queries import AddedTo
 
-COLUMNS = ["File", "Size", "Same first 16 tokens", "Ends with end-of-turn", "Perplexity", "Held-out right",
+COLUMNS = ["File", "Size", "Same first 16 tokens", "Ends with end of turn", "Perplexity", "Held-out right",
            "Result"]
 APP_NAMES = {"lm-studio": "LM Studio", "ollama": "Ollama"}
 
@@ -52,12 +53,12 @@ def result_cells(result: ev.GgufExported) -> list[str]:
     perplexity = "—"
     if result.perplexity is not None and result.merged_perplexity:
         change = 100 * (result.perplexity / result.merged_perplexity - 1)
-        perplexity = f"{result.perplexity:.4g} vs {result.merged_perplexity:.4g} ({change:+.1f}%)"
+        perplexity = f"{result.perplexity:.3g} vs {result.merged_perplexity:.3g} ({change:+.1f}%)"
     right = "—"
     if result.accuracy is not None:
         right = f"{percent(result.accuracy)} (merged {percent(result.merged_accuracy)})"
-    verdict = "kept, verified" if result.ok else "not kept: " + "; ".join(result.problems)
-    name = Path(result.path).name + ("  (+ base f16)" if result.base_path else "")
+    verdict = ("kept, verified" + (" with the base f16" if result.base_path else "")) if result.ok else "not kept"
+    name = Path(result.path).name
     return [name, size(result.size_bytes) if result.size_bytes else "—", agreement, ends, perplexity, right, verdict]
 
 
@@ -85,12 +86,11 @@ class GgufResults(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.setWordWrap(True)
-        header = self.table.horizontalHeader()
-        for column in range(len(COLUMNS) - 1):
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(len(COLUMNS) - 1, QHeaderView.ResizeMode.Stretch)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.itemSelectionChanged.connect(self._show_actions)
         layout.addWidget(self.table)
+        self.problems_label = QLabel(wordWrap=True, objectName="problems")
+        layout.addWidget(self.problems_label)
         layout.addLayout(self._build_actions())
         self.command_label = QLabel(objectName="muted")
         layout.addWidget(self.command_label)
@@ -156,10 +156,14 @@ class GgufResults(QWidget):
         self.lm_studio_button.setEnabled(usable and idle)
         self.ollama_button.setVisible(ollama_on_path())
         self.ollama_button.setEnabled(usable and idle and bool(result and result.modelfile))
+        failed = result is not None and not result.ok
+        self.problems_label.setText(f"<b>{result.quant} was not kept:</b> " + html.escape("; ".join(result.problems))
+                                    + ". Files that passed were kept." if failed else "")
+        self.problems_label.setVisible(failed)
         if result is not None and result.base_path:
             self.command_label.setText("Use it with llama.cpp (the base GGUF and the LoRA on top):")
             self.command.setText(f"llama-cli -m {shlex.quote(result.base_path)} --lora {shlex.quote(result.path)}")
-        elif result is not None and result.ollama_command:
+        elif result is not None and result.ok and result.ollama_command:
             self.command_label.setText("Create it in Ollama by hand (the Modelfile sits beside the file):")
             self.command.setText(result.ollama_command)
         else:

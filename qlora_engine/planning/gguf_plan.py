@@ -148,19 +148,20 @@ def resource_problems(plan: GgufPlan, out: Path, free_disk: int, available_ram: 
     problems = []
     if free_disk < plan.disk_bytes:
         problems.append(EngineError(
-            "not_enough_disk", f"the GGUF export needs about {gib_text(plan.disk_bytes)} on the drive of {out}; "
-            f"{gib_text(free_disk)} is free", "Free disk space, pick another --out, or fewer quantizations "
+            "not_enough_disk", f"the GGUF export needs about {size_text(plan.disk_bytes)} on the drive of {out}; "
+            f"{size_text(free_disk)} is free", "Free disk space, pick another --out, or fewer quantizations "
             "(the 16-bit ones are the largest)."))
     if available_ram is not None and available_ram < plan.ram_bytes:
         problems.append(EngineError(
-            "not_enough_ram", f"the merge before the GGUF export needs about {gib_text(plan.ram_bytes)} of RAM; "
-            f"{gib_text(available_ram)} is available", "Close other programs, or export on a machine with more "
+            "not_enough_ram", f"the merge before the GGUF export needs about {size_text(plan.ram_bytes)} of RAM; "
+            f"{size_text(available_ram)} is available", "Close other programs, or export on a machine with more "
             "memory (the adapter export needs almost none)."))
     return problems
 
 
-def gib_text(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.1f} GiB"
+def size_text(n_bytes: float) -> str:
+    """GiB from 1 GiB up, MiB below (a tiny model's export is not "0.0 GiB")."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)

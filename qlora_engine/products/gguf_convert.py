@@ -61,14 +61,15 @@ def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, conv
 def conversion_error(log: str, folder: Path) -> EngineError:
     """What a failed convert_hf_to_gguf.py run means, from its log."""
     tail = log.strip()[-LOG_TAIL_CHARS:]
+    last_line = (log.strip().splitlines() or [""])[-1]  # a known cause: its traceback would bury the advice
     if "pre-tokenizer was not recognized" in log or "Cannot find" in log and "tokenizer" in log:
         return EngineError("gguf_tokenizer_unsupported",
                            "llama.cpp's converter cannot read this model's tokenizer (its pre-tokenizer is not one "
                            "llama.cpp knows)", "Use the merged export with transformers, or a model whose tokenizer "
-                           "llama.cpp supports. Converter log:\n" + tail)
+                           "llama.cpp supports. The converter said: " + last_line)
     if "is not supported" in log or "Unsupported" in log and "architecture" in log.lower():
         return EngineError("gguf_unsupported_architecture", "llama.cpp's converter does not support this model",
-                           "Use the merged export with transformers. Converter log:\n" + tail)
+                           "Use the merged export with transformers. The converter said: " + last_line)
     failure = write_failure(RuntimeError(log), "the GGUF file", folder, "export again")
     if failure is not None and failure.code == "disk_full":
         return failure
