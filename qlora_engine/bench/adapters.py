@@ -52,7 +52,7 @@ def run_variant(name: str, train: bool = True) -> dict[str, Any]:
     """One variant's numbers; without `train`, only what step 0 shows (the quantization error and its loss)."""
     import torch
 
-    from qlora_engine.model import loading
+    from qlora_engine.model import loading, packing
     from qlora_engine.protocol.config import RunConfig
     from qlora_engine.protocol.events import EventWriter, read_events
     from qlora_engine.training import loop
@@ -76,6 +76,7 @@ def run_variant(name: str, train: bool = True) -> dict[str, Any]:
                                                        "cpu"), 5))
         del probe
         full = loading.load_plain_model(source.path, dtype=dtype)
+        packing.use_packed_attention(full, cfg.max_length)  # as the trained model: packed rows attend to themselves
         row["eval_loss_16bit"] = round(loop.evaluate(full, prepared.val_examples, cfg, tokenizer.pad_token_id,
                                                      "cpu"), 5)
         del full
