@@ -180,18 +180,26 @@ def test_too_little_disk_stops_before_the_merge(gguf_run, tmp_path, monkeypatch)
     monkeypatch.setattr(gguf_plan, "free_disk_bytes", lambda folder: 1024)
     with pytest.raises(EngineError) as caught:
         gguf_export.export_gguf(gguf_run, ["f16"], out=tmp_path / "gguf")
-    assert caught.value.code == "not_enough_disk" and "GiB" in caught.value.message
+    assert caught.value.code == "not_enough_disk" and "0 MiB is free" in caught.value.message
+    assert f"needs about {gguf_plan.size_text(plan_disk_bytes(gguf_run, ['f16']))} on the drive" in caught.value.message
     assert not (tmp_path / "gguf").exists()
+
+
+def plan_disk_bytes(run_dir: Path, quants: list[str]) -> int:
+    from qlora_engine.planning.model_shape import load_model_config
+
+    config = load_model_config(run_dir.parent / "model")
+    return gguf_plan.plan_for_config(config, quants, merged_exists=gguf_plan.merged_is_current(run_dir)).disk_bytes
 
 
 def test_a_file_failing_its_check_is_not_kept_and_the_earlier_export_stays(gguf_run, tmp_path, monkeypatch):
     out = tmp_path / "gguf"
-    first = gguf_export.export_gguf(gguf_run, ["bf16"], out=out)[0]
+    first = gguf_export.export_gguf(gguf_run, ["f16"], out=out)[0]
     before = Path(first.path).read_bytes()
     real_check = gguf_verify.check_gguf
     monkeypatch.setattr(gguf_verify, "check_gguf", lambda path, quant, ref: {
         **real_check(path, quant, ref), "ok": False, "problems": ["made to fail"]})
-    again = gguf_export.export_gguf(gguf_run, ["bf16"], out=out)[0]
+    again = gguf_export.export_gguf(gguf_run, ["f16"], out=out)[0]
     assert not again.ok and gguf_export.failures_error([again]).code == "export_mismatch"
     assert Path(first.path).read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == sorted([Path(first.path).name, Path(first.modelfile).name])
@@ -209,17 +217,18 @@ def test_a_killed_exports_temp_files_are_removed_and_a_running_ones_kept(tmp_pat
 
 def test_a_kill_during_a_gguf_export_keeps_the_earlier_file_and_the_next_export_tidies_up(gguf_run, tmp_path):
     out = tmp_path / "gguf"
-    earlier = Path(engine("export", str(gguf_run), "--gguf", "--quant", "bf16", "--out", str(out))[-1]["path"])
+    # f16: the file that passes its check on this random model (bf16's rounding flips a near-tie of its greedy answers)
+    earlier = Path(engine("export", str(gguf_run), "--gguf", "--quant", "f16", "--out", str(out))[-1]["path"])
     before = earlier.read_bytes()
-    command = [sys.executable, "-m", "qlora_engine", "export", str(gguf_run), "--gguf", "--quant", "f16,bf16",
+    command = [sys.executable, "-m", "qlora_engine", "export", str(gguf_run), "--gguf", "--quant", "bf16,f16",
                "--out", str(out), "--events", "jsonl"]
     engine_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     for line in engine_process.stdout:
-        if '"checking bf16' in line:  # f16 is in place; the new bf16 is a temp file being checked
+        if '"checking f16' in line:  # bf16 is done with; the new f16 is a temp file being checked
             engine_process.kill()
             break
     engine_process.wait(timeout=60)
     assert earlier.read_bytes() == before
     assert [p.name for p in out.glob(".tmp-*")], "the killed export left its temp file"
-    engine("export", str(gguf_run), "--gguf", "--quant", "bf16", "--out", str(out))
+    engine("export", str(gguf_run), "--gguf", "--quant", "f16", "--out", str(out))
     assert not list(out.glob(".tmp-*")) and earlier.is_file()
