@@ -111,15 +111,16 @@ def adapters_main(out: Path, only: list[str] | None = None, train: bool = True) 
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | weight error (mean rel. Frobenius) | eval loss step 0 (16-bit) | eval loss after "
-             "steps | held-out accuracy | trainable params | linear weights | peak RSS |",
+    """The README table; the 16-bit model's eval loss (one number for every variant) goes in the text above it."""
+    lines = ["| variant | weight error (mean rel. Frobenius) | eval loss at step 0 | eval loss after the steps "
+             "| held-out accuracy | trainable params | linear weights | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         trained = "eval_loss_final" in r
         accuracy = "n/a" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.0%}"
         final = f"{r['eval_loss_final']:.4f} ({r['steps']})" if trained else "not run"
         lines.append(f"| {r['variant']} | {r['weight_relative_error']:.4f} | {r['eval_loss_step0']:.4f} "
-                     f"({r['eval_loss_16bit']:.4f}) | {final} | {accuracy if trained else 'not run'} "
+                     f"| {final} | {accuracy if trained else 'not run'} "
                      f"| {r['trainable_params']:,} | {r['linear_weight_bytes'] / 2**20:.1f} MiB "
                      f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(lines) + "\n"
@@ -137,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         print(json.dumps(run_variant(args.variant, train=not args.step0)))
         return 0
-    if args.table:
-        rows = [json.loads(line) for line in Path(args.out).read_text(encoding="utf-8").splitlines() if line]
-        print(markdown_table(rows), end="")
+    if args.table:  # --out may name several files (comma list): a variant's later rows complete its earlier ones
+        merged: dict[str, dict[str, Any]] = {}
+        for file in args.out.split(","):
+            for line in Path(file).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    merged.setdefault(row["variant"], {}).update(row)
+        print(markdown_table([merged[name] for name in VARIANTS if name in merged]), end="")
         return 0
     return adapters_main(Path(args.out), args.only.split(",") if args.only else None, train=not args.step0)
 
