@@ -6,6 +6,7 @@ Every RunConfig field is a `--kebab-case` flag of `train`, generated from the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run (or resume) a QLoRA fine-tune")
     train.add_argument("config_file", nargs="?", help="run config YAML (flags override its values)")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    train.add_argument("--torchrun", default="", metavar="OPTIONS",
+                       help="with --nproc N > 1: torchrun's own options instead of --standalone, e.g. for two machines "
+                            "\"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN\"")
     add_events_flag(train)
     add_config_flags(train)
 
@@ -274,28 +278,38 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from qlora_engine.training import loop
+    from qlora_engine.training import distributed, loop
 
     events = EventWriter(None, human=args.events == "human")
-    cfg = None
+    cfg, run_dir, ranks = None, None, distributed.Ranks()
     try:
         cfg, run_dir = resolve_train_config(args)
+        if cfg.nproc > 1 and not distributed.in_torchrun():
+            from qlora_engine.training import launch
+
+            return launch.launch_train(cfg, run_dir, args.events, args.resume, args.torchrun)
+        ranks = distributed.setup(cfg.device)  # inside torchrun: one of its ranks (the launcher holds the lock)
         run_dir.mkdir(parents=True, exist_ok=True)
-        library_log.write_to(run_dir / library_log.LOG_FILE)
-        cfg.save(run_dir / "config.yaml")
-        events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
+        if ranks.is_main:
+            library_log.write_to(run_dir / library_log.LOG_FILE)
+            cfg.save(run_dir / "config.yaml")
+            events = EventWriter(run_dir / "events.jsonl", human=args.events == "human")
+        else:
+            events = EventWriter(None, stream=None)  # events come from rank 0 only
         stop = loop.StopRequest()
         stop.install()
-        with RunLock(run_dir):
-            result = loop.run_training(cfg, run_dir, events, resume=args.resume, stop=stop)
+        with RunLock(run_dir) if not ranks.several else contextlib.nullcontext():
+            result = loop.run_training(cfg, run_dir, events, resume=args.resume, ranks=ranks,
+                                       stop=distributed.AgreedStop(stop, ranks, run_dir) if ranks.several else stop)
     except BaseException as exc:  # every failure becomes an error event
         if is_cuda_oom(exc):
             last = events.last_of_kind.get("step")
             last_step = last.step if isinstance(last, ev.Step) else 0
             exc = cuda_oom_error(exc, cfg, last_step + 1)
-        return report_failure(events, exc)
+        return distributed.report_rank_failure(events, exc, ranks, run_dir, report_failure)
     finally:
         events.close()
+        distributed.teardown()
     return 0 if result["status"] in ("finished", "stopped") else 1
 
 

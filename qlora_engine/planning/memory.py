@@ -501,11 +501,31 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
                           f"DoRA's weight norm of the largest adapted matrix ({_millions(largest)} weights): its "
                           "dequantized 16-bit copy, B @ A and their sum in fp32, one layer at a time (from peft's "
                           "code; not measured on a GPU yet)"))
+    terms = _per_gpu_terms(terms, shape, run) if run.nproc > 1 else terms
     linear_params = shape.num_layers * sum(linear.params for linear in shape.decoder_linears())
     embedding_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
     return Estimate(terms=terms, approximate=bool(reasons), reasons=reasons,
                     warnings=_warnings(shape, run), total_params=linear_params + embedding_params,
                     trainable_params=lora.params)
+
+
+FSDP_SHARDED_TERMS = ("nf4_weights", "quant_constants", "lora_weights", "lora_gradients", "optimizer_states")
+
+
+def _per_gpu_terms(terms: list[Term], shape: ModelShape, run: RunConfig) -> list[Term]:
+    """What one of nproc cards holds (the peak is per GPU). ddp: the whole run, at micro_batch_size per card, plus
+    the flat fp32 copy of the adapter's gradients the all-reduce sums. fsdp: the decoder layers' 4-bit weights and
+    constants, the adapter, its gradients and optimizer states split nproc ways, plus two layers' weights gathered
+    whole (the one running and the next, prefetched). Counted from the layout; NCCL's own buffers not measured."""
+    if run.parallel == "ddp":
+        lora_bytes = next(term.bytes for term in terms if term.name == "lora_weights")
+        return [*terms, Term("ddp_gradient_buffer", lora_bytes, f"the adapter's gradients in one fp32 buffer, "
+                             f"summed over the {run.nproc} processes (all-reduce); each card holds the whole model")]
+    sharded = [Term(t.name, -(-t.bytes // run.nproc), f"{t.note}; split over {run.nproc} cards (FSDP)")
+               if t.name in FSDP_SHARDED_TERMS else t for t in terms]
+    layer_bytes = sum(t.bytes for t in terms if t.name in ("nf4_weights", "quant_constants")) // shape.num_layers
+    return [*sharded, Term("fsdp_gathered_layers", 2 * layer_bytes, "two decoder layers' 4-bit weights gathered "
+                           "whole at a time (the running one and the prefetched next)")]
 
 
 def _warnings(shape: ModelShape, run: RunConfig) -> list[str]:

@@ -105,6 +105,9 @@ class Step(Event):
     eta_s: float = 0.0
     vram: dict[str, int] = field(default_factory=dict)
     skipped_steps: int = 0  # fp16: steps so far whose gradients overflowed, skipped by the loss scaler
+    # several processes (nproc > 1): each rank's memory, rank 0 first; CUDA: max_reserved, gpu_used, gpu_total;
+    # CPU: max_rss (the process's peak resident bytes). Empty for one process.
+    rank_vram: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,7 @@ from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
-from qlora_engine.training import checkpoints, compare, data, resume_rules
+from qlora_engine.training import checkpoints, compare, data, distributed, resume_rules
 from qlora_engine.training.batch_order import Batcher
 
 ADAPTER_TMP_PREFIX, ADAPTER_OLD_PREFIX = ".tmp-adapter-", ".old-adapter-"
@@ -204,19 +204,25 @@ def seed_everything(seed: int) -> None:
 
 def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trainable: list[torch.nn.Parameter],
                   optimizer: torch.optim.Optimizer, max_grad_norm: float, chunked_loss: bool = True,
-                  scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                  scaler: torch.amp.GradScaler | None = None,
+                  ranks: distributed.Ranks | None = None) -> tuple[float, float]:
     """One optimizer step over the micro-batches; the loss is the mean over every trained token of the step.
 
     A non-finite loss skips the update (the caller decides what to do), so the weights stay the last good ones.
     With a `scaler` (fp16) the loss is scaled before backward so small gradients don't underflow; a step whose
     gradients overflowed is skipped and the scale lowered (the caller sees it as a lower `scaler.get_scale()`).
+    With several `ranks` each holds its share of the step's micro-batches: the loss is divided by the trained tokens
+    of all ranks, and the adapter's gradients and the loss are summed over ranks before clipping and the update.
     """
-    items = sum(trained_tokens(b) for b in micro_batches)
+    ranks = ranks or distributed.Ranks()
+    items = ranks.sum_int(sum(trained_tokens(b) for b in micro_batches))
     step_loss = 0.0
     for batch in micro_batches:
         loss = lm_loss.causal_lm_loss(model, batch, items, chunked=chunked_loss)
         (loss if scaler is None else scaler.scale(loss)).backward()
         step_loss += float(loss.detach())
+    ranks.sum_gradients(trainable)
+    step_loss = ranks.sum_float(step_loss)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
@@ -281,8 +287,11 @@ def total_steps_for(cfg: RunConfig, batches_per_epoch: int) -> int:
 
 
 def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: bool = False,
-                 stop: StopRequest | None = None) -> dict[str, Any]:
+                 stop: StopRequest | None = None, ranks: distributed.Ranks | None = None) -> dict[str, Any]:
+    """The run; with several `ranks` (inside torchrun) each trains its share of every micro-batch, and only rank 0
+    evaluates and writes checkpoints and the adapter (the caller gives the other ranks an EventWriter to nowhere)."""
     stop = stop or StopRequest()
+    ranks = ranks or distributed.Ranks()
     started_s = time.time()
     device = loading.resolve_device(cfg.device)
     compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
@@ -295,7 +304,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     source = loading.resolve_model(cfg.model, cfg.allow_pickle, on_download=events.emit)
     tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
     prepared = prepare_data(cfg, tokenizer)
-    batcher = Batcher(prepared.train_examples, cfg.micro_batch_size, cfg.seed, tokenizer.pad_token_id,
+    batcher = Batcher(prepared.train_examples, cfg.micro_batch_size * ranks.world, cfg.seed, tokenizer.pad_token_id,
                       first_step_batches=cfg.grad_accum, packed=cfg.packing)
     total_steps = total_steps_for(cfg, batcher.batches_per_epoch)
     _emit_data_ready(events, prepared, total_steps)
@@ -304,6 +313,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     model = build_model(cfg, source.path, device, compute_dtype, run_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep_trainable_fp32(trainable)
+    ranks.broadcast_parameters(trainable)
     events.emit(ev.ModelLoaded(model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device)))
@@ -316,24 +326,27 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     if resume:
         state = resume_from_checkpoint(cfg, run_dir, model, optimizer, scheduler, scaler, events)
 
-    def save(step_state: checkpoints.TrainerState) -> Path:
+    def save(step_state: checkpoints.TrainerState) -> Path | None:
+        if not ranks.is_main:  # one copy of each checkpoint, from rank 0
+            return None
         path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state, cfg.to_dict(), scaler)
         events.emit(ev.Checkpoint(step=step_state.step, path=str(path)))
         return path
 
     model.train()
-    if prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
+    if ranks.is_main and prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
         _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, 0)
     step_times_s: list[float] = []
     last_loss = float("nan")
     eval_loss = None
     while state.step < total_steps:
         step_started_s = time.time()
-        micro_batches = [micro_batch(batcher.batch(state.micro_index + k), cfg, batcher.pad_id, device)
-                         for k in range(cfg.grad_accum)]
+        ranks.dropout_seed(cfg.seed, state.step)
+        shares = [ranks.share(batcher.batch(state.micro_index + k)) for k in range(cfg.grad_accum)]
+        micro_batches = [micro_batch(rows, cfg, batcher.pad_id, device) for rows in shares if rows]
         scale_before = scaler.get_scale() if scaler is not None else 0.0
         step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm,
-                                             cfg.chunked_loss, scaler=scaler)
+                                             cfg.chunked_loss, scaler=scaler, ranks=ranks)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
                               advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
@@ -346,16 +359,18 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         state.micro_index += cfg.grad_accum
         last_loss = step_loss
         step_times_s.append(time.time() - step_started_s)
-        tokens = sum(packing.real_tokens(b) for b in micro_batches)
+        tokens = ranks.sum_int(sum(packing.real_tokens(b) for b in micro_batches))
+        rank_vram = ranks.gather(distributed.rank_memory(device)) if ranks.several else []
         events.emit(ev.Step(step=state.step, total_steps=total_steps,
                     epoch=round(state.micro_index / batcher.batches_per_epoch, 4), loss=round(step_loss, 5),
                     lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm, 5),
                     tokens_per_s=round(tokens / step_times_s[-1], 1),
                     eta_s=round(_mean_recent(step_times_s) * (total_steps - state.step), 1),
-                    vram=vram_figures(device), skipped_steps=state.skipped_steps))
+                    vram=vram_figures(device), skipped_steps=state.skipped_steps, rank_vram=rank_vram))
         if state.step == 1:  # the run's largest micro-batches just ran: the peak the rest of the run stays under
             events.emit(fit_check(micro_batches, estimate_bytes, device))
-        if prepared.val_examples and cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps:
+        evaluate_now = cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps
+        if ranks.is_main and prepared.val_examples and evaluate_now:
             eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
@@ -364,6 +379,8 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
             events.emit(ev.Stopped(step=state.step, checkpoint=str(path)))
             return {"status": "stopped", "step": state.step}
 
+    if not ranks.is_main:
+        return {"status": "finished", "step": state.step, "eval_loss": None, "comparison": None}
     if prepared.val_examples:
         eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
     save(state)

@@ -15,6 +15,8 @@ DATA_ORDER_OPTIONS = ("data", "data_format", "val_data", "val_fraction", "bad_ro
                       "micro_batch_size", "grad_accum", "packing", "seed")
 ADAPTER_OPTIONS = ("model", "lora_r", "lora_alpha", "target_modules", "init_lora", "loftq_iters", "use_dora",
                    "use_rslora", "quant_type", "double_quant", "precision_budget_bits", "optimizer")
+# How the run is spread over processes: each rank's share of a micro-batch and the dropout streams depend on it.
+LAYOUT_OPTIONS = ("nproc", "parallel")
 # Safe: the run goes on from the same weights, optimizer state and data position. The learning-rate options take
 # effect from the resumed step on (a lower learning rate after a NaN loss is the usual reason to resume).
 SAFE_OPTIONS = ("max_steps", "epochs", "eval_steps", "save_steps", "compare_questions", "run_dir", "device",
@@ -28,6 +30,8 @@ def _why_refused(name: str) -> str:
         return "changes the data order"
     if name in ADAPTER_OPTIONS:
         return "changes the adapter or what it was trained on"
+    if name in LAYOUT_OPTIONS:
+        return "changes how the run is split over processes: resume with the same number of processes"
     return "is not known to be safe to change on resume"
 
 
