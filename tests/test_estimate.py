@@ -37,9 +37,10 @@ def run(**changes) -> RunConfig:
     """A run config without gradient accumulation unless asked: the memory cases below are written for it."""
     # The memory model of peft's layer-by-layer path with padded batches and full logits unless a test says
     # otherwise; the engine's default speed switches are tested on their own below.
-    # (and uncompiled: the compiled layers have constants of their own, tested below)
+    # (and uncompiled: the compiled layers have constants of their own, tested below), with the paged 8-bit
+    # optimizer (the default when these cases were written; the others are tested by name)
     return RunConfig(**{"grad_accum": 1, "packing": False, "chunked_loss": False, "fused_lora": False,
-                        "compile_layers": False, **changes}).validate()
+                        "compile_layers": False, "optimizer": "paged_adamw_8bit", **changes}).validate()
 
 
 def gib_of(estimate: Estimate, *names: str) -> float:
@@ -318,9 +319,24 @@ def test_verdict_is_tight_within_ten_percent_of_free_memory():
     assert fit_verdict(estimate, int(estimate.peak_bytes * 0.95)) == "won't fit"
 
 
-def test_a_run_that_fits_needs_no_fixes():
-    advice = advise(config("smollm2-135m"), run(), 24 * GIB)
+def test_a_run_that_fits_needs_no_fixes_only_speed_it_can_afford():
+    """A run that fits gets no memory-saving fixes; on a GPU, the speed switches measured on the H200 that still fit
+    (each a cost: a negative saving), both together first; on the CPU, none."""
+    advice = advise(config("smollm2-135m"), run(device="cpu"), 24 * GIB)
     assert advice.verdict == "fits" and advice.fixes == []
+    model = config("llama-3.1-8b")
+    gpu_run = run(device="cuda", compile_layers=True, max_length=2048, micro_batch_size=1)
+    advice = advise(model, gpu_run, 24 * GIB)
+    assert advice.verdict == "fits"
+    assert [fix.config_changes for fix in advice.fixes] == [
+        {"optimizer": "adamw", "activation_memory_budget": 0.25}, {"optimizer": "adamw"},
+        {"activation_memory_budget": 0.25}]
+    for fix in advice.fixes:
+        changed = dataclasses.replace(gpu_run, **fix.config_changes)
+        assert fix.fits_after and fit_verdict(estimate_peak(model, changed), 24 * GIB) == "fits"
+        assert fix.saving_bytes == advice.peak_bytes - estimate_peak(model, changed).peak_bytes < 0
+    tight = advise(model, gpu_run, int(12.5 * GIB))  # room for the optimizer's 0.23 GiB, not for the budget's 5 GiB
+    assert [fix.config_changes for fix in tight.fixes] == [{"optimizer": "adamw"}]
 
 
 def test_every_fix_marked_as_fitting_fits_when_re_estimated():

@@ -4,6 +4,7 @@ through the engine client (app/engine_requests.py) so the window never waits for
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 from typing import Any
 
@@ -217,7 +218,10 @@ class FitPage(Page):
                        total_bytes: int | None) -> None:
         self._show_verdict(advice.verdict)
         approximate = " (approximate: " + "; ".join(peak.reasons) + ")" if peak.approximate else ""
-        self.headline.setText(f"Estimated peak {gib(peak.peak_bytes)} of {gib(free_bytes)} free{approximate}.")
+        config = self.session.config
+        per_card = f" per card ({config.nproc} processes, {config.parallel})" if config.nproc > 1 else ""
+        self.headline.setText(f"Estimated peak {gib(peak.peak_bytes)}{per_card} of {gib(free_bytes)} free"
+                              f"{approximate}.")
         segments = [BarSegment(TERM_NAMES.get(t.name, t.name), t.bytes, TERM_COLORS[i % len(TERM_COLORS)])
                     for i, t in enumerate(peak.terms)]
         self.bar.set_data(segments, free_bytes, total_bytes)
@@ -226,6 +230,27 @@ class FitPage(Page):
         self._show_terms(peak, segments)
         self._show_fixes(advice)
         self.precision.show_for(peak, free_bytes)
+        self._ask_about_sharding(advice)
+
+    def _ask_about_sharding(self, advice: Advice) -> None:
+        """A run that fits no single card, on a machine with several: the per-card peak with the 4-bit weights
+        sharded over all of them (parallel: fsdp), said under the limits."""
+        cards = len(self.session.gpu_report.gpus) if self.session.gpu_report else 0
+        if advice.verdict != "won't fit" or cards < 2 or self.session.config.parallel == "fsdp":
+            return
+        free_bytes, _ = self.free_and_total_bytes()
+        sharded = dataclasses.replace(self.session.config, nproc=cards, parallel="fsdp")
+        self.session.engine.run(EstimateFit(self.model_to_plan(), sharded, free_bytes, self.target.currentText()),
+                                owner=self, done=lambda report: self._show_sharding(report, cards),
+                                failed=lambda _error: None)
+
+    def _show_sharding(self, report: EstimateReport, cards: int) -> None:
+        fits = report.advice.verdict != "won't fit"
+        self.limits.setText(self.limits.text() + f"<br>Sharding is needed: no single card holds this run. With the "
+                            f"4-bit weights split over the {cards} cards (parallel: fsdp) each needs "
+                            f"{gib(report.estimate.peak_bytes)}: " + (f"it fits on {cards} cards." if fits else
+                            f"still too large for {cards} cards.") + " (This version can't start a sharded run yet: "
+                            "its checkpoints are still to come.)")
 
     def _show_terms(self, peak: Estimate, segments: list[BarSegment]) -> None:
         self.table.setRowCount(len(peak.terms))
@@ -246,9 +271,12 @@ class FitPage(Page):
             if widget is not None:
                 widget.hide()
                 widget.deleteLater()
-        self.fixes_title.setText("<b>What would help</b>" if advice.fixes else
-                                 "<b>No changes needed.</b> Fit to my GPU can still use spare memory for larger "
-                                 "batches.")
+        if advice.verdict == "fits":
+            self.fixes_title.setText("<b>No changes needed.</b> Spare memory can make the steps faster:"
+                                     if advice.fixes else "<b>No changes needed.</b> Fit to my GPU can still use "
+                                     "spare memory for larger batches.")
+        else:
+            self.fixes_title.setText("<b>What would help</b>" if advice.fixes else "")
         for fix in advice.fixes[:5]:
             self.fix_rows.addWidget(self._fix_row(fix))
 
@@ -257,9 +285,12 @@ class FitPage(Page):
         row = card()
         layout = QHBoxLayout(row)
         layout.setContentsMargins(10, 4, 6, 4)
-        outcome = "fits after this" if fix.fits_after else "helps, but not enough alone"
-        description = QLabel(f"{html.escape(fix.description)} — saves <b>{size(fix.saving_bytes)}</b>, {outcome}",
-                             wordWrap=True)
+        if fix.saving_bytes < 0:  # a speed change for a run that fits: it costs spare memory
+            text = f"{html.escape(fix.description)} — costs <b>{size(-fix.saving_bytes)}</b>, still fits"
+        else:
+            outcome = "fits after this" if fix.fits_after else "helps, but not enough alone"
+            text = f"{html.escape(fix.description)} — saves <b>{size(fix.saving_bytes)}</b>, {outcome}"
+        description = QLabel(text, wordWrap=True)
         apply = QPushButton("Apply", objectName="apply_fix")
         apply.setToolTip("Changes " + ", ".join(f"{k} → {v}" for k, v in fix.config_changes.items()))
         apply.clicked.connect(lambda _checked=False, changes=fix.config_changes: self.apply_changes(changes))

@@ -154,8 +154,8 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) 
     from qlora_engine.training import loop
 
     switches = engine_switches(stack)
-    if switches is not None:
-        cfg = dataclasses.replace(cfg, **switches).validate()
+    if switches is not None:  # the engine's own optimizer default unless the stack names one
+        cfg = dataclasses.replace(cfg, optimizer=RunConfig().optimizer, **switches).validate()
         model = loop.attach_lora(base, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = loop.build_optimizer(cfg, trainable)
@@ -426,7 +426,8 @@ def speed_worker(job_json: str) -> int:
 
 
 def bench_config(device: str, max_length: int, lora_dropout: float = 0.0, compute_dtype: str = "") -> RunConfig:
-    """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit.
+    """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit
+    (the plain recipe's and Unsloth's; the engine's stacks take the engine's own optimizer default, setup_stack).
     LoRA dropout 0 by default, so that every stack computes the same function and the loss curves can be held
     against each other (each stack draws its dropout masks its own way)."""
     return RunConfig(device=device, max_length=max_length, micro_batch_size=1, grad_accum=1, lora_r=16,

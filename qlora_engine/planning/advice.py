@@ -126,9 +126,41 @@ def advise(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> Adv
                              _fits(model_config, changed, free_bytes)))
         fixes.sort(key=lambda fix: (not fix.fits_after, -fix.saving_bytes))
         fixes = _combined_fix(model_config, run, free_bytes, fixes) + fixes
+    else:
+        fixes = _speed_fixes(model_config, run, free_bytes, peak_bytes)
     return Advice(verdict=verdict, peak_bytes=peak_bytes, free_bytes=free_bytes,
                   max_length_that_fits=max_length_that_fits(model_config, run, free_bytes),
                   batch_that_fits=batch_that_fits(model_config, run, free_bytes), fixes=fixes)
+
+
+# Spare memory spent on speed, each measured on an H200 (Llama-3.1-8B, 1 x 2048 tokens, README "Where the engine's
+# step time went"): the fused AdamW 1.16x the paged 8-bit optimizer's tokens/s, the activation memory budget 0.25
+# 1.14x alone and 1.22x on top of the fused AdamW.
+SPEED_SWITCHES = (("fused AdamW (optimizer adamw): one kernel updates every LoRA tensor; measured 1.16x faster steps",
+                   {"optimizer": "adamw"}),
+                  ("keep a quarter of each layer's activations for the backward (activation_memory_budget 0.25) "
+                   "instead of recomputing them; measured 1.14-1.22x faster steps", {"activation_memory_budget": 0.25}))
+
+
+def _speed_fixes(model_config: dict[str, Any], run: RunConfig, free_bytes: int, peak_bytes: int) -> list[Fix]:
+    """For a run that fits: the changes that make its steps faster and still fit, each with what it costs
+    (a negative saving). Only on a GPU: the compiled layers and the fused optimizer are CUDA's."""
+    if run.device == "cpu":
+        return []
+    wanted = [(description, changes) for description, changes in SPEED_SWITCHES
+              if any(getattr(run, name) != value for name, value in changes.items())
+              and ("activation_memory_budget" not in changes or (run.compile_layers and run.gradient_checkpointing
+                                                                 and not run.use_dora))]
+    if len(wanted) == 2:  # both together first, where both fit
+        both = {**wanted[0][1], **wanted[1][1]}
+        wanted.insert(0, (f"both: {describe_changes(both)}", both))
+    fixes = []
+    for description, changes in wanted:
+        changed = _with(run, **changes)
+        if _fits(model_config, changed, free_bytes):
+            fixes.append(Fix(description, peak_bytes - estimate_peak(model_config, changed).peak_bytes, changes,
+                             True))
+    return fixes
 
 
 def _combined_fix(model_config: dict[str, Any], run: RunConfig, free_bytes: int,

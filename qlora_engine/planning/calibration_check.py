@@ -40,7 +40,9 @@ def row_run_config(row: dict[str, Any]) -> RunConfig:
     # Rows measured before the speed switches existed ran peft's path with padded batches and full logits.
     earlier_engine = {"packing": False, "chunked_loss": False, "fused_lora": False, "compile_layers": False,
                       "fp32_residual": False}
-    values = {"compute_dtype": "bf16", **earlier_engine, **{name: row[name] for name in names if name in row}}
+    # and every row so far ran the paged 8-bit optimizer, the default until 2026-12-02
+    values = {"compute_dtype": "bf16", "optimizer": "paged_adamw_8bit", **earlier_engine,
+              **{name: row[name] for name in names if name in row}}
     run = RunConfig(**values).validate()
     if run.packing and run.micro_batch_size > 1:
         # packed, the step held one row of the micro-batch's real tokens, fewer than batch x max_length (the bench's

@@ -116,10 +116,13 @@ class RunConfig:
                                           memory="The 4-bit weights term becomes this many bits per weight.",
                                           group="quantization", minimum=0.0, maximum=16.0)
     # --- optimization ---
-    optimizer: str = option("paged_adamw_8bit", "Optimizer for the LoRA weights.",
-                            choices=("paged_adamw_8bit", "paged_adamw_32bit", "adamw"),
-                            memory="8-bit states use a quarter of 32-bit; paged states move to CPU RAM under "
-                            "memory pressure.")
+    optimizer: str = option("adamw", "Optimizer for the LoRA weights: adamw = torch's AdamW, fused into one "
+                            "kernel on CUDA (measured 1.16x the paged 8-bit optimizer's speed, Llama-3.1-8B, "
+                            "H200); paged_adamw_8bit = the QLoRA paper's bitsandbytes optimizer, one kernel per "
+                            "tensor.", choices=("adamw", "paged_adamw_8bit", "paged_adamw_32bit"),
+                            memory="adamw keeps 8 bytes per LoRA parameter (0.3 GiB for Llama-3.1-8B at r 16); "
+                            "8-bit states use a quarter of that; paged states move to CPU RAM under memory "
+                            "pressure.")
     learning_rate: float = option(1e-3, "Peak learning rate.", minimum=0.0)
     lr_scheduler: str = option("cosine", "Learning-rate schedule after warmup.",
                                choices=("cosine", "linear", "constant"))
@@ -169,6 +172,16 @@ class RunConfig:
                                     minimum=0)
     device: str = option("auto", "Where to train: auto = CUDA if available, else CPU.",
                          choices=("auto", "cuda", "cpu"), group="run")
+    nproc: int = option(1, "Processes to train in, one per GPU (CPU: gloo, CUDA: nccl, one card each), started "
+                        "through torchrun; 1 = this process alone.", memory="ddp: each card holds the whole "
+                        "model, the batch per card stays; fsdp: the 4-bit weights are split over the cards.",
+                        group="run", minimum=1)
+    parallel: str = option("ddp", "How several processes share the work (nproc > 1): ddp = each holds the 4-bit "
+                           "model and the adapter, trains its share of every micro-batch and the adapter's "
+                           "gradients are summed; fsdp = the 4-bit weights are sharded over the processes (FSDP2, "
+                           "one unit per decoder layer), for a model no single card holds.",
+                           choices=("ddp", "fsdp"), memory="fsdp: the weights term divided by nproc.",
+                           group="run")
 
     # ---------------------------------------------------------------- helpers
     @classmethod

@@ -203,6 +203,22 @@ def test_fit_page_offers_fixes_that_apply_with_one_click(window, qtbot, screensh
     assert window.session.config.gradient_checkpointing is True
 
 
+def test_fit_page_offers_spare_memory_for_speed_when_the_run_fits(window, qtbot, screenshot):
+    """A run that fits: the speed switch measured on the H200 that still fits, with what it costs, one click."""
+    window.show_page("fit")
+    window.session.update_config(optimizer="adamw", activation_memory_budget=0.0)
+    plan_for_gib(qtbot, window, 8)
+    page = window.pages["fit"]
+    assert page.verdict.text() == "Fits"
+    assert "Spare memory can make the steps faster" in page.fixes_title.text()
+    buttons = [b for b in page.findChildren(QPushButton, "apply_fix") if b.isVisible()]
+    budget = next(b for b in buttons if "activation_memory_budget" in b.parent().findChild(QLabel).text())
+    assert "costs" in budget.parent().findChild(QLabel).text()
+    screenshot(window, "fit-spare-memory")
+    budget.click()
+    assert window.session.config.activation_memory_budget == 0.25
+
+
 def test_fit_to_my_gpu_makes_the_run_fit(window, qtbot):
     window.session.update_config(micro_batch_size=16, max_length=4096)
     plan_for_gib(qtbot, window, 2)
