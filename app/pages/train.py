@@ -4,6 +4,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QButtonGroup,
+    QComboBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -50,6 +51,7 @@ class TrainPage(Page):
         self.session = session
         self.presets = load_presets()
         self.body.addLayout(self._build_presets())
+        self.body.addLayout(self._build_gpus_row())
         self.body.addWidget(QLabel("◆ changes how much GPU memory the run needs. Hover any option for its "
                                    "explanation.", objectName="muted"))
         self.form = ConfigForm()
@@ -63,6 +65,8 @@ class TrainPage(Page):
         self.body.addLayout(self._build_start_row())
         session.config_changed.connect(self._show_config)
         session.training_changed.connect(self._show_training)
+        session.gpu_changed.connect(self._show_gpus)
+        self._show_gpus()
         self._show_config()
 
     def _build_presets(self) -> QHBoxLayout:
@@ -75,6 +79,41 @@ class TrainPage(Page):
             self.preset_buttons.addButton(button)
             row.addWidget(button, 1)
         return row
+
+    def _build_gpus_row(self) -> QHBoxLayout:
+        """GPUs: how many of the detected cards the run uses (nproc; several start through torchrun)."""
+        row = QHBoxLayout()
+        self.gpus = QComboBox(objectName="gpus")
+        self.gpus.setToolTip("Several cards: one engine process per card through torchrun (parallel: ddp = each "
+                             "holds the model and trains its share of every batch; fsdp = the 4-bit weights are "
+                             "split over the cards).")
+        self.gpus.activated.connect(lambda index: self.session.update_config(nproc=self.gpus.itemData(index)))
+        row.addWidget(QLabel("GPUs"))
+        row.addWidget(self.gpus, 1)
+        return row
+
+    def _show_gpus(self) -> None:
+        report = self.session.gpu_report
+        cards = report.gpus if report is not None else []
+        self.gpus.clear()
+        if not cards:
+            self.gpus.addItem("no NVIDIA GPU detected: one process on the CPU", 1)
+        for count in range(1, len(cards) + 1):
+            names = ", ".join(f"{gpu.index}: {gpu.name}" for gpu in cards[:count])
+            self.gpus.addItem(f"{count} of {len(cards)} ({names})" + (" — through torchrun" if count > 1 else ""),
+                              count)
+        self.gpus.setEnabled(len(cards) > 1)
+        self._select_gpus(self.session.config.nproc)
+
+    def _select_gpus(self, nproc: int) -> None:
+        detected = max(len(self.session.gpu_report.gpus) if self.session.gpu_report else 0, 1)
+        while self.gpus.count() > detected:  # an earlier "set in the options" entry
+            self.gpus.removeItem(self.gpus.count() - 1)
+        index = self.gpus.findData(nproc)
+        if index < 0:  # more processes than detected cards (the CPU, or several machines): say so, keep it
+            self.gpus.addItem(f"{nproc} processes (set in the options)", nproc)
+            index = self.gpus.count() - 1
+        self.gpus.setCurrentIndex(index)
 
     def _build_start_row(self) -> QHBoxLayout:
         row = QHBoxLayout()
@@ -96,6 +135,7 @@ class TrainPage(Page):
     def _show_config(self) -> None:
         config = self.session.config
         self.form.set_values(config)
+        self._select_gpus(config.nproc)
         for button, preset in zip(self.preset_buttons.buttons(), self.presets, strict=True):
             button.setChecked(preset.matches(config))
         steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epoch(s)"
@@ -103,7 +143,8 @@ class TrainPage(Page):
         data = "the sample data" if config.data == "sample" else config.data
         self.summary.setText(f"This run: {model} on {data}, {steps}, batch {config.micro_batch_size} × "
                              f"{config.grad_accum}, sequences up to {config.max_length} tokens, LoRA rank "
-                             f"{config.lora_r}.")
+                             f"{config.lora_r}" + (f", {config.nproc} processes ({config.parallel})"
+                                                   if config.nproc > 1 else "") + ".")
         self.banner.clear()
 
     def _show_training(self, running: bool) -> None:
