@@ -176,3 +176,16 @@ def test_query_answers_read_back_into_the_types_the_engine_printed(tiny_model_di
     assert failure.value.code == "model_not_found" and failure.value.advice
     with pytest.raises(EngineError, match="no model_info answer"):
         queries.read_answer("Traceback (most recent call last):", queries.ModelInfo)
+
+
+def test_the_terminal_lines_for_data_and_model_read_as_sentences():
+    """--events human: data_ready and model_loaded as a person reads them, not field dumps; every notice and the
+    first bad rows by file and line."""
+    line = ev.describe(ev.DataReady(train_rows=238, val_rows=26, total_steps=40, format="alpaca", mean_tokens=61.0,
+                                    max_tokens=76, not_target_rows=3, notices=["preference rows: SFT on chosen"],
+                                    bad_rows=[{"file": "a.jsonl", "line": 7, "reason": "no output"}]))
+    assert line.splitlines() == [
+        "data: 238 rows to train on, 26 to validate (alpaca), 40 steps; 61 tokens a row on average, 76 at most; "
+        "3 not trained on (label false)", "  note: preference rows: SFT on chosen", "  bad row a.jsonl:7: no output"]
+    assert ev.describe(ev.ModelLoaded(model="default", params=86_315_328, trainable_params=4_884_480)) == \
+        "model loaded: default (86.3 M parameters, 4.88 M trained)"

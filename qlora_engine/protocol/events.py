@@ -478,8 +478,31 @@ def describe(event: Event) -> str:
         return f"ERROR [{event.code}] {event.message}\n  what to do: {event.advice}"
     if isinstance(event, GgufExported):
         return _describe_gguf(event)
+    if isinstance(event, DataReady):
+        return _describe_data(event)
+    if isinstance(event, ModelLoaded):
+        return (f"model loaded: {event.model} ({event.params / 1e6:.1f} M parameters, "
+                f"{event.trainable_params / 1e6:.2f} M trained)")
     rest = {k: v for k, v in event.to_dict().items() if k not in ("v", "t", "kind")}
     return f"{event.kind}: " + ", ".join(f"{k}={v}" for k, v in rest.items())
+
+
+def _describe_data(event: DataReady) -> str:
+    """'data: 238 rows to train on, 26 to validate (alpaca), 40 steps; ...' then one line per notice and per bad row
+    (the first five), and each source's rows where there are several."""
+    shape = event.format + (f", detected {event.detected_format}" if event.detected_format not in ("", event.format)
+                            else "")
+    counts = [f"{n} {what}" for n, what in ((event.skipped_rows, "skipped"), (event.truncated_rows, "truncated"),
+                                             (event.not_target_rows, "not trained on (label false)")) if n]
+    lines = [f"data: {event.train_rows} rows to train on, {event.val_rows} to validate ({shape}), "
+             f"{event.total_steps} steps; {event.mean_tokens:.0f} tokens a row on average, {event.max_tokens} at most"
+             + (f"; {', '.join(counts)}" if counts else "")]
+    if len(event.sources) > 1:
+        lines += [f"  {source.get('file')}: {source.get('used_rows', source.get('rows'))} rows "
+                  f"({source.get('format')})" for source in event.sources]
+    lines += [f"  note: {notice}" for notice in event.notices]
+    lines += [f"  bad row {row.get('file', '')}:{row.get('line')}: {row.get('reason')}" for row in event.bad_rows[:5]]
+    return "\n".join(lines)
 
 
 def _describe_gguf(event: GgufExported) -> str:
