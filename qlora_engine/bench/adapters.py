@@ -22,8 +22,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pissa": {"init_lora": "pissa"}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
     "budget-4.25": {"precision_budget_bits": 4.25}, "budget-4.5": {"precision_budget_bits": 4.5},
 }
+# Pinned, not the defaults: a default that changes between two variants' runs would confound them.
 BASE_OPTIONS = {"model": "default", "data": "sample", "max_steps": 40, "seed": 42, "eval_steps": 0,
-                "compare_questions": 36, "device": "cpu", "compile_layers": False}
+                "compare_questions": 36, "device": "cpu", "compile_layers": False, "optimizer": "paged_adamw_8bit",
+                "lora_r": 16, "lora_alpha": 32, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3}
 
 
 def weight_error_and_bytes(model: Any) -> tuple[float, int]:
