@@ -257,3 +257,16 @@ def test_linux_launcher_installs_on_first_run_then_just_opens_the_window(tmp_pat
     assert resources.stdout.split() == ["True", "True"], (
         "the installed app does not find resources/: the wheel built from pyproject.toml must include it "
         f"{resources.stderr}")
+
+
+def test_every_python_package_is_in_the_wheel():
+    """pyproject lists its packages by hand: a new subpackage missing there works in an editable install (the
+    tests') and is absent from a real one."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(root).parts) for top in ("qlora_engine", "app")
+             for init in (root / top).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
