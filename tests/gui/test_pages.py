@@ -269,9 +269,9 @@ def test_preset_sets_only_its_options_and_shows_as_chosen(window, screenshot):
     page = window.pages["train"]
     window.session.update_config(seed=7)
     page.findChild(QPushButton, "preset_quick_test").click()
-    assert window.session.config.max_steps == 30 and window.session.config.seed == 7
+    assert window.session.config.max_steps == 40 and window.session.config.seed == 7
     assert page.findChild(QPushButton, "preset_quick_test").isChecked()
-    assert page.form.editors["max_steps"].value() == 30
+    assert page.form.editors["max_steps"].value() == 40
     screenshot(window, "train-normal")
 
 
