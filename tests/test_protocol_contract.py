@@ -189,3 +189,4 @@ def test_the_terminal_lines_for_data_and_model_read_as_sentences():
         "3 not trained on (label false)", "  note: preference rows: SFT on chosen", "  bad row a.jsonl:7: no output"]
     assert ev.describe(ev.ModelLoaded(model="default", params=86_315_328, trainable_params=4_884_480)) == \
         "model loaded: default (86.3 M parameters, 4.88 M trained)"
+    assert ev.describe(ev.Warning(message="resumed from step-40", step=40)) == "warning: resumed from step-40"

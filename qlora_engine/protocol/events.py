@@ -480,6 +480,8 @@ def describe(event: Event) -> str:
         return _describe_gguf(event)
     if isinstance(event, DataReady):
         return _describe_data(event)
+    if isinstance(event, Warning):
+        return f"warning: {event.message}"
     if isinstance(event, ModelLoaded):
         return (f"model loaded: {event.model} ({event.params / 1e6:.1f} M parameters, "
                 f"{event.trainable_params / 1e6:.2f} M trained)")
