@@ -73,10 +73,15 @@ class ModelPage(Page):
     def _build_choice(self) -> QWidget:
         box = card()
         layout = QVBoxLayout(box)
-        self.use_default = QRadioButton("Bundled default: SmolLM2-135M-Instruct (fast even on a CPU)")
-        self.use_hub = QRadioButton("A model on the Hugging Face Hub (ORG/NAME), kept in the HF cache")
-        self.use_folder = QRadioButton("A Hugging Face model folder (config.json + .safetensors files)")
-        self.use_gguf = QRadioButton("A .gguf file (converted to safetensors once, then cached)")
+        # short labels (the page must fit the smallest window at 150% scaling); the rest in each tooltip
+        self.use_default = QRadioButton("Bundled: SmolLM2-135M-Instruct")
+        self.use_default.setToolTip("The bundled default model: small, fast even on a CPU")
+        self.use_hub = QRadioButton("Hugging Face Hub: ORG/NAME")
+        self.use_hub.setToolTip("A model on the Hugging Face Hub, downloaded into the HF cache other tools share")
+        self.use_folder = QRadioButton("A model folder")
+        self.use_folder.setToolTip("A Hugging Face model folder: config.json, the tokenizer and .safetensors files")
+        self.use_gguf = QRadioButton("A .gguf file")
+        self.use_gguf.setToolTip("A .gguf file: converted to safetensors once, then cached")
         self.choice = QButtonGroup(self)
         for button in (self.use_default, self.use_hub, self.use_folder, self.use_gguf):
             self.choice.addButton(button)
