@@ -61,22 +61,22 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
     with qtbot.waitSignal(session.training.exited, timeout=STEP_S):
         window.stop_action.trigger()
     monitor.redraw()
-    assert monitor.state.status == "stopped" and monitor.state.step < 30
+    assert monitor.state.status == "stopped" and monitor.state.step < 40
     assert monitor.resume_button.isEnabled()
 
     with qtbot.waitSignal(session.training.exited, timeout=STEP_S):
         monitor.resume_button.click()
     monitor.redraw()
     assert monitor.state.status == "finished", monitor.log.toPlainText()[-2000:]
-    assert list(monitor.state.series["loss"].x) == list(range(1, 31))
-    assert monitor.stat_values["step"].text() == "30 / 30", "the real engine's total reaches the Monitor"
+    assert list(monitor.state.series["loss"].x) == list(range(1, 41))
+    assert monitor.stat_values["step"].text() == "40 / 40", "the real engine's total reaches the Monitor"
     screenshot(window, "whole-run-monitor")
 
     window.show_page("runs")
     runs = window.pages["runs"]
     runs.refresh()
     row = next(r for r in range(runs.table.rowCount()) if runs.table.item(r, 0).text() == session.run_dir.name)
-    assert runs.table.item(row, 3).text() == "30 / 30", "the Runs page reads the total the real engine sends"
+    assert runs.table.item(row, 3).text() == "40 / 40", "the Runs page reads the total the real engine sends"
     screenshot(window, "whole-run-runs")
 
     window.show_page("chat")
