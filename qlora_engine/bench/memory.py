@@ -50,6 +50,12 @@ def grid_runs(only: set[str] | None = None, per_model: int = 0) -> dict[str, lis
     return by_model
 
 
+def micro_batch_lengths(cfg: RunConfig) -> list[int]:
+    """The bench's rows: the first at full length, the others a quarter shorter (calibration_check restates this
+    rule for rows measured before they carried step_tokens; planning can't import the bench)."""
+    return [cfg.max_length] + [(3 * cfg.max_length) // 4] * (cfg.micro_batch_size - 1)
+
+
 def random_micro_batch(cfg: RunConfig, vocab_size: int, generator: Any) -> dict[str, Any]:
     """Row 0 at full length, the others a quarter shorter: what real data looks like to the engine, which pads
     them to the longest (or packs them end to end, with packing on)."""
@@ -58,7 +64,7 @@ def random_micro_batch(cfg: RunConfig, vocab_size: int, generator: Any) -> dict[
     from qlora_engine.training import loop
     from qlora_engine.training.data import Tokenized
 
-    lengths = [cfg.max_length] + [(3 * cfg.max_length) // 4] * (cfg.micro_batch_size - 1)
+    lengths = micro_batch_lengths(cfg)
     rows = [Tokenized(torch.randint(0, vocab_size, (n,), generator=generator).tolist(), [True] * n, 0, False)
             for n in lengths]
     return loop.micro_batch(rows, cfg, 0, "cuda")
@@ -109,7 +115,7 @@ def measure_one(base: Any, model_config: dict[str, Any], cfg: RunConfig, nvml: N
            "process_peak_used_bytes": nvml.process_peak_bytes, "outside_torch_assumed_bytes": outside_torch_assumed(),
            "estimate_verdict": fit_verdict(predicted, int(gpu_memory_gib * 2**30)) if gpu_memory_gib else None,
            "oom": oom, "step_s": [round(s, 3) for s in step_s],
-           "step_tokens": cfg.max_length + (cfg.micro_batch_size - 1) * (3 * cfg.max_length // 4),
+           "step_tokens": sum(micro_batch_lengths(cfg)),
            "tokens_per_s": round(cfg.micro_batch_size * cfg.max_length / min(step_s), 1) if step_s else None,
            "estimate_peak_bytes": predicted.peak_bytes,
            "estimate_terms": {t.name: t.bytes for t in predicted.terms}}
@@ -134,9 +140,9 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
             options = {k: v for k, v in run.items() if k not in ("model", "gpu_memory_gib")}
             cfg = dataclasses.replace(base_cfg, **options).validate()
             row = measure_one(base, model_config, cfg, nvml, run.get("gpu_memory_gib", 0.0))
-            row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used, "optimizer": cfg.optimizer, "packing": cfg.packing,
-                        "chunked_loss": cfg.chunked_loss, "fused_lora": cfg.fused_lora,
-                        "compile_layers": cfg.compile_layers, "fp32_residual": cfg.fp32_residual,
+            row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used,
+                        "optimizer": cfg.optimizer, "packing": cfg.packing, "chunked_loss": cfg.chunked_loss,
+                        "fused_lora": cfg.fused_lora, "compile_layers": cfg.compile_layers, "fp32_residual": cfg.fp32_residual,
                         "gpu": torch.cuda.get_device_name(0)})
             out.write(json.dumps(row) + "\n")
             out.flush()
