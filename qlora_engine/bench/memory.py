@@ -142,8 +142,8 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
             row = measure_one(base, model_config, cfg, nvml, run.get("gpu_memory_gib", 0.0))
             row.update({"model": config_path.stem, **run, "idle_gpu_used_bytes": idle_used,
                         "optimizer": cfg.optimizer, "packing": cfg.packing, "chunked_loss": cfg.chunked_loss,
-                        "fused_lora": cfg.fused_lora, "compile_layers": cfg.compile_layers, "fp32_residual": cfg.fp32_residual,
-                        "gpu": torch.cuda.get_device_name(0)})
+                        "fused_lora": cfg.fused_lora, "compile_layers": cfg.compile_layers,
+                        "fp32_residual": cfg.fp32_residual, "gpu": torch.cuda.get_device_name(0)})
             out.write(json.dumps(row) + "\n")
             out.flush()
             measured = row["process_peak_used_bytes"] or (
