@@ -258,6 +258,7 @@ def test_loading_a_checkpoint_of_another_adapter_is_an_error(tiny_model_dir, alp
 def test_library_warnings_go_to_the_log_file_not_the_terminal(tmp_path, capfd):
     from qlora_engine.protocol import library_log
 
+    library_log.release()  # an earlier in-process run may still hold the capture
     library_log.capture()
     try:
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
@@ -274,6 +275,24 @@ def test_library_warnings_go_to_the_log_file_not_the_terminal(tmp_path, capfd):
     terminal = capfd.readouterr()
     assert "gemm_4bit_forward" not in terminal.err + terminal.out and "deprecated" not in terminal.err
     assert "a real problem" in terminal.err  # errors still reach the terminal
+
+
+def test_a_second_run_in_one_process_gets_its_own_log_file(tmp_path):
+    from qlora_engine.protocol import library_log
+
+    library_log.release()
+    library_log.capture()
+    try:
+        library_log.write_to(tmp_path / "first" / "engine.log")
+        logging.getLogger("peft").warning("during the first run")
+        library_log.capture()  # the second run's start: idempotent
+        library_log.write_to(tmp_path / "second" / "engine.log")
+        logging.getLogger("peft").warning("during the second run")
+    finally:
+        library_log.release()
+    first, second = ((tmp_path / name / "engine.log").read_text() for name in ("first", "second"))
+    assert "during the first run" in first and "second run" not in first
+    assert "during the second run" in second and "first run" not in second
 
 
 def test_a_training_run_prints_no_library_warnings(tiny_model_dir, alpaca_file, tmp_path):

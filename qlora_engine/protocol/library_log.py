@@ -26,6 +26,7 @@ class LibraryLog(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.held: list[str] = []
         self.file: IO[str] | None = None
+        self.path: Path | None = None
 
     def write_line(self, line: str) -> None:
         if self.file is None:
@@ -44,8 +45,13 @@ class LibraryLog(logging.Handler):
             print(line, file=sys.stderr, flush=True)
 
     def open(self, path: Path) -> None:
+        """Write to `path` from now on; a later run in the same process (tests, the GUI's in-process
+        helpers) gets its own file, never the first run's."""
+        if self.file is not None:
+            self.file.close()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
+        self.path = path
         for line in self.held:
             self.write_line(line)
         self.held.clear()
@@ -83,7 +89,7 @@ def capture() -> None:
 
 def write_to(path: Path) -> None:
     """Append what was held, and everything after, to `path` (the run's engine.log)."""
-    if _active and _active["handler"].file is None:
+    if _active and _active["handler"].path != path:
         _active["handler"].open(path)
 
 
