@@ -40,3 +40,45 @@ def test_engine_variants_are_named_by_the_run_options_they_change():
     assert engine_switches("plain") is None and engine_switches("unsloth") is None
     with pytest.raises(SystemExit, match="not OPTION=VALUE"):
         engine_switches("engine@lora_rank=8")
+
+
+def test_speed_bench_with_nproc_2_sets_two_gloo_ranks_beside_one_process_in_one_command(tmp_path):
+    """`--nproc 2` on the CPU: the engine in one process, in one process at 2x the rows per step, and in two
+    processes (torchrun, gloo) at 2x the rows; the report holds tokens/s of each, the speed-up and the two-process
+    curve against the one-process curve at the same rows per step (fp32: equal up to summation order)."""
+    config, out = tmp_path / "config.json", tmp_path / "speed.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    done = subprocess.run([sys.executable, "-m", "qlora_engine", "bench", "--speed", "--device", "cpu", "--model",
+                           str(config), "--stacks", "engine", "--workloads", "fixed", "--steps", "4", "--warmup", "1",
+                           "--max-length", "64", "--nproc", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    runs = {(r["nproc"], r["batch_scale"]): r for r in report["results"]}
+    assert set(runs) == {(1, 1), (1, 2), (2, 2)} and not any(r.get("error") for r in runs.values())
+    assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 4 for r in runs.values())
+    several = runs[(2, 2)]
+    assert several["rows_per_step"] == 2 and len(several["rank_memory"]) == 2 and several["ranks_started_alike"]
+    [comparison] = report["ddp"]
+    assert comparison["nproc"] == 2 and comparison["error"] is None
+    assert comparison["speedup"] == round(several["tokens_per_s"] / runs[(1, 1)]["tokens_per_s"], 3)
+    assert comparison["loss_difference"]["max"] <= 1e-4 and comparison["losses_within_tolerance"]
+    assert runs[(1, 2)]["losses"] != runs[(1, 1)]["losses"]  # the reference trained other rows than the usual run
+    assert "| QLoRA Studio engine | fixed | 2 |" in done.stdout and "speed-up (goal)" in done.stdout
+
+
+def test_a_failed_several_process_run_is_reported_not_compared():
+    from qlora_engine.bench import ddp
+
+    one = {"stack": "engine", "workload": "fixed", "nproc": 1, "batch_scale": 1, "tokens_per_s": 100.0,
+           "losses": [2.0, 1.0]}
+    same_rows = {**one, "batch_scale": 2, "tokens_per_s": 180.0, "losses": [2.0, 1.0]}
+    failed = {**one, "nproc": 2, "batch_scale": 2, "error": "RuntimeError: NCCL error"}
+    [entry] = ddp.comparisons([one, same_rows, failed])
+    assert entry["speedup"] is None and not entry["losses_within_tolerance"]
+    assert entry["error"] == "engine, 2 processes (2x rows per step): RuntimeError: NCCL error"
+    assert "failed: engine, 2 processes" in ddp.format_comparisons([entry], {})
+    close = {**failed, "error": None, "tokens_per_s": 190.0, "losses": [2.01, 1.0]}
+    [entry] = ddp.comparisons([one, same_rows, close])
+    assert (entry["speedup"], entry["efficiency"], entry["loss_difference"]["max_step"]) == (1.9, 0.95, 1)
+    assert entry["losses_within_tolerance"]  # 0.5% at step 1: within 1%

@@ -16,14 +16,14 @@ class NvmlPeak:
     """Samples whole-GPU used memory every 20 ms in a thread; keeps the maximum since the last reset. With
     `process_id`, also that process's own used memory (NVML's per-process accounting: what several bench processes
     sharing one GPU each use; `process_peak_bytes` stays 0 where NVML does not list the process, e.g. in a container
-    whose process ids differ from the host's)."""
+    whose process ids differ from the host's). `index`: the GPU (a rank of several processes samples its own)."""
 
-    def __init__(self, process_id: int | None = None) -> None:
+    def __init__(self, process_id: int | None = None, index: int = 0) -> None:
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         self._process_id = process_id
         self.peak_bytes = 0
         self.process_peak_bytes = 0

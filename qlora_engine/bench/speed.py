@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,20 +98,23 @@ def variable_lengths(count: int, seed: int = 0) -> list[int]:
             for _ in range(count)]
 
 
-def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int]) -> list[list[Any]]:
-    """Per step, its examples as data.Tokenized (ids, trained mask). Same for every stack."""
+def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int],
+                  batch_scale: int = 1) -> list[list[Any]]:
+    """Per step, its examples as data.Tokenized (ids, trained mask). Same for every stack. `batch_scale` k: k times
+    the rows per step (fixed: k rows, variable: 4k), the next rows of the same stream (k = 1: the usual workload)."""
     from qlora_engine.training.data import Tokenized
 
     stream = text_stream()
     if workload == "fixed":
-        return [[Tokenized(take(stream, step * max_length, max_length), [True] * max_length, step, False)]
-                for step in range(steps)]
+        return [[Tokenized(take(stream, row * max_length, max_length), [True] * max_length, row, False)
+                 for row in range(step * batch_scale, (step + 1) * batch_scale)] for step in range(steps)]
     if workload == "long":
         return [[Tokenized(take(stream, 0, length), [True] * length, 0, False)] for length in lengths]
-    sizes, offset, steps_rows = variable_lengths(steps * VARIABLE_BATCH), 0, []
+    per_step = VARIABLE_BATCH * batch_scale
+    sizes, offset, steps_rows = variable_lengths(steps * per_step), 0, []
     for step in range(steps):
         rows = []
-        for size in sizes[step * VARIABLE_BATCH:(step + 1) * VARIABLE_BATCH]:
+        for size in sizes[step * per_step:(step + 1) * per_step]:
             prompt = int(size * PROMPT_FRACTION)
             rows.append(Tokenized(take(stream, offset, size), [False] * prompt + [True] * (size - prompt), step, False))
             offset += size
@@ -146,18 +150,22 @@ def _apply_liger(model_config: dict[str, Any]) -> None:
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
 
 
-def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) -> tuple[Any, Any, Any]:
+def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
+                ranks: Any = None) -> tuple[Any, Any, Any]:
     """(model, optimizer, step function) for a stack; the step takes a list of Tokenized rows and returns
-    (loss, gradient norm before clipping, whether the update was skipped by the loss scaler)."""
+    (loss, gradient norm before clipping, whether the update was skipped by the loss scaler). With several `ranks`
+    (the engine's stacks only, inside torchrun) each rank trains its share of a step's rows, as a run does."""
     import torch
 
-    from qlora_engine.training import loop
+    from qlora_engine.training import distributed, loop
 
+    ranks = ranks or distributed.Ranks()
     switches = engine_switches(stack)
     if switches is not None:  # the engine's own optimizer default unless the stack names one
         cfg = dataclasses.replace(cfg, optimizer=RunConfig().optimizer, **switches).validate()
         model = loop.attach_lora(base, cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        ranks.broadcast_parameters(trainable)
         optimizer = loop.build_optimizer(cfg, trainable)
         loop.freeze_heap()
 
@@ -165,14 +173,17 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0) 
         scaler = loop.loss_scaler(torch.float16 if cfg.compute_dtype == "fp16" else None, cfg.device)
 
         def engine_step(rows: list[Any]) -> tuple[float, float, bool]:
-            batch = loop.micro_batch(rows, cfg, 0, cfg.device)
+            share = ranks.share(rows)
+            batches = [loop.micro_batch(share, cfg, 0, cfg.device)] if share else []
             scale = scaler.get_scale() if scaler is not None else 0.0
-            loss, grad_norm = loop.training_step(model, [batch], trainable, optimizer, cfg.max_grad_norm,
-                                                 cfg.chunked_loss, scaler=scaler)
+            loss, grad_norm = loop.training_step(model, batches, trainable, optimizer, cfg.max_grad_norm,
+                                                 cfg.chunked_loss, scaler=scaler, ranks=ranks)
             # skipped: a non-finite loss, or gradients that overflowed in fp16 (the scaler then lowers its scale)
             return loss, grad_norm, not math.isfinite(loss) or (scaler is not None and scaler.get_scale() < scale)
 
         return model, optimizer, engine_step
+    if ranks.several:
+        raise SystemExit(f"stack {stack!r}: only the engine's stacks run in several processes")
     if stack == "unsloth":
         from qlora_engine.bench.unsloth_stack import unsloth_peft_model
 
@@ -252,11 +263,16 @@ def plain_peft_model(stack: str, base: Any, cfg: RunConfig) -> Any:
 
 # ----------------------------------------------------------------------------- one measured process
 def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: RunConfig, steps: int, warmup: int,
-               lengths: list[int], profile: bool = False, gpu_memory_gib: float = 0.0) -> dict[str, Any]:
+               lengths: list[int], profile: bool = False, gpu_memory_gib: float = 0.0, batch_scale: int = 1,
+               ranks: Any = None) -> dict[str, Any]:
+    """One stack on one workload in this process; with several `ranks` (torchrun) this is one rank of the engine's
+    data-parallel run over `batch_scale` x the workload's rows per step, and tokens/s counts every rank's rows."""
     import torch
 
     from qlora_engine.bench import models
+    from qlora_engine.training import distributed
 
+    ranks = ranks or distributed.Ranks()
     device = cfg.device
     max_seq_length = max([cfg.max_length, *lengths]) if workload == "long" else (
         VARIABLE_MAX_TOKENS if workload == "variable" else cfg.max_length)
@@ -265,14 +281,14 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
     if device == "cuda" and gpu_memory_gib:  # after the base is built: the bench builds it 16-bit, then quantizes
         torch.cuda.empty_cache()
         _cap_gpu_memory(gpu_memory_gib)
-    nvml = models.NvmlPeak() if device == "cuda" else None
+    nvml = models.NvmlPeak(index=ranks.local_rank) if device == "cuda" else None
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         nvml.reset()
-    model, optimizer, step = setup_stack(stack, base, cfg, max_seq_length)
+    model, optimizer, step = setup_stack(stack, base, cfg, max_seq_length, ranks)
     checksum = lora_checksum(model)
-    step_rows = workload_rows(workload, steps, cfg.max_length, lengths)
+    step_rows = workload_rows(workload, steps, cfg.max_length, lengths, batch_scale)
     losses, step_s, tokens, oom, peaks, grad_norms, skipped = [], [], [], None, [], [], []
     for index, rows in enumerate(step_rows):
         if device == "cuda" and workload == "long":
@@ -285,6 +301,8 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
             grad_norms.append(round(grad_norm, 5))
             skipped.append(bool(was_skipped))
         except torch.cuda.OutOfMemoryError as exc:
+            if ranks.several:  # the other ranks wait in a collective: end this rank, torchrun ends theirs
+                raise
             oom = {"step": index, "length": sum(len(r.input_ids) for r in rows), "message": str(exc).split("\n")[0]}
             break
         if device == "cuda":
@@ -301,13 +319,27 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
               "skipped_steps": [i + 1 for i, s in enumerate(skipped) if s], "lora_init": checksum,
               "versions": _versions(stack), "step_s": [round(s, 4) for s in step_s],
               "tokens_per_s": round(sum(tokens[measured]) / sum(step_s[measured]), 1) if step_s else None,
-              "oom": oom, "per_length": peaks, **_peaks(device, nvml)}
+              "oom": oom, "per_length": peaks, **_peaks(device, nvml),
+              "nproc": ranks.world, "batch_scale": batch_scale, "rows_per_step": len(step_rows[0])}
+    if ranks.several:
+        result |= _rank_figures(ranks, model, result, device)
     if profile and not oom:
         result["profile"] = _profile(step, step_rows[-1])
     if nvml is not None:
         nvml.close()
     del model, optimizer
     return result
+
+
+def _rank_figures(ranks: Any, model: Any, result: dict[str, Any], device: str) -> dict[str, Any]:
+    """Every rank's memory, and whether every rank started from the same weights (base embedding and LoRA init)."""
+    from qlora_engine.training import distributed
+
+    memory = {k: result[k] for k in ("max_allocated_bytes", "nvml_peak_used_bytes") if k in result}
+    starts = ranks.gather([round(float(model.get_input_embeddings().weight.double().sum()), 4),
+                           result["lora_init"]["sums"]])
+    return {"rank_memory": ranks.gather(memory | distributed.rank_memory(device)),
+            "ranks_started_alike": all(start == starts[0] for start in starts)}
 
 
 def _versions(stack: str) -> dict[str, str]:
@@ -343,7 +375,7 @@ def _peaks(device: str, nvml: Any) -> dict[str, Any]:
 
     time.sleep(0.05)  # let the sampler see the end of the step
     return {"max_allocated_bytes": torch.cuda.max_memory_allocated(), "nvml_peak_used_bytes": nvml.peak_bytes,
-            "gpu": torch.cuda.get_device_name(0)}
+            "gpu": torch.cuda.get_device_name()}
 
 
 def _profile(step: Any, rows: list[Any]) -> str:
@@ -364,8 +396,11 @@ def _profile(step: Any, rows: list[Any]) -> str:
 
 # ----------------------------------------------------------------------------- the command
 def speed_main(args: argparse.Namespace) -> int:
+    from qlora_engine.bench import ddp
+
     config_path = _model_config_path(args.model)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else []
+    _check_nproc(args.nproc, args.device)
     results = []
     for workload in args.workloads.split(","):
         for stack in args.stacks.split(","):
@@ -374,37 +409,61 @@ def speed_main(args: argparse.Namespace) -> int:
             if workload == "long" and engine_switches(stack) is None and stack not in LONG_STACKS \
                     and not args.long_all_stacks:
                 continue
-            results.append(_spawn(stack, workload, config_path, args, lengths))
-            _write_out(args, results)  # after every stack: what finished survives a run cut short
+            for nproc, batch_scale in ddp.runs_of(args.nproc, workload, engine_switches(stack) is not None):
+                results.append(_spawn(stack, workload, config_path, args, lengths, nproc, batch_scale))
+                _write_out(args, results)  # after every run: what finished survives a bench cut short
     print(format_table([r for r in results if r["workload"] != "long"], args.model))
     print(format_lengths(results))
     print(format_stability(results))
+    print(ddp.format_comparisons(ddp.comparisons(results), STACKS))
     _write_out(args, results)
     return 0 if all(r.get("error") is None for r in results) else 1
 
 
+def _check_nproc(nproc: int, device: str) -> None:
+    if nproc < 1:
+        raise SystemExit(f"--nproc {nproc}: give 1 or more processes")
+    if nproc > 1 and device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < nproc:
+            raise SystemExit(f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has "
+                             f"{torch.cuda.device_count()}")
+
+
 def _write_out(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    from qlora_engine.bench import ddp
+
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "max_length": args.max_length,
-                                              "compute_dtype": args.compute_dtype or None,
-                                              "results": results}, indent=1))
+        summary = {"model": args.model, "max_length": args.max_length, "compute_dtype": args.compute_dtype or None,
+                   "nproc": args.nproc, "results": results}
+        if args.nproc > 1:
+            summary["ddp"] = ddp.comparisons(results)
+        Path(args.out).write_text(json.dumps(summary, indent=1))
 
 
-def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int]) -> dict:
+def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespace, lengths: list[int],
+           nproc: int = 1, batch_scale: int = 1) -> dict:
+    """One run in a process of its own; several processes (nproc > 1) through torchrun, rank 0 reporting."""
+    from qlora_engine.training.launch import torchrun_prefix
+
     job = {"stack": stack, "workload": workload, "config": str(config_path), "max_length": args.max_length,
            "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
            "lora_dropout": args.lora_dropout, "gpu_memory_gib": args.gpu_memory_gib,
-           "compute_dtype": args.compute_dtype,
+           "compute_dtype": args.compute_dtype, "batch_scale": batch_scale,
            "profile": bool(args.profile and stack in args.profile.split(","))}
-    command = [sys.executable, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
-    print(f"--- {stack} / {workload}", flush=True)
+    start = torchrun_prefix(nproc) if nproc > 1 else [sys.executable]
+    command = [*start, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
+    print(f"--- {stack} / {workload}" + (f" / {nproc} processes" if nproc > 1 else "")
+          + (f" / {batch_scale}x rows per step" if batch_scale > 1 else ""), flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     marker = "SPEED_RESULT "
     lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     if not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-60:]
         print("\n".join(tail[-8:]), flush=True)
-        return {"stack": stack, "workload": workload, "error": tail[-1] if tail else f"exit {done.returncode}",
+        return {"stack": stack, "workload": workload, "nproc": nproc, "batch_scale": batch_scale,
+                "error": _error_line(tail) or f"exit {done.returncode}",
                 "returncode": done.returncode, "stderr_tail": tail, "stdout_tail": done.stdout.splitlines()[-20:]}
     result = json.loads(lines[-1][len(marker):])
     if result.get("profile"):
@@ -413,15 +472,32 @@ def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespac
     return result
 
 
+def _error_line(tail: list[str]) -> str:
+    """A failed run's error: the last exception line of a rank's traceback (torchrun's own summary, which follows
+    it, names no cause), else the last line."""
+    raised = [line for line in tail if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line)
+              and "ChildFailedError" not in line]
+    return (raised or tail or [""])[-1]
+
+
 def speed_worker(job_json: str) -> int:
+    """One run; inside torchrun, one rank of it (rank 0 prints the result)."""
     job = json.loads(job_json)
     if job["stack"] == "unsloth":
         import unsloth  # noqa: F401  (before transformers and peft, as Unsloth asks)
+    from qlora_engine.training import distributed
+
     model_config = json.loads(Path(job["config"]).read_text())
     cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"], job.get("compute_dtype") or "")
-    result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
-                        job["lengths"], job["profile"], job.get("gpu_memory_gib", 0.0))
-    print("SPEED_RESULT " + json.dumps(result), flush=True)
+    ranks = distributed.setup(job["device"])
+    try:
+        result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
+                            job["lengths"], job["profile"], job.get("gpu_memory_gib", 0.0),
+                            job.get("batch_scale", 1), ranks)
+    finally:
+        distributed.teardown()
+    if ranks.is_main:
+        print("SPEED_RESULT " + json.dumps(result), flush=True)
     return 0
 
 
@@ -497,11 +573,11 @@ def format_stability(results: list[dict[str, Any]]) -> str:
         plain = next((p for p in results if p["stack"] == "plain" and p["workload"] == r["workload"]
                       and p.get("losses") and not p.get("error")), None)
         mean = ""
-        if plain and r["stack"] != "plain":
+        if plain and r["stack"] != "plain" and r.get("batch_scale", 1) == 1:  # the plain stack's rows per step
             pairs = [(a, b) for a, b in zip(r["losses"], plain["losses"]) if math.isfinite(a) and math.isfinite(b)]
             mean = f"{sum(abs(a - b) / abs(b) for a, b in pairs) / len(pairs):.2%}" if pairs else ""
         sums = (r.get("lora_init") or {}).get("sums") or [""]
-        lines.append(f"| {STACKS.get(r['stack'], r['stack'])} | {r['workload']} | {r.get('compute_dtype')} | "
+        lines.append(f"| {_run_name(r)} | {r['workload']} | {r.get('compute_dtype')} | "
                      f"{len(r['losses'])} | {r.get('nonfinite_losses')} | {r.get('nonfinite_grad_norms')} | "
                      f"{len(r.get('skipped_steps') or [])} | {mean} | {sums[0]} |")
     return "\n".join(lines)
@@ -511,8 +587,14 @@ def _gib(values: dict[str, Any], key: str) -> str:
     return f"{values[key] / GIB:.2f}" if key in values else ""
 
 
+def _run_name(r: dict[str, Any]) -> str:
+    from qlora_engine.bench.ddp import run_label
+
+    return run_label(r, STACKS.get(r["stack"], r["stack"]))
+
+
 def _table_row(r: dict[str, Any], plain: dict[str, Any] | None) -> str:
-    name = STACKS.get(r["stack"], r["stack"])
+    name = _run_name(r)
     if r.get("error"):
         return f"| {name} | failed: {r['error'][:80]} | | | | | | |"
     if r.get("oom"):
@@ -525,7 +607,7 @@ def _table_row(r: dict[str, Any], plain: dict[str, Any] | None) -> str:
     losses = r.get("losses") or []
     curve = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else ""
     diff = ""
-    if plain and r["stack"] != "plain" and losses and plain.get("losses"):
+    if plain and r["stack"] != "plain" and losses and plain.get("losses") and r.get("batch_scale", 1) == 1:
         count = min(len(losses), len(plain["losses"]))
         diff = f"{max(abs(a - b) / abs(b) for a, b in zip(losses[:count], plain['losses'][:count])):.2%}"
     return (f"| {name} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | {allocated} | "
@@ -552,4 +634,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of every stack (default bf16 on CUDA, fp32 on the CPU); fp16: every stack "
                              "with dynamic loss scaling (torch's GradScaler; the engine's own, as in a run)")
     parser.add_argument("--profile", default="", help="comma list of stacks to profile (top GPU kernels)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="N > 1: each engine stack also in N processes (torchrun, one GPU each; gloo on the CPU) "
+                             "at N x the rows per step, and in one process at N x the rows (the loss reference): "
+                             "tokens/s speed-up and loss curves compared (bench/ddp.py); data-parallel only")
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)

@@ -30,11 +30,17 @@ def torchrun_command(cfg: RunConfig, run_dir: Path, events_mode: str, resume: bo
     """python -m torch.distributed.run ... -m qlora_engine train <run>/config.yaml: one node of `nproc` processes
     (--standalone: a local rendezvous on a free port) unless torchrun options say otherwise (--nnodes,
     --rdzv-endpoint, ... for several machines). No restarts: a failed rank ends the run."""
-    own = shlex.split(torchrun_args or os.environ.get(TORCHRUN_ENV, "")) or ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", *own, "--nproc-per-node", str(cfg.nproc),
-               "--max-restarts", "0", "--monitor-interval", "1", "-m", "qlora_engine", "train",
+    command = [*torchrun_prefix(cfg.nproc, torchrun_args), "-m", "qlora_engine", "train",
                str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--events", events_mode]
     return command + (["--resume"] if resume else [])
+
+
+def torchrun_prefix(nproc: int, torchrun_args: str = "") -> list[str]:
+    """torchrun up to the module it starts: `nproc` processes on this node, standalone unless torchrun options say
+    otherwise, no restarts. The engine's runs and the speed bench's several-process runs start the same way."""
+    own = shlex.split(torchrun_args or os.environ.get(TORCHRUN_ENV, "")) or ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *own, "--nproc-per-node", str(nproc),
+            "--max-restarts", "0", "--monitor-interval", "1"]
 
 
 def launch_train(cfg: RunConfig, run_dir: Path, events_mode: str, resume: bool, torchrun_args: str = "") -> int:
