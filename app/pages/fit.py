@@ -11,7 +11,6 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
-    QComboBox,
     QDoubleSpinBox,
     QHBoxLayout,
     QHeaderView,
@@ -23,15 +22,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app import settings
 from app.engine_client import Call
 from app.engine_requests import EstimateFit, FitToGpu, ModelToPlan, PlanPrecision, SparePrecision
 from app.formatting import gib, size
 from app.session import Session
 from app.widgets.banner import Banner
+from app.widgets.gpu_choice import GpuChoice
 from app.widgets.memory_bar import TERM_COLORS, BarSegment, MemoryBar
 from app.widgets.page import Page, card, primary_button
-from qlora_engine.planning import hardware
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.queries import Advice, Estimate, EstimateReport, Fix, PrecisionPlanReport
@@ -45,7 +43,6 @@ TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization c
 QUANTIZED_TERMS = ("nf4_weights", "quant_constants")
 MIN_SPARE_BYTES = 64 * 2**20  # below this the offer is not worth a line
 VERDICT_TEXT = {"fits": "Fits", "tight": "Tight: fits, with little room to spare", "won't fit": "Won't fit"}
-CUSTOM = "custom"
 
 
 class FitPage(Page):
@@ -60,7 +57,7 @@ class FitPage(Page):
         self._fitted_config: RunConfig | None = None  # the options "Fit to my GPU" chose, while its note shows
         self.estimating: Call | None = None  # the estimate on its way
         self.fitting: Call | None = None  # "Fit to my GPU" on its way
-        self.body.addLayout(self._build_target_row())
+        self.body.addWidget(self._build_target_row())
         self.body.addWidget(self._build_result())
         self.banner = Banner()
         self.body.addWidget(self.banner)
@@ -72,21 +69,15 @@ class FitPage(Page):
         self.update_timer.timeout.connect(self.update_estimate)
         for signal in (session.config_changed, session.model_info_changed):
             signal.connect(self.update_timer.start)
-        session.gpu_changed.connect(self._show_gpus)
-        self._show_gpus()
+        self.plan_for.show_gpus()
 
     # ------------------------------------------------------------------ building
-    def _build_target_row(self) -> QHBoxLayout:
-        row = QHBoxLayout()
-        self.target = QComboBox()
-        self.target.currentIndexChanged.connect(self._target_changed)
-        self.custom_gib = QDoubleSpinBox(minimum=0.5, maximum=1024, decimals=1, singleStep=1, suffix=" GiB free")
-        self.custom_gib.setValue(float(settings.store().value("fit/custom_gib", 8.0)))
-        self.custom_gib.valueChanged.connect(self._custom_changed)
-        row.addWidget(QLabel("Plan for"))
-        row.addWidget(self.target, 1)
-        row.addWidget(self.custom_gib)
-        return row
+    def _build_target_row(self) -> GpuChoice:
+        self.plan_for = GpuChoice(self.session, "Another GPU, with this much free memory:", "fit/custom_gib", 8.0)
+        self.target, self.custom_gib = self.plan_for.target, self.plan_for.custom_gib
+        self.plan_for.choice_changed.connect(self.update_estimate)
+        self.plan_for.custom_changed.connect(self.update_estimate)
+        return self.plan_for
 
     def _build_result(self) -> QWidget:
         box = card()
@@ -132,37 +123,6 @@ class FitPage(Page):
         layout.addLayout(self.fix_rows)
         return holder
 
-    # ------------------------------------------------------------------ the GPU to plan for
-    def _show_gpus(self) -> None:
-        report = self.session.gpu_report
-        self.target.blockSignals(True)
-        self.target.clear()
-        for gpu in report.gpus if report else []:
-            self.target.addItem(f"GPU {gpu.index}: {gpu.name} ({gib(gpu.free_bytes)} free of "
-                                f"{gib(gpu.total_bytes)})", gpu.index)
-        self.target.addItem("Another GPU, with this much free memory:", CUSTOM)
-        training = hardware.training_gpu(report) if report and report.gpus else None
-        self.target.setCurrentIndex(max(0, self.target.findData(training.index)) if training else
-                                    self.target.count() - 1)
-        self.target.blockSignals(False)
-        self._target_changed()
-
-    def free_and_total_bytes(self) -> tuple[int, int | None]:
-        choice = self.target.currentData()
-        report = self.session.gpu_report
-        gpu = next((g for g in report.gpus if g.index == choice), None) if report and choice != CUSTOM else None
-        if gpu is None:
-            return int(self.custom_gib.value() * GIB), None
-        return gpu.free_bytes, gpu.total_bytes
-
-    def _target_changed(self) -> None:
-        self.custom_gib.setEnabled(self.target.currentData() == CUSTOM)
-        self.update_estimate()
-
-    def _custom_changed(self, value: float) -> None:
-        settings.store().setValue("fit/custom_gib", value)
-        self.update_estimate()
-
     # ------------------------------------------------------------------ estimating (requests of the engine client)
     def model_to_plan(self) -> ModelToPlan:
         """The chosen model; an imported .gguf is read from the folder model-info reported."""
@@ -175,7 +135,7 @@ class FitPage(Page):
                                                    for call in (self.estimating, self.fitting))
 
     def update_estimate(self) -> None:
-        free_bytes, total_bytes = self.free_and_total_bytes()
+        free_bytes, total_bytes = self.plan_for.free_and_total_bytes()
         request = EstimateFit(self.model_to_plan(), self.session.config, free_bytes, self.target.currentText())
         self.estimating = self.session.engine.run(
             request, owner=self, done=lambda report: self._estimate_done(report, total_bytes),
@@ -193,7 +153,7 @@ class FitPage(Page):
         self._show_error(error)
 
     def fit_to_gpu(self) -> None:
-        free_bytes, _ = self.free_and_total_bytes()
+        free_bytes, _ = self.plan_for.free_and_total_bytes()
         self.fit_button.setEnabled(False)
         self.fitting = self.session.engine.run(FitToGpu(self.model_to_plan(), self.session.config, free_bytes),
                                                owner=self, done=self._fitted, failed=self._nothing_fits)
@@ -238,7 +198,7 @@ class FitPage(Page):
         cards = len(self.session.gpu_report.gpus) if self.session.gpu_report else 0
         if advice.verdict != "won't fit" or cards < 2 or self.session.config.parallel == "fsdp":
             return
-        free_bytes, _ = self.free_and_total_bytes()
+        free_bytes, _ = self.plan_for.free_and_total_bytes()
         sharded = dataclasses.replace(self.session.config, nproc=cards, parallel="fsdp")
         self.session.engine.run(EstimateFit(self.model_to_plan(), sharded, free_bytes, self.target.currentText()),
                                 owner=self, done=lambda report: self._show_sharding(report, cards),

@@ -11,8 +11,6 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
-    QComboBox,
-    QDoubleSpinBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -24,18 +22,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app import formatting, settings
+from app import formatting
 from app.engine_client import Call
 from app.engine_requests import BuildCatalog, ListLocalModels, ReadHubToken, SaveHubToken, SearchHub
 from app.session import Session
 from app.widgets.banner import Banner
+from app.widgets.gpu_choice import GpuChoice
 from app.widgets.page import primary_button
-from qlora_engine.planning import hardware
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.queries import Catalog, CatalogEntry, HubSearch, HubToken, LocalModels
 
-GIB = 2**30
-CUSTOM = "custom"
 VERDICTS = {"fits": ("Fits", "#2e7d32"), "tight": ("Tight", "#b26a00"), "won't fit": ("Won't fit", "#c62828"),
             "": ("—", "")}
 SOURCE_NAMES = {"hf_cache": "HF cache", "ollama": "Ollama", "lm_studio": "LM Studio"}
@@ -119,14 +115,10 @@ class CatalogPanel(LazyPanel):
         self.catalog: Catalog | None = None
         self.on_disk: set[str] = set()  # Hub ids complete in the HF cache (from the local list)
         layout = QVBoxLayout(self)
-        row = QHBoxLayout()
-        self.target = QComboBox()
-        self.custom_gib = QDoubleSpinBox(minimum=0.5, maximum=1024, decimals=1, singleStep=1, suffix=" GiB free")
-        self.custom_gib.setValue(float(settings.store().value("model/catalog_gib", 12.0)))
-        row.addWidget(QLabel("Plan for"))
-        row.addWidget(self.target, 1)
-        row.addWidget(self.custom_gib)
-        layout.addLayout(row)
+        self.plan_for = GpuChoice(session, "A GPU with this much free memory:", "model/catalog_gib", 12.0,
+                                  hide_unused_amount=True)
+        self.target, self.custom_gib = self.plan_for.target, self.plan_for.custom_gib
+        layout.addWidget(self.plan_for)
         self.settings_note = QLabel(objectName="muted", wordWrap=True)
         layout.addWidget(self.settings_note)
         self.banner = Banner()
@@ -147,45 +139,15 @@ class CatalogPanel(LazyPanel):
         self.update_timer = QTimer(self, singleShot=True, interval=300)
         self.update_timer.timeout.connect(self.mark_stale)
         session.config_changed.connect(self.update_timer.start)
-        session.gpu_changed.connect(self._show_gpus)
-        self.target.currentIndexChanged.connect(self._target_changed)
-        self.custom_gib.valueChanged.connect(self._custom_changed)
-        self._show_gpus()
-
-    def _show_gpus(self) -> None:
-        report = self.session.gpu_report
-        self.target.blockSignals(True)
-        self.target.clear()
-        for gpu in report.gpus if report else []:
-            self.target.addItem(f"GPU {gpu.index}: {gpu.name} ({formatting.gib(gpu.free_bytes)} free of "
-                                f"{formatting.gib(gpu.total_bytes)})", gpu.index)
-        self.target.addItem("A GPU with this much free memory:", CUSTOM)
-        training = hardware.training_gpu(report) if report and report.gpus else None
-        self.target.setCurrentIndex(max(0, self.target.findData(training.index)) if training else
-                                    self.target.findData(CUSTOM))
-        self.target.blockSignals(False)
-        self._target_changed()
-
-    def _target_changed(self) -> None:
-        self.custom_gib.setVisible(self.target.currentData() == CUSTOM)
-        self.mark_stale()
-
-    def _custom_changed(self, value: float) -> None:
-        settings.store().setValue("model/catalog_gib", value)
-        self.update_timer.start()
-
-    def free_bytes(self) -> tuple[int, str]:
-        report, choice = self.session.gpu_report, self.target.currentData()
-        gpu = next((g for g in report.gpus if g.index == choice), None) if report and choice != CUSTOM else None
-        if gpu is None:
-            return int(self.custom_gib.value() * GIB), f"a GPU with {self.custom_gib.value():g} GiB free"
-        return gpu.free_bytes, f"GPU {gpu.index}: {gpu.name}"
+        self.plan_for.choice_changed.connect(self.mark_stale)
+        self.plan_for.custom_changed.connect(self.update_timer.start)
+        self.plan_for.show_gpus()
 
     def refresh(self) -> None:
         self.stale = False
-        free, source = self.free_bytes()
-        self.call = self.session.engine.run(BuildCatalog(self.session.config, free, source), owner=self,
-                                            done=self.show_catalog, failed=self._show_error)
+        free, _ = self.plan_for.free_and_total_bytes()
+        request = BuildCatalog(self.session.config, free, self.plan_for.description())
+        self.call = self.session.engine.run(request, owner=self, done=self.show_catalog, failed=self._show_error)
 
     def set_on_disk(self, hub_ids: set[str]) -> None:
         self.on_disk = {hub_id.lower() for hub_id in hub_ids}

@@ -235,7 +235,7 @@ def test_fit_page_uses_the_detected_gpus_free_memory(window):
                                                        cuda_driver_version="12.4"))
     page = window.pages["fit"]
     assert page.target.currentData() == 0
-    assert page.free_and_total_bytes() == (int(5.5 * GIB), 12 * GIB)
+    assert page.plan_for.free_and_total_bytes() == (int(5.5 * GIB), 12 * GIB)
 
 
 def test_fit_page_explains_a_model_config_it_cannot_read(window, qtbot, tmp_path, screenshot):
