@@ -217,8 +217,7 @@ def cuda_oom_error(exc: BaseException, cfg: RunConfig | None = None, step: int |
     plan = _estimator_plan(cfg, memory["free_bytes"] + memory["reserved_bytes"]) if memory else None
     if plan is None:
         return EngineError("cuda_oom", message, OOM_ADVICE, **details)
-    if plan.verdict == "fits":  # its fixes are speed that costs memory (advice._speed_fixes): none for an OOM
-        plan.fixes = []
+    plan.fixes = plan.fixes_of("memory")  # a speed fix costs memory: never one for an out-of-memory error
     details.update(estimate_peak_bytes=plan.peak_bytes, fixes=[
         {"description": fix.description, "config_changes": fix.config_changes} for fix in plan.fixes])
     message += f"; the estimate for this configuration is {_gib(plan.peak_bytes)}"

@@ -333,8 +333,9 @@ def test_a_run_that_fits_needs_no_fixes_only_speed_it_can_afford():
         {"activation_memory_budget": 0.25}]
     for fix in advice.fixes:
         changed = dataclasses.replace(gpu_run, **fix.config_changes)
-        assert fix.fits_after and fit_verdict(estimate_peak(model, changed), 24 * GIB) == "fits"
+        assert fix.kind == "speed" and fix.fits_after and fit_verdict(estimate_peak(model, changed), 24 * GIB) == "fits"
         assert fix.saving_bytes == advice.peak_bytes - estimate_peak(model, changed).peak_bytes < 0
+    assert advice.fixes_of("speed") == advice.fixes and advice.fixes_of("memory") == []
     tight = advise(model, gpu_run, int(12.5 * GIB))  # room for the optimizer's 0.23 GiB, not for the budget's 5 GiB
     assert [fix.config_changes for fix in tight.fixes] == [{"optimizer": "adamw"}]
 
@@ -349,7 +350,7 @@ def test_every_fix_marked_as_fitting_fits_when_re_estimated():
     for fix in advice.fixes:
         changed = dataclasses.replace(failing, **fix.config_changes).validate()
         re_estimated = estimate_peak(model, changed)
-        assert fix.saving_bytes == advice.peak_bytes - re_estimated.peak_bytes > 0
+        assert fix.kind == "memory" and fix.saving_bytes == advice.peak_bytes - re_estimated.peak_bytes > 0
         assert (fit_verdict(re_estimated, 24 * GIB) == "fits") == fix.fits_after
 
 

@@ -245,7 +245,7 @@ class FitPage(Page):
         row = card()
         layout = QHBoxLayout(row)
         layout.setContentsMargins(10, 4, 6, 4)
-        if fix.saving_bytes < 0:  # a speed change for a run that fits: it costs spare memory
+        if fix.kind == "speed":  # for a run that fits: it costs spare memory
             text = f"{html.escape(fix.description)} — costs <b>{size(-fix.saving_bytes)}</b>, still fits"
         else:
             outcome = "fits after this" if fix.fits_after else "helps, but not enough alone"

@@ -123,7 +123,7 @@ def advise(model_config: dict[str, Any], run: RunConfig, free_bytes: int) -> Adv
         for description, changes in _candidate_fixes(model_config, run, free_bytes):
             changed = _with(run, **changes)
             fixes.append(Fix(description, peak_bytes - estimate_peak(model_config, changed).peak_bytes, changes,
-                             _fits(model_config, changed, free_bytes)))
+                             _fits(model_config, changed, free_bytes), kind="memory"))
         fixes.sort(key=lambda fix: (not fix.fits_after, -fix.saving_bytes))
         fixes = _combined_fix(model_config, run, free_bytes, fixes) + fixes
     else:
@@ -159,7 +159,7 @@ def _speed_fixes(model_config: dict[str, Any], run: RunConfig, free_bytes: int, 
         changed = _with(run, **changes)
         if _fits(model_config, changed, free_bytes):
             fixes.append(Fix(description, peak_bytes - estimate_peak(model_config, changed).peak_bytes, changes,
-                             True))
+                             True, kind="speed"))
     return fixes
 
 
@@ -173,7 +173,7 @@ def _combined_fix(model_config: dict[str, Any], run: RunConfig, free_bytes: int,
     if not changes or any(fix.config_changes == changes for fix in single_fixes):
         return []
     saving = estimate_peak(model_config, run).peak_bytes - estimate_peak(model_config, _with(run, **changes)).peak_bytes
-    return [Fix(f"fit to this GPU: {describe_changes(changes)}", saving, changes, True)]
+    return [Fix(f"fit to this GPU: {describe_changes(changes)}", saving, changes, True, kind="memory")]
 
 
 def describe_changes(changes: dict[str, Any]) -> str:

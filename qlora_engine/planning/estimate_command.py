@@ -93,13 +93,14 @@ def format_report(run: RunConfig, estimate: Estimate, advice: Advice | None, mem
                  f"{advice.max_length_that_fits or 'none'}")
     lines.append(f"  largest micro-batch that fits with max_length {run.max_length}: "
                  f"{advice.batch_that_fits or 'none'}")
-    if advice.fixes and advice.verdict == "fits":  # spare memory: what makes the steps faster and still fits
+    speed, memory = advice.fixes_of("speed"), advice.fixes_of("memory")
+    if speed:  # spare memory: what makes the steps faster and still fits
         lines.append("Faster with the spare memory (estimated cost):")
-        lines += [f"  fits  {fix.description}: costs {format_gib(-fix.saving_bytes)}" for fix in advice.fixes]
-    elif advice.fixes:
+        lines += [f"  fits  {fix.description}: costs {format_gib(-fix.saving_bytes)}" for fix in speed]
+    if memory:
         lines.append("What would help (estimated saving):")
         lines += [f"  {'fits' if fix.fits_after else '    '}  {fix.description}: saves {format_gib(fix.saving_bytes)}"
-                  for fix in advice.fixes]
+                  for fix in memory]
     return "\n".join(lines)
 
 

@@ -118,12 +118,19 @@ class Estimate:
                    total_params=values.get("total_params", 0), trainable_params=values.get("trainable_params", 0))
 
 
+FIX_KINDS = ("memory", "speed")
+
+
 @dataclass
 class Fix:
+    """A change the estimator offers: `memory` saves memory toward a fit (a run that doesn't fit gets these), `speed`
+    spends spare memory on faster steps (a run that fits; its saving is negative, a cost)."""
+
     description: str
     saving_bytes: int
     config_changes: dict[str, Any]
     fits_after: bool  # the run with these changes gets the verdict "fits"
+    kind: str  # one of FIX_KINDS
 
 
 @dataclass
@@ -136,6 +143,10 @@ class Advice:
     max_length_that_fits: int | None  # at the chosen batch; None when not even the shortest fits
     batch_that_fits: int | None  # at the chosen max_length; None when not even batch 1 fits
     fixes: list[Fix]
+
+    def fixes_of(self, kind: str) -> list[Fix]:
+        """The fixes of one kind ("memory" or "speed"), in their order."""
+        return [fix for fix in self.fixes if fix.kind == kind]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -91,6 +91,23 @@ def test_when_the_estimate_says_it_fits_the_advice_points_at_other_programs_on_t
     assert "another program is probably using GPU memory" in error.advice
 
 
+def test_an_out_of_memory_error_never_offers_a_speed_fix_whatever_the_verdict(tiny_model_dir, monkeypatch):
+    """Fixes say their kind: a speed fix (it costs memory) is left out of a cuda_oom error even beside memory fixes
+    and a verdict other than "fits"; the advice names the memory fix."""
+    from qlora_engine.protocol.queries import Advice, Fix
+
+    speed = Fix("fused AdamW", -GIB // 4, {"optimizer": "adamw"}, True, kind="speed")
+    memory = Fix("gradient checkpointing on", 2 * GIB, {"gradient_checkpointing": True}, True, kind="memory")
+    monkeypatch.setattr(cli, "_estimator_plan", lambda cfg, free: Advice("tight", 5 * GIB, free, None, None,
+                                                                         [speed, memory]))
+    monkeypatch.setattr(cli, "measured_gpu_memory", lambda: {"peak_bytes": 3 * GIB, "reserved_bytes": 4 * GIB,
+                                                             "free_bytes": 1 * GIB, "gpu_total_bytes": 8 * GIB})
+    error = cli.cuda_oom_error(torch.cuda.OutOfMemoryError(TORCH_MESSAGE), RunConfig(model=str(tiny_model_dir)), 5)
+    assert error.details["fixes"] == [{"description": "gradient checkpointing on",
+                                       "config_changes": {"gradient_checkpointing": True}}]
+    assert error.advice.startswith("The estimator's fix for this GPU: gradient checkpointing on.")
+
+
 # ----------------------------------------------------------------------------- on a real GPU
 def wide_tiny_model(folder):
     """Two layers, but wide and with an 8k context, so that one micro-batch can fill a big GPU."""
