@@ -1,9 +1,12 @@
-"""A small Hugging Face Hub for tests: serves model folders in the Hub's URL layout, as huggingface_hub requests it.
+"""A small Hugging Face Hub for tests: serves model and dataset folders in the Hub's URL layout, as huggingface_hub
+(and `datasets`, through it) requests them.
 
-GET /api/models/{repo}[/revision/{rev}] (model info, `?blobs=True` adds sizes), /api/models/{repo}/tree/{rev},
-/api/models?search= (search), /api/whoami-v2 (a token's owner), HEAD and GET /{repo}/resolve/{rev}/{file} with
-ETag, X-Repo-Commit and X-Linked-Size headers and byte ranges. Errors carry the Hub's X-Error-Code (RepoNotFound,
-RevisionNotFound, GatedRepo, EntryNotFound). A gated repo answers 401 unless the request carries its token;
+GET /api/models/{repo}[/revision/{rev}] (model info, `?blobs=True` adds sizes), /api/models/{repo}/tree/{rev}[/{path}]
+(`?recursive=true` lists below folders too), POST /api/models/{repo}/paths-info/{rev}, /api/models?search= (search),
+/api/whoami-v2 (a token's owner), HEAD and GET /{repo}/resolve/{rev}/{file} with ETag, X-Repo-Commit and
+X-Linked-Size headers and byte ranges; the same under /api/datasets/ and /datasets/{repo}/resolve/ for a repo added
+with repo_type="dataset". Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo,
+EntryNotFound). A gated repo's files answer 401 without a token and 403 with a token that is not its own;
 `drop_after` makes the next GET of a file close the connection after that many bytes (a lost connection mid-file),
 `hold` makes a GET of a file stop halfway until the test lets it go on.
 """
@@ -17,6 +20,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+API = re.compile(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree|paths-info)/([^/]+)(?:/(.+))?)?")
+RESOLVE = re.compile(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
 
 
 @dataclass
@@ -40,12 +46,14 @@ class FakeHub:
     hold: dict[str, threading.Event] = field(default_factory=dict)
     url: str = ""
 
-    def add(self, repo_id: str, folder: Path, gated: bool = False, token: str | None = None) -> Repo:
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        self.repos[repo_id] = Repo(folder, commit, gated, token)
+    def add(self, repo_id: str, folder: Path, gated: bool = False, token: str | None = None,
+            repo_type: str = "model") -> Repo:
+        key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"  # as the Hub's URLs name it
+        commit = hashlib.sha1(key.encode()).hexdigest()
+        self.repos[key] = Repo(folder, commit, gated, token)
         if token:
             self.users[token] = "tiny-user"
-        return self.repos[repo_id]
+        return self.repos[key]
 
     def gets_of(self, name: str) -> list[tuple[str, str, str]]:
         return [r for r in self.requests if r[0] == "GET" and r[1].endswith("/" + name) and "/resolve/" in r[1]]
@@ -64,20 +72,32 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             self.route(head=False)
 
+        def do_POST(self) -> None:  # noqa: N802
+            self.route(head=False)
+
         def route(self, head: bool) -> None:
             url = urlparse(self.path)
             path = unquote(url.path)
             hub.requests.append((self.command, path, self.headers.get("Range", "")))
+            query = parse_qs(url.query)
             if path == "/api/whoami-v2":
                 return self.whoami()
             if path == "/api/models":
-                return self.search(parse_qs(url.query).get("search", [""])[0])
-            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?(?:/.*)?", path)
+                return self.search(query.get("search", [""])[0])
+            # Matched before unquoting: a revision or a path in a tree request is one quoted segment ('/' as %2F).
+            api = API.fullmatch(url.path)
             if api:
-                return self.api(api.group(1), api.group(2), api.group(3) or "main")
-            resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                kind, repo_id, what, revision, inner = (unquote(g) if g else g for g in api.groups())
+                key = repo_id if kind == "models" else f"datasets/{repo_id}"
+                if what == "paths-info":
+                    return self.paths_info(key, revision)
+                if what == "tree":
+                    return self.tree(key, revision, inner or "", query.get("recursive", [""])[0] == "true")
+                return self.api(key, revision or "main")
+            resolve = RESOLVE.fullmatch(url.path)
             if resolve:
-                return self.resolve(resolve.group(1), resolve.group(2), resolve.group(3), head)
+                prefix, repo_id, revision, name = (unquote(g or "") for g in resolve.groups())
+                return self.resolve(prefix + repo_id, revision, name, head)
             self.error(404, "RepoNotFound", "not found")
 
         def send_json(self, value: object, status: int = 200, headers: dict | None = None) -> None:
@@ -107,20 +127,47 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return repo
             return None
 
-        def api(self, repo_id: str, what: str | None, revision: str) -> None:
-            repo = self.repo_or_error(repo_id, revision)
+        def api(self, key: str, revision: str) -> None:
+            repo = self.repo_or_error(key, revision)
             if repo is None:
                 return
             files = repo.files()
-            if what == "tree":
-                return self.send_json([{"type": "file", "path": name, "size": p.stat().st_size, "oid": _sha1(p)}
-                                       for name, p in files.items()])
+            repo_id = key.removeprefix("datasets/")
+            if key.startswith("datasets/"):
+                return self.send_json({"id": repo_id, "sha": repo.commit, "private": False, "disabled": False,
+                                       "gated": "auto" if repo.gated else False, "downloads": 7, "likes": 1,
+                                       "cardData": {"license": "apache-2.0"}, "tags": [],
+                                       "siblings": [{"rfilename": name, "size": p.stat().st_size,
+                                                     "blobId": _sha1(p)} for name, p in files.items()]})
             self.send_json({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
                             "gated": "auto" if repo.gated else False, "downloads": 7, "likes": 1,
                             "cardData": {"license": "apache-2.0"}, "tags": [],
                             "config": {"model_type": "llama"},
                             "siblings": [{"rfilename": name, "size": p.stat().st_size, "blobId": _sha1(p)}
                                          for name, p in files.items()]})
+
+        def tree(self, key: str, revision: str, inner: str, recursive: bool) -> None:
+            """The entries below `inner` (a folder; '' is the repo's root): its files and folders, or everything
+            below it with `recursive`."""
+            repo = self.repo_or_error(key, revision)
+            if repo is None:
+                return
+            entries = _entries(repo)
+            prefix = inner.strip("/") + "/" if inner.strip("/") else ""
+            if prefix and prefix.rstrip("/") not in entries:
+                return self.error(404, "EntryNotFound", f"{inner} does not exist", repo.commit)
+            below = [entry for path, entry in entries.items() if path.startswith(prefix)
+                     and (recursive or "/" not in path[len(prefix):])]
+            self.send_json(below)
+
+        def paths_info(self, key: str, revision: str) -> None:
+            """POST paths=…&paths=… (a form): the entries of those paths that exist."""
+            repo = self.repo_or_error(key, revision)
+            if repo is None:
+                return
+            form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+            entries = _entries(repo)
+            self.send_json([entries[path] for path in form.get("paths", []) if path in entries])
 
         def search(self, text: str) -> None:
             self.send_json([{"id": repo_id, "modelId": repo_id, "downloads": 7, "likes": 1,
@@ -140,8 +187,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo = self.repo_or_error(repo_id, revision)
             if repo is None:
                 return
-            if repo.gated and self.headers.get("Authorization") != f"Bearer {repo.token}":
-                return self.error(401, "GatedRepo", "Access to this model is restricted", repo.commit)
+            given = self.headers.get("Authorization", "")
+            if repo.gated and given != f"Bearer {repo.token}":
+                # The Hub: no token is 401; a token whose owner has not been granted access is 403.
+                return self.error(403 if given else 401, "GatedRepo", f"Access to {repo_id} is restricted",
+                                  repo.commit)
             path = repo.files().get(name)
             if path is None:
                 return self.error(404, "EntryNotFound", f"{name} does not exist", repo.commit)
@@ -181,6 +231,19 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data[start:])
 
     return Handler
+
+
+def _entries(repo: Repo) -> dict[str, dict]:
+    """Every file and folder of the repo by path, as the tree and paths-info endpoints describe them."""
+    entries: dict[str, dict] = {}
+    for name, path in repo.files().items():
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            entries.setdefault(folder, {"type": "directory", "path": folder,
+                                        "oid": hashlib.sha1(folder.encode()).hexdigest()})
+        entries[name] = {"type": "file", "path": name, "size": path.stat().st_size, "oid": _sha1(path)}
+    return entries
 
 
 def _safetensors_params(repo: Repo) -> dict | None:

@@ -49,8 +49,8 @@ class RunConfig:
                                      "Off unless you trust its author.", group="model")
     # --- data ---
     data: str = option(DEFAULT_DATA, "Training data: a file (.jsonl, .json, .csv, .parquet, .txt, .arrow), a folder "
-                       "written by save_to_disk, a Hub dataset ORG/NAME[:split], or 'sample' for the bundled "
-                       "dataset.", group="data")
+                       "written by save_to_disk, a Hub dataset ORG/NAME[@revision][:split], or 'sample' for the "
+                       "bundled dataset.", group="data")
     data_format: str = option("auto", "Row format; 'auto' detects it from the columns.",
                               choices=("auto", *DATA_FORMATS), group="data")
     columns: dict[str, str] = option({}, "The file's own column names for the format's fields, e.g. "

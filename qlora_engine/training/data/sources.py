@@ -1,5 +1,6 @@
 """Where rows come from: data files (.jsonl, .json, .csv, .parquet, .txt, .arrow), a folder written by
-`Dataset.save_to_disk`, or a Hub dataset `ORG/NAME[:split]` through `datasets.load_dataset` (cached in the HF cache).
+`Dataset.save_to_disk`, or a Hub dataset `ORG/NAME[@revision][:split]` through `datasets.load_dataset` (its files in
+the HF cache, its rows in datasets' cache, read from there offline).
 
 Each gives (line number, record) pairs plus the rows that could not be read at all; reading is line-exact so that
 every bad row is reported by its line (a binary file or a dataset numbers its rows from 1).
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.model_ref import HubRef, parse_hub_ref
 from qlora_engine.training.data.report import BadRow
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")  # ORG/NAME or ORG/NAME:split
+SPLIT = re.compile(r"[\w.-]+")
 Records = tuple[list[tuple[int, Any]], list[BadRow]]
 
 
@@ -27,10 +30,11 @@ def read_records(path: Path | str) -> Records:
     if path.is_dir():
         return _read_saved_dataset(path)
     if not path.is_file():
-        if HUB_ID.match(str(path).replace("\\", "/")) and not str(path).startswith((".", "/", "~")):
+        if hub_dataset_ref(path.as_posix()) is not None:  # as_posix: on Windows Path("org/name") is org\name
             return read_hub_dataset(path.as_posix())
         raise EngineError("bad_dataset", f"data file {path} does not exist",
-                          "Check the path of the data file; a Hub dataset is written ORG/NAME or ORG/NAME:split.")
+                          "Check the path of the data file; a Hub dataset is written ORG/NAME, ORG/NAME:split or "
+                          "ORG/NAME@revision:split.")
     if path.suffix.lower() not in SUFFIXES:
         raise EngineError("bad_dataset", f"{path}: unsupported file type '{path.suffix}'",
                           f"Use one of {', '.join(SUFFIXES)}, a folder written by save_to_disk, or a Hub dataset.")
@@ -196,42 +200,78 @@ def _rows(where: Path | str, what: str, load: Any) -> Records:
     return [(index, row) for index, row in enumerate(table, start=1)], []
 
 
+def hub_dataset_ref(spec: str) -> tuple[HubRef, str] | None:
+    """(the repo and revision, the split) of `ORG/NAME[@revision][:split]`, or None when `spec` is no Hub id; the id
+    and revision follow the models' rule (model_ref), the split is `train` when left out."""
+    repo, _, split = spec.partition(":")
+    ref = parse_hub_ref(repo)
+    if ref is None or (split and not SPLIT.fullmatch(split)):
+        return None
+    return ref, split or "train"
+
+
 def read_hub_dataset(spec: str) -> Records:
-    """`ORG/NAME[:split]` (split `train` when left out) through datasets.load_dataset, into the HF cache."""
+    """`ORG/NAME[@revision][:split]` through datasets.load_dataset: huggingface_hub fetches its files into the HF
+    cache, datasets keeps the rows as Arrow in its own cache and reads them from there when offline."""
     import datasets
 
-    name, _, split = spec.partition(":")
+    found = hub_dataset_ref(spec)
+    if found is None:
+        raise EngineError("bad_dataset", f"{spec!r} is not a Hub dataset id",
+                          "Write it ORG/NAME, ORG/NAME:split or ORG/NAME@revision:split.")
+    ref, split = found
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset(name, split=split or "train")
+        if ref.revision and offline_setting() and not _revision_cached(ref):
+            from huggingface_hub.errors import OfflineModeIsEnabled
+
+            raise OfflineModeIsEnabled(f"{ref} is not in the HF cache")
+        table = datasets.load_dataset(ref.repo_id, split=split, revision=ref.revision)
     except Exception as exc:  # the Hub's, the network's and datasets' own failures, each turned into advice
-        raise hub_dataset_error(exc, name, split or "train") from exc
+        raise hub_dataset_error(exc, ref, split) from exc
     return [(index, row) for index, row in enumerate(table, start=1)], []
 
 
-def hub_dataset_error(exc: BaseException, name: str, split: str) -> EngineError:
-    """A Hub dataset's failure as the error a person can act on (gated, missing, offline, no such split)."""
+def _revision_cached(ref: HubRef) -> bool:
+    """Whether the HF cache has seen this revision of the dataset: datasets fetches the README (or learns it has
+    none) of every revision it reads. Offline, datasets reads the newest cached copy whatever the revision asked,
+    so a revision never read here must be refused rather than answered with another one's rows."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return try_to_load_from_cache(ref.repo_id, "README.md", revision=ref.revision, repo_type="dataset") is not None
+
+
+def hub_dataset_error(exc: BaseException, ref: HubRef, split: str) -> EngineError:
+    """A Hub dataset's failure as the error a person can act on, with the codes a Hub model's have (hub.py). datasets
+    re-raises the Hub's errors as its own, without their cause, so its messages are what tells them apart."""
     from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
     from huggingface_hub import errors
 
-    page = f"https://huggingface.co/datasets/{name}"
+    from qlora_engine.model.hub import TOKEN_ADVICE
+
+    name, page = ref.repo_id, f"https://huggingface.co/datasets/{ref.repo_id}"
     text = str(exc)
-    offline = _is_offline()
-    if isinstance(exc, errors.GatedRepoError) or "gated" in text.lower():
-        return EngineError("gated_dataset", f"the Hub dataset {name} is gated: its terms must be accepted on {page}",
-                           f"Open {page}, accept its terms with your Hugging Face account, then give a token: set "
-                           "HF_TOKEN or run `hf auth login`.")
-    if offline or isinstance(exc, (ConnectionError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) \
-            or "couldn't reach" in text.lower():
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub can't be reached"
-        return EngineError("offline", f"the Hub dataset {name} is not in the HF cache and {why}",
-                           "Connect to the internet (or unset HF_HUB_OFFLINE) and read it once; it is cached "
-                           "after that. Or point data at a local file.")
+    if isinstance(exc, errors.GatedRepoError) or "is a gated dataset" in text:
+        why = "your token has not been granted access" if "ask for access" in text else "no token was sent"
+        return EngineError("gated_dataset", f"the Hub dataset {name} is gated ({why}): its terms must be accepted "
+                           f"on {page} before it can be downloaded",
+                           f"Open {page}, accept its terms with your Hugging Face account, then {TOKEN_ADVICE}. "
+                           "A fine-grained token needs 'read access to public gated repos'.")
+    if isinstance(exc, errors.RevisionNotFoundError) or text.startswith("Revision '"):
+        return EngineError("revision_not_found", f"the Hub dataset {name} has no revision '{ref.revision_or_main}'",
+                           f"Pick a branch, tag or commit listed on {page}/tree/main (or leave @revision out).")
+    if isinstance(exc, (ConnectionError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
+        setting = offline_setting()
+        why = f"{setting} is set" if setting else "the Hub can't be reached"
+        return EngineError("offline", f"the Hub dataset {ref} is not in the HF cache and {why}",
+                           f"Connect to the internet (or unset {setting or 'HF_HUB_OFFLINE'}) and read it once; it "
+                           "is cached after that. Or point data at a local file.")
     if isinstance(exc, (DatasetNotFoundError, errors.RepositoryNotFoundError, FileNotFoundError,
                         DataFilesNotFoundError)):
         return EngineError("dataset_not_found", f"there is no dataset {name} on the Hub (or it is private)",
-                           "Check the id's spelling on https://huggingface.co/datasets; a local file's path must "
-                           "exist (a path that does not is read as a Hub id).")
+                           f"Check the id's spelling on https://huggingface.co/datasets; for a private dataset, "
+                           f"{TOKEN_ADVICE}. A local file's path must exist (a path that does not is read as a Hub "
+                           "id).")
     if isinstance(exc, ValueError) and "split" in text.lower():
         return EngineError("bad_dataset", f"the Hub dataset {name} has no split '{split}' ({text.splitlines()[0]})",
                            f"Name one of its splits: {name}:train, {name}:test, … as listed on {page}.")
@@ -240,7 +280,13 @@ def hub_dataset_error(exc: BaseException, name: str, split: str) -> EngineError:
                        "be read directly: save the rows you want as .jsonl.")
 
 
-def _is_offline() -> bool:
-    from huggingface_hub import constants
+def offline_setting() -> str | None:
+    """The variable that keeps datasets off the network, as datasets reads it (HF_DATASETS_OFFLINE, else
+    HF_HUB_OFFLINE, which huggingface_hub obeys too); None when online."""
+    from datasets import config
 
-    return bool(constants.HF_HUB_OFFLINE)
+    from qlora_engine.model.hub import is_offline
+
+    if config.HF_HUB_OFFLINE and os.environ.get("HF_DATASETS_OFFLINE") is not None:
+        return "HF_DATASETS_OFFLINE"
+    return "HF_HUB_OFFLINE" if is_offline() or config.HF_HUB_OFFLINE else None
