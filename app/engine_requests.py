@@ -19,6 +19,7 @@ from qlora_engine.planning.memory import estimate_peak
 from qlora_engine.planning.model_shape import load_model_config, model_shape, resolve_model_config
 from qlora_engine.protocol import queries
 from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.run_folders import FINAL_ADAPTER, exports_folder
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,13 @@ class PlanGgufExport(Request[gguf_plan.ExportNeeds]):
     quants: tuple[str, ...]
     out: str = ""
     lora: bool = False
+    checkpoint: str = FINAL_ADAPTER  # or step-N: that checkpoint's adapter, its exports in exports/step-N
 
     def run(self, call: Call) -> gguf_plan.ExportNeeds:
         run_dir = Path(self.run_dir)
-        out = Path(self.out).expanduser() if self.out else run_dir / "exports" / "gguf"
+        out = Path(self.out).expanduser() if self.out else exports_folder(run_dir, self.checkpoint) / "gguf"
         quants = ["f16"] if self.lora else list(self.quants)
-        merged = self.lora or gguf_plan.merged_is_current(run_dir)
+        merged = self.lora or gguf_plan.merged_is_current(run_dir, self.checkpoint)
         return gguf_plan.export_needs(resolve_model_config(self.model), quants, out, merged_exists=merged)
 
 

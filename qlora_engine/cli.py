@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lm-studio", action="store_true", help="with --gguf: also add the files to LM Studio")
     export.add_argument("--ollama-create", metavar="NAME",
                         help="with --gguf: also run `ollama create NAME` on the last file's Modelfile")
-    export.add_argument("--out", help="destination folder [<run>/exports/<kind>]")
+    export.add_argument("--out", help="destination folder [<run>/exports/<kind>; a checkpoint's: exports/step-N/]")
     add_events_flag(export)
 
     add_to = commands.add_parser("add-to", help="put an exported GGUF in LM Studio's models folder, or create it "
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--serve", action="store_true", help="JSON lines on stdin, streamed events out (for the GUI)")
     add_events_flag(chat)
+    for command in (export, chat):
+        command.add_argument("--checkpoint", default=run_folders.FINAL_ADAPTER, help=run_folders.CHECKPOINT_HELP)
 
     info = commands.add_parser("model-info", help="facts about a model (imports a .gguf on first use)")
     info.add_argument("model")
@@ -325,9 +327,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.kind in ("gguf", "gguf-lora"):
         return cmd_export_gguf(args, run_dir, events)
     try:
+        progress = lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage, fraction=fraction))  # noqa: E731
         verification = export.export_run(run_dir, args.kind, Path(args.out).expanduser() if args.out else None,
-                                         lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage,
-                                                                                               fraction=fraction)))
+                                         progress, checkpoint=args.checkpoint)
         events.emit(verification)
     except BaseException as exc:
         return report_failure(events, exc)
@@ -344,9 +346,9 @@ def cmd_export_gguf(args: argparse.Namespace, run_dir: Path, events: EventWriter
 
         out = Path(args.out).expanduser() if args.out else None
         progress = lambda stage, fraction: events.emit(ev.ExportProgress(stage=stage, fraction=fraction))  # noqa: E731
-        results = ([gguf_lora.export_gguf_lora(run_dir, out, progress)] if args.kind == "gguf-lora" else
-                   gguf_export.export_gguf(run_dir, parse_quants(args.quant), out, progress,
-                                           lm_studio_copy=args.lm_studio))
+        results = ([gguf_lora.export_gguf_lora(run_dir, out, progress, args.checkpoint)] if args.kind == "gguf-lora"
+                   else gguf_export.export_gguf(run_dir, parse_quants(args.quant), out, progress, args.lm_studio,
+                                                args.checkpoint))
         for result in results:
             events.emit(result)
         failure = gguf_export.failures_error(results)
@@ -392,8 +394,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     events = EventWriter(None, human=args.events == "human")
     try:
         if args.serve:
-            return chat.serve(args.target, events)
-        model, tokenizer, device, has_adapter = chat.load_for_chat(args.target)
+            return chat.serve(args.target, events, args.checkpoint)
+        model, tokenizer, device, has_adapter = chat.load_for_chat(args.target, args.checkpoint)
         questions = [args.prompt] if args.prompt else _terminal_questions()
         for question in questions:
             answers = chat.answer_both(model, tokenizer, device, has_adapter, question, args.max_new_tokens)

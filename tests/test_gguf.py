@@ -176,6 +176,16 @@ def test_the_adapter_as_a_gguf_lora_answers_like_peft_in_llama_cpp(gguf_run):
     assert abs(plain.scores[: len(tokens)] - tuned.scores[: len(tokens)]).max() > 1e-3  # the LoRA is applied
 
 
+def test_a_checkpoints_adapter_exports_as_its_own_gguf_lora(gguf_run):
+    from qlora_engine.products import gguf_lora
+
+    result = gguf_lora.export_gguf_lora(gguf_run, checkpoint="best")  # the run's one evaluation: its end, step 6
+    out = gguf_run / "exports" / "step-6" / "gguf"
+    assert result.path == str(out / f"{gguf_run.name}-step-6-lora-f16.gguf")
+    assert result.base_path == str(out / f"{gguf_run.name}-step-6-base-f16.gguf")
+    assert Path(result.path).is_file() == result.ok  # kept only when llama.cpp's check passed
+
+
 def test_too_little_disk_stops_before_the_merge(gguf_run, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_plan, "free_disk_bytes", lambda folder: 1024)
     with pytest.raises(EngineError) as caught:

@@ -12,8 +12,10 @@ from app import theme
 from app.engine_process import EngineProcess
 from app.session import Session
 from app.widgets.banner import Banner
+from app.widgets.checkpoint_picker import CheckpointPicker
 from app.widgets.page import Page, primary_button
 from qlora_engine.protocol import events as ev
+from qlora_engine.protocol.run_folders import FINAL_ADAPTER
 from qlora_engine.protocol.run_state import summarize_run
 
 MODELS = (("base", "Base model (before training)"), ("tuned", "Tuned model (with this run's adapter)"))
@@ -35,6 +37,7 @@ class ChatPage(Page):
         self.engine.exited.connect(lambda _code: self._show_state())
         self.ready = self.has_adapter = False
         self.loaded_run = None
+        self.loaded_checkpoint = ""  # the adapter the engine loaded: final or step-N (its chat_ready)
         self.answers = {"base": "", "tuned": ""}
         self.transcripts: dict[str, list[tuple[str, str]]] = {"base": [], "tuned": []}
 
@@ -42,7 +45,10 @@ class ChatPage(Page):
         self.run_label = QLabel(objectName="muted", wordWrap=True)
         self.load_button = QPushButton("Load models")
         self.load_button.clicked.connect(self.load)
+        self.checkpoint_picker = CheckpointPicker("Tuned with")
+        self.checkpoint_picker.changed.connect(self._show_state)
         top.addWidget(self.run_label, 1)
+        top.addWidget(self.checkpoint_picker)
         top.addWidget(self.load_button)
         self.body.addLayout(top)
         self.banner = Banner()
@@ -56,8 +62,10 @@ class ChatPage(Page):
     def _build_panes(self) -> QGridLayout:
         grid = QGridLayout()
         self.panes: dict[str, QTextBrowser] = {}
+        self.pane_titles: dict[str, QLabel] = {}
         for column, (key, label) in enumerate(MODELS):
-            grid.addWidget(QLabel(f"<b>{label}</b>"), 0, column)
+            self.pane_titles[key] = QLabel(f"<b>{label}</b>")
+            grid.addWidget(self.pane_titles[key], 0, column)
             self.panes[key] = QTextBrowser(placeholderText="Answers appear here.")
             grid.addWidget(self.panes[key], 1, column)
         return grid
@@ -84,10 +92,11 @@ class ChatPage(Page):
         if self.engine.is_running():  # another run's models: replace the server
             self.engine.kill()
             self.engine.wait_for_exit(3000)
-        self.ready, self.loaded_run = False, run_dir
+        self.ready, self.loaded_run, self.loaded_checkpoint = False, run_dir, ""
         self.banner.show_message("info", "Loading both models…", "The base model is loaded in 4-bit and the "
                                  "adapter put on top. This takes a few seconds to a minute.")
-        self.engine.start(["chat", str(run_dir), "--serve", "--events", "jsonl"])
+        self.engine.start(["chat", str(run_dir), "--serve", "--events", "jsonl",
+                           *self.checkpoint_picker.engine_args()])
         self._show_state()
 
     def send(self) -> None:
@@ -105,7 +114,7 @@ class ChatPage(Page):
 
     # ------------------------------------------------------------------ events
     def _on_ready(self, event: ev.ChatReady) -> None:
-        self.ready, self.has_adapter = True, event.has_adapter
+        self.ready, self.has_adapter, self.loaded_checkpoint = True, event.has_adapter, event.checkpoint
         self.banner.clear()
         self._show_state()
         self.prompt.setFocus()
@@ -146,20 +155,34 @@ class ChatPage(Page):
     def _show_state(self) -> None:
         run_dir = self.session.run_dir
         running = self.engine.is_running()
+        summary = summarize_run(run_dir) if run_dir is not None else None
+        self.checkpoint_picker.show_run(summary)
         if run_dir is None:
             self.run_label.setText("No run chosen. Train one, or pick a finished run on the Runs page.")
         else:
-            summary = summarize_run(run_dir)
             loaded = running and self.loaded_run == run_dir
-            note = "loaded" if loaded and self.ready else "loading…" if loaded else \
-                "press Load models" if summary.has_adapter else "no adapter yet: let the run finish first"
+            note = self._loaded_note() if loaded and self.ready else "loading…" if loaded else \
+                "press Load models" if self.checkpoint_picker.choice() else "no adapter yet: let the run finish first"
             self.run_label.setText(f"Run <b>{html.escape(run_dir.name)}</b>: {note}")
-        can_load = run_dir is not None and summarize_run(run_dir).has_adapter
+        step = self._loaded_step()
+        self.pane_titles["tuned"].setText(f"<b>Tuned model (with the checkpoint of {step})</b>" if step else
+                                          f"<b>{dict(MODELS)['tuned']}</b>")
+        can_load = bool(self.checkpoint_picker.choice())
         self.load_button.setEnabled(can_load)
         self.load_button.setText("Reload models" if running else "Load models")
         chatting = running and self.ready
         for widget in (self.prompt, self.send_button):
             widget.setEnabled(chatting)
+
+    def _loaded_step(self) -> str:
+        """'step 20' when the engine loaded a checkpoint's adapter, '' for the final adapter."""
+        return self.loaded_checkpoint.replace("-", " ") if self.loaded_checkpoint not in ("", FINAL_ADAPTER) else ""
+
+    def _loaded_note(self) -> str:
+        note = f"loaded, the checkpoint of {self._loaded_step()}" if self._loaded_step() else "loaded"
+        if self.checkpoint_picker.choice() not in ("", self.loaded_checkpoint or FINAL_ADAPTER):
+            note += " (press Reload models for the adapter picked)"
+        return note
 
     def showEvent(self, event: object) -> None:  # noqa: N802 (Qt override)
         self._show_state()

@@ -37,11 +37,13 @@ from app.engine_requests import PlanGgufExport
 from app.formatting import size
 from app.session import Session
 from app.widgets.banner import Banner
+from app.widgets.checkpoint_picker import CheckpointPicker
 from app.widgets.gguf_results import GgufResults
 from app.widgets.page import Page, card, primary_button
 from qlora_engine.planning.gguf_plan import DEFAULT_QUANT, LOSSLESS_ENOUGH, QUANTS, ExportNeeds
 from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.run_folders import exports_folder
 from qlora_engine.protocol.run_state import summarize_run
 
 KINDS = {
@@ -111,6 +113,9 @@ class ExportPage(Page):
     def _build_choice(self) -> QWidget:
         box = card()
         layout = QVBoxLayout(box)
+        self.checkpoint_picker = CheckpointPicker("Export from")
+        self.checkpoint_picker.changed.connect(self._checkpoint_changed)
+        layout.addWidget(self.checkpoint_picker)
         self.kind_group = QButtonGroup(self)
         for kind, (label, explanation) in KINDS.items():
             button = QRadioButton(label, objectName=f"kind_{kind}")
@@ -194,7 +199,14 @@ class ExportPage(Page):
         self.plan_timer.start()
         self._show_state()
 
+    def _checkpoint_changed(self) -> None:
+        """Another adapter of the run: its own exports folder, its stored results, its GGUF plan."""
+        self.results.show_results(self._stored_results())
+        self._show_destination()
+        self.plan_timer.start()
+
     def _run_changed(self) -> None:
+        self.checkpoint_picker.show_run(summarize_run(self.session.run_dir) if self.session.run_dir else None)
         self.banner.clear()
         self.open_button.hide()
         self.progress.hide()
@@ -215,7 +227,7 @@ class ExportPage(Page):
             self.needs_label.setText("Estimating the files' sizes…")
         request = PlanGgufExport(run_dir=str(summary.run_dir), model=summary.model or "default",
                                  quants=tuple(self.quants()), out=self.destination.text().strip(),
-                                 lora=self.kind() == "gguf-lora")
+                                 lora=self.kind() == "gguf-lora", checkpoint=self.checkpoint_picker.choice() or "final")
         self.planning = self.session.engine.run(request, owner=self, done=self._plan_came,
                                                 failed=self._plan_failed)
 
@@ -296,7 +308,7 @@ class ExportPage(Page):
         self.progress.setValue(0)
         self.progress.setFormat("Starting…")
         self.progress.show()
-        args = ["export", str(run_dir), f"--{self.kind()}", "--events", "jsonl"]
+        args = ["export", str(run_dir), f"--{self.kind()}", "--events", "jsonl", *self.checkpoint_picker.engine_args()]
         if self.kind() == "gguf":
             args += ["--quant", ",".join(self.quants())]
         if self.destination.text().strip():
@@ -309,6 +321,7 @@ class ExportPage(Page):
         if folder:
             settings.remember_folder("export", folder)
             run_name = self.session.run_dir.name if self.session.run_dir else "model"
+            run_name += "".join(f"-{arg}" for arg in self.checkpoint_picker.engine_args()[1:])  # its step-N
             self.destination.setText(str(Path(folder) / f"{run_name}-{self.kind()}"))
             self.plan_timer.start()
 
@@ -369,7 +382,7 @@ class ExportPage(Page):
         run_dir = self.session.run_dir
         results: list[ev.GgufExported] = []
         for name in VERIFICATION_FILES if run_dir else ():
-            path = run_dir / "exports" / name
+            path = exports_folder(run_dir, self.checkpoint_picker.choice() or "final") / name
             try:
                 stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
             except (OSError, ValueError):
@@ -384,21 +397,26 @@ class ExportPage(Page):
         run_dir = self.session.run_dir
         if run_dir is not None:
             folder = "gguf" if self.is_gguf() else self.kind()
-            self.destination.setPlaceholderText(str(run_dir / "exports" / folder))
+            exports = exports_folder(run_dir, self.checkpoint_picker.choice() or "final")
+            self.destination.setPlaceholderText(str(exports / folder))
 
     def _show_state(self) -> None:
         run_dir = self.session.run_dir
         exporting = self.engine.is_running()
         summary = summarize_run(run_dir) if run_dir else None
+        self.checkpoint_picker.show_run(summary)
         if summary is None:
             self.run_label.setText("No run chosen. Train one, or pick a finished run on the Runs page.")
+        elif not summary.has_adapter and self.checkpoint_picker.choice():
+            self.run_label.setText(f"Run <b>{html.escape(summary.name)}</b> has no final adapter yet: export one of "
+                                   f"its checkpoints, or resume the run to finish it.")
         elif not summary.has_adapter:
             self.run_label.setText(f"Run <b>{html.escape(summary.name)}</b> has no adapter yet: let it finish "
                                    f"(or resume it) first.")
         else:
             self.run_label.setText(f"Exporting run <b>{html.escape(summary.name)}</b>"
                                    + (f", final loss {summary.final_loss:.4g}" if summary.final_loss else "") + ".")
-        ready = bool(summary and summary.has_adapter) and not exporting
+        ready = bool(summary and self.checkpoint_picker.choice()) and not exporting
         self.export_button.setEnabled(ready and not (self.is_gguf() and self.plan_blocks_export()))
         self.export_button.setText("Exporting…" if exporting else "Export")
         self.results.set_busy(exporting)

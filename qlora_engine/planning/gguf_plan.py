@@ -13,6 +13,7 @@ from typing import Any
 
 from qlora_engine.planning.model_shape import ModelShape, model_shape
 from qlora_engine.protocol.errors import EngineError
+from qlora_engine.protocol.run_folders import FINAL_ADAPTER, adapter_folder, exports_folder
 
 # Bits per weight of a whole file, as llama.cpp's quantize reports them for Llama-shaped models (tensors too small
 # for a k-quant's 256-wide blocks fall back to other types, so tiny models differ). Order: largest first.
@@ -131,13 +132,14 @@ def available_ram_bytes() -> int | None:
     return None
 
 
-def merged_is_current(run_dir: Path) -> bool:
-    """The run's merged export is there, passed its check, and is newer than the final adapter: a GGUF export
-    converts it as it is instead of merging again."""
-    merged, record = run_dir / "exports" / "merged", run_dir / "exports" / "merged-verification.json"
+def merged_is_current(run_dir: Path, checkpoint: str = FINAL_ADAPTER) -> bool:
+    """The merged export of the run's final adapter (or checkpoint step-N's) is there, passed its check, and is newer
+    than that adapter: a GGUF export converts it as it is instead of merging again."""
+    exports = exports_folder(run_dir, checkpoint)
+    merged, record = exports / "merged", exports / "merged-verification.json"
     if not (merged / "config.json").is_file() or not record.is_file():
         return False
-    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    adapter = adapter_folder(run_dir, checkpoint) / "adapter_model.safetensors"
     newer = not adapter.exists() or merged.stat().st_mtime >= adapter.stat().st_mtime
     return newer and bool(json.loads(record.read_text(encoding="utf-8")).get("ok"))
 

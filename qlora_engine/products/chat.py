@@ -17,25 +17,28 @@ from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import EventWriter
+from qlora_engine.training.best_checkpoint import FINAL, choose_adapter
 from qlora_engine.training.data import prompt_text
 
 
-def load_for_chat(target: str) -> tuple[Any, Any, str, bool]:
-    """(model, tokenizer, device, has_adapter) for a run folder or a plain model."""
+def load_for_chat(target: str, checkpoint: str = FINAL) -> tuple[Any, Any, str, bool]:
+    """(model, tokenizer, device, has_adapter) for a run folder (its final adapter, or the checkpoint's that
+    `checkpoint` names: best, step-N) or a plain model."""
     from peft import PeftModel
 
     run_dir = Path(target).expanduser()
-    cfg = RunConfig.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else RunConfig(model=target)
+    is_run = (run_dir / "config.yaml").is_file()
+    if not is_run and checkpoint not in ("", FINAL):
+        raise EngineError("bad_checkpoint", f"--checkpoint {checkpoint} needs a run folder; {target} is not one "
+                          "(no config.yaml)", "Pass the run folder whose checkpoint to chat with.")
+    cfg = RunConfig.load(run_dir / "config.yaml") if is_run else RunConfig(model=target)
+    adapter = choose_adapter(run_dir, checkpoint).folder if is_run else None  # a bad choice fails before loading
     device = loading.resolve_device(cfg.device)
     source = loading.resolve_model(cfg.model, cfg.allow_pickle)
     tokenizer = loading.load_tokenizer(source.path, cfg.trust_remote_code)
     compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
-    adapter = run_dir / "adapter"
-    if (run_dir / "config.yaml").is_file():
+    if adapter is not None:
         # the base as the run trained on it: its precision plan, the base its adapter start left
-        if not (adapter / "adapter_config.json").is_file():
-            raise EngineError("no_adapter", f"{run_dir} has no finished adapter yet",
-                              "Let the run finish (or resume it), then chat with it.")
         model = run_base.load_trained_base(cfg, source.path, device, compute_dtype, run_dir)
         model = PeftModel.from_pretrained(model, adapter)
         if (run_dir / adapter_init.INIT_FILE).is_file():  # the "base" side answers as training began
@@ -67,10 +70,11 @@ def _bind(callback: Callable[[str, str], None] | None, which: str) -> Callable[[
     return None if callback is None else (lambda text: callback(which, text))
 
 
-def serve(target: str, events: EventWriter) -> int:
+def serve(target: str, events: EventWriter, checkpoint: str = FINAL) -> int:
     """Answer JSON-line requests {"prompt": ..., "max_new_tokens": N} from stdin until it closes."""
-    model, tokenizer, device, has_adapter = load_for_chat(target)
-    events.emit(ev.ChatReady(target=target, has_adapter=has_adapter, device=device))
+    model, tokenizer, device, has_adapter = load_for_chat(target, checkpoint)
+    chosen = choose_adapter(Path(target).expanduser(), checkpoint).name if has_adapter else ""
+    events.emit(ev.ChatReady(target=target, has_adapter=has_adapter, device=device, checkpoint=chosen))
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -20,6 +20,7 @@ from qlora_engine.protocol.config import RunConfig, write_text_atomic
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import Exported
 from qlora_engine.protocol.run_lock import process_alive
+from qlora_engine.training.best_checkpoint import FINAL, choose_adapter
 from qlora_engine.training.checkpoints import replace_folder, writing_folder
 
 FIXED_PROMPT = "Tell me one thing you learned, in one sentence."
@@ -32,13 +33,12 @@ MERGED_RELATIVE_TOLERANCE = 0.05
 MERGED_TOP1_AGREEMENT = 0.9
 
 
-def run_config(run_dir: Path) -> RunConfig:
+def run_config(run_dir: Path, checkpoint: str = FINAL) -> RunConfig:
+    """The run's config, once the run is known to have the adapter `checkpoint` names (final, best, step-N)."""
     if not (run_dir / "config.yaml").is_file():
         raise EngineError("not_a_run", f"{run_dir} is not a run folder (no config.yaml)",
                           "Pass the folder a training run wrote.")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise EngineError("no_adapter", f"{run_dir} has no finished adapter",
-                          "Let the run finish (or resume it) before exporting.")
+    choose_adapter(run_dir, checkpoint)
     return RunConfig.load(run_dir / "config.yaml")
 
 
@@ -73,18 +73,21 @@ def compare_logits(kind: str, path: Path, reference: torch.Tensor, exported: tor
 
 
 def export_run(run_dir: Path, kind: str, out: Path | None = None,
-               progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Exported:
-    """Write and verify one export; the folder appears only if verification passed."""
+               progress: Callable[[str, float], None] = lambda stage, fraction: None,
+               checkpoint: str = FINAL) -> Exported:
+    """Write and verify one export of the final adapter or a checkpoint's (`checkpoint`: best, step-N; its exports
+    go under exports/step-N/); the folder appears only if verification passed."""
     from peft import PeftModel
 
-    cfg = run_config(run_dir)
-    out = out or run_dir / "exports" / kind
+    cfg = run_config(run_dir, checkpoint)
+    chosen = choose_adapter(run_dir, checkpoint)
+    out = out or chosen.exports_dir(run_dir) / kind
     kind_checked = kind
     recover_interrupted_export(out)
     device = loading.resolve_device(cfg.device)
     progress("loading the trained model", 0.1)
     base, tokenizer, compute_dtype = _load_base(cfg, device, run_dir)
-    trained = PeftModel.from_pretrained(base, run_dir / "adapter")
+    trained = PeftModel.from_pretrained(base, chosen.folder)
     reference = fixed_prompt_logits(trained, tokenizer, device)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     # a full disk, an unwritable destination: no partial export is left behind
@@ -94,11 +97,12 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             # PiSSA / OLoRA: the adapter holds part of the weights, so alone it means nothing over the originals;
             # exported as peft's converted rank-2r LoRA over them, checked there (16-bit, as peft's conversion)
             progress("converting the adapter to a LoRA over the original weights", 0.4)
-            adapter_init.adapter_over_original(run_dir / "adapter", run_dir / adapter_init.INIT_FILE, tmp)
+            adapter_init.adapter_over_original(chosen.folder, run_dir / adapter_init.INIT_FILE, tmp)
             tokenizer.save_pretrained(tmp)
             progress("reloading with PeftModel.from_pretrained on the original weights", 0.6)
             del trained, base
-            reference, exported = residual_adapter_logits(cfg, run_dir, tmp, tokenizer, device, compute_dtype)
+            reference, exported = residual_adapter_logits(cfg, run_dir, tmp, tokenizer, device, compute_dtype,
+                                                          chosen.folder)
             kind_checked = "merged"  # two 16-bit models that differ by rounding
         elif kind == "adapter":
             progress("writing the adapter", 0.4)
@@ -114,7 +118,7 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
             del trained, base  # the 4-bit model goes before the 16-bit one is built
             progress("dequantizing the base and merging LoRA", 0.3)
             save_dtype = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
-            merged = merged_model(cfg, run_dir, device, save_dtype)
+            merged = merged_model(cfg, run_dir, device, save_dtype, chosen.folder)
             progress("writing safetensors", 0.6)
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -131,13 +135,14 @@ def export_run(run_dir: Path, kind: str, out: Path | None = None,
         raise EngineError("export_mismatch", f"the {kind} export's logits differ from the trained model "
                           f"(max {verification.max_abs_logit_diff}, relative {verification.relative_l2})",
                           "Nothing was written. Report this with the run folder.")
-    write_text_atomic(run_dir / "exports" / f"{kind}-verification.json", json.dumps(verification.to_dict(), indent=1))
+    write_text_atomic(chosen.exports_dir(run_dir) / f"{kind}-verification.json",
+                      json.dumps(verification.to_dict(), indent=1))
     progress("verified", 1.0)
     return verification
 
 
 def residual_adapter_logits(cfg: RunConfig, run_dir: Path, converted: Path, tokenizer: Any, device: str,
-                            compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                            compute_dtype: torch.dtype, adapter_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """What a converted PiSSA / OLoRA adapter must equal: the 16-bit residual (W - s B0 A0, unquantized) with the
     trained adapter; and what it gives over the original 16-bit weights. The 4-bit rounding of the residual, which
     separates both from the trained model, is the same for any export of such a run."""
@@ -146,20 +151,20 @@ def residual_adapter_logits(cfg: RunConfig, run_dir: Path, converted: Path, toke
     folder = loading.resolve_model(cfg.model, cfg.allow_pickle).path
     residual = loading.load_plain_model(folder, dtype=compute_dtype, device=device)
     adapter_init.apply_corrections(residual, run_dir / adapter_init.INIT_FILE, folder)
-    reference = fixed_prompt_logits(PeftModel.from_pretrained(residual, run_dir / "adapter"), tokenizer, device)
+    reference = fixed_prompt_logits(PeftModel.from_pretrained(residual, adapter_dir), tokenizer, device)
     del residual
     original = loading.load_plain_model(folder, dtype=compute_dtype, device=device)
     return reference, fixed_prompt_logits(PeftModel.from_pretrained(original, converted), tokenizer, device)
 
 
-def merged_model(cfg: RunConfig, run_dir: Path, device: str, save_dtype: torch.dtype) -> Any:
-    """Base weights dequantized from exactly the 4-bit (or int8) values training saw, LoRA merged in (DoRA's
-    magnitude too, by peft), plain Linear layers."""
+def merged_model(cfg: RunConfig, run_dir: Path, device: str, save_dtype: torch.dtype, adapter_dir: Path) -> Any:
+    """Base weights dequantized from exactly the 4-bit (or int8) values training saw, the LoRA in `adapter_dir`
+    merged in (DoRA's magnitude too, by peft), plain Linear layers."""
     from peft import PeftModel
 
     base, _, compute_dtype = _load_base(cfg, device, run_dir)
     dequantize_linear4bit(base, compute_dtype)
-    merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return merged.to(save_dtype)
 
 

@@ -21,6 +21,7 @@ from qlora_engine.protocol.config import RunConfig, write_text_atomic
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import GgufExported
 from qlora_engine.protocol.run_lock import process_alive
+from qlora_engine.training.best_checkpoint import FINAL, AdapterChoice, choose_adapter
 
 MAX_PROMPTS = 36  # the sample's held-out questions; a run's validation prompts beyond this are not asked
 MAX_ROWS = 16  # validation rows for the perplexity
@@ -28,25 +29,27 @@ Progress = Callable[[str, float], None]
 
 
 def export_gguf(run_dir: Path, quants: list[str], out: Path | None = None, progress: Progress = lambda s, f: None,
-                lm_studio_copy: bool = False) -> list[GgufExported]:
-    """Write, verify and keep one GGUF per quantization (plus a Modelfile each); raises when any failed its check,
-    after keeping those that passed."""
-    cfg = export.run_config(run_dir)
+                lm_studio_copy: bool = False, checkpoint: str = FINAL) -> list[GgufExported]:
+    """Write, verify and keep one GGUF per quantization (plus a Modelfile each) of the final adapter or a
+    checkpoint's (`checkpoint`); raises when any failed its check, after keeping those that passed."""
+    cfg = export.run_config(run_dir, checkpoint)
+    chosen = choose_adapter(run_dir, checkpoint)
     llama_cpp_tools.require_llama_cpp()
     converter = llama_cpp_tools.ensure_converter(progress)
-    out = out or run_dir / "exports" / "gguf"
+    out = out or chosen.exports_dir(run_dir) / "gguf"
     base_dir = _base_model_dir(cfg)
     gguf_convert.check_architecture(base_dir, llama_cpp_tools.supported_architectures(converter))
-    merged_dir = run_dir / "exports" / "merged"
-    check_resources(base_dir, quants, out, merged_ready=gguf_plan.merged_is_current(run_dir))
-    if not gguf_plan.merged_is_current(run_dir):
-        export.export_run(run_dir, "merged", progress=lambda stage, f: progress(f"merged: {stage}", 0.05 + 0.25 * f))
+    merged_dir = chosen.exports_dir(run_dir) / "merged"
+    check_resources(base_dir, quants, out, merged_ready=gguf_plan.merged_is_current(run_dir, chosen.name))
+    if not gguf_plan.merged_is_current(run_dir, chosen.name):
+        export.export_run(run_dir, "merged", progress=lambda stage, f: progress(f"merged: {stage}", 0.05 + 0.25 * f),
+                          checkpoint=chosen.name)
     progress("answering the check's questions with the merged model", 0.35)
     questions, rows, system = verification_inputs(cfg, merged_dir)
     reference = gguf_verify.reference(merged_dir, questions, rows)
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
-    stem = run_dir.name
+    stem = file_stem(run_dir, chosen)
     source_type = "f16" if _saved_dtype(merged_dir) == "float16" else "bf16"
     source = out / f".tmp-{os.getpid()}-{stem}-source-{source_type}.gguf"
     tokenizer = loading.load_tokenizer(merged_dir)
@@ -61,7 +64,7 @@ def export_gguf(run_dir: Path, quants: list[str], out: Path | None = None, progr
                                      fraction, lm_studio_copy))
     finally:
         source.unlink(missing_ok=True)
-    write_text_atomic(run_dir / "exports" / "gguf-verification.json",
+    write_text_atomic(chosen.exports_dir(run_dir) / "gguf-verification.json",
                       json.dumps([r.to_dict() for r in results], indent=1))
     progress("verified", 1.0)
     return results
@@ -103,6 +106,11 @@ def failures_error(results: list[GgufExported]) -> EngineError | None:
 
 
 # ----------------------------------------------------------------------------- inputs and checks
+def file_stem(run_dir: Path, chosen: AdapterChoice) -> str:
+    """The run's name, and the checkpoint's for a checkpoint's files (they sit side by side in LM Studio, Ollama)."""
+    return run_dir.name if chosen.name == FINAL else f"{run_dir.name}-{chosen.name}"
+
+
 def _base_model_dir(cfg: RunConfig) -> Path:
     return loading.resolve_model(cfg.model, cfg.allow_pickle).path
 

@@ -165,6 +165,12 @@ class RunConfig:
     run_dir: str = option("", "Run folder; empty = a new folder under the runs directory.", group="run")
     eval_steps: int = option(20, "Evaluate on the validation split every N steps (0 = only at the end).",
                              group="run", minimum=0)
+    early_stopping_patience: int = option(0, "Stop when the eval loss has not improved for this many evaluations "
+                                          "in a row; the run then finishes as usual (final adapter, comparison), "
+                                          "and its best checkpoint is kept (0 = off).", group="run", minimum=0)
+    early_stopping_min_delta: float = option(0.0, "How much lower than the best so far an eval loss must be to "
+                                             "count as an improvement (a new best checkpoint); 0 = any lower loss.",
+                                             group="run", minimum=0.0)
     save_steps: int = option(0, "Write a checkpoint every N steps (0 = only at stop and end).", group="run",
                              minimum=0)
     compare_questions: int = option(0, "After training, ask the base and the tuned model this many held-out "
@@ -209,6 +215,7 @@ class RunConfig:
             if meta["maximum"] is not None and value > meta["maximum"]:
                 raise config_error(f"{spec.name}: {value} is above the maximum {meta['maximum']}")
         self._check_adapter_options()
+        self._check_early_stopping()
         if self.max_steps == 0 and self.epochs == 0:
             raise config_error("max_steps and epochs are both 0: the run would do nothing",
                               "Set max_steps (e.g. 60) or epochs (e.g. 1).")
@@ -224,6 +231,15 @@ class RunConfig:
             raise config_error(f"precision_budget_bits: {self.precision_budget_bits} is below the smallest format "
                                "(4-bit in blocks of 256: about 4.03 bits per weight)",
                                "Use 0 (plain 4-bit) or a value from 4.03 to 16, e.g. 4.25.")
+
+    def _check_early_stopping(self) -> None:
+        """Early stopping needs evaluations during the run: eval_steps and validation rows."""
+        if self.early_stopping_patience and not self.eval_steps:
+            raise config_error("early_stopping_patience needs eval_steps > 0: with eval_steps 0 the run evaluates "
+                               "only at its end", "Set eval_steps, e.g. 20, or early_stopping_patience 0.")
+        if self.early_stopping_patience and not self.val_data and not self.val_fraction:
+            raise config_error("early_stopping_patience needs validation rows: val_fraction is 0 and no val_data "
+                               "is given", "Set val_fraction (e.g. 0.1) or val_data, or early_stopping_patience 0.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -137,11 +137,14 @@ class Eval(Event):
 
 @dataclass(kw_only=True)
 class Checkpoint(Event):
-    """A complete checkpoint was written (temp folder renamed) at this step."""
+    """A complete checkpoint was written (temp folder renamed) at this step, and which is the run's best so far.
+    The best is the checkpoint with the lowest eval loss after training began, kept when older ones are pruned."""
 
     kind: ClassVar[str] = "checkpoint"
     step: int
     path: str
+    best_step: int | None = None  # None: no evaluation after training began yet
+    best_eval_loss: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -271,6 +274,7 @@ class ChatReady(Event):
     target: str
     has_adapter: bool
     device: str = ""
+    checkpoint: str = ""  # the adapter loaded: final or step-N (--checkpoint); empty without an adapter
 
 
 @dataclass(kw_only=True)
@@ -482,6 +486,10 @@ def describe(event: Event) -> str:
         return _describe_data(event)
     if isinstance(event, Warning):
         return f"warning: {event.message}"
+    if isinstance(event, Checkpoint):
+        best = (" (the best so far)" if event.best_step == event.step else
+                f" (the best so far: step-{event.best_step})" if event.best_step else "")
+        return f"checkpoint step-{event.step}{best}: {event.path}"
     if isinstance(event, ModelLoaded):
         return (f"model loaded: {event.model} ({event.params / 1e6:.1f} M parameters, "
                 f"{event.trainable_params / 1e6:.2f} M trained)")

@@ -46,6 +46,22 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file()
 
 
+# ----------------------------------------------------------------------------- inside a run folder
+FINAL_ADAPTER = "final"  # --checkpoint's word for the finished adapter; a checkpoint's adapter is named step-N
+CHECKPOINT_HELP = ("which of the run's adapters: final (the finished one), best (the checkpoint with the lowest eval "
+                   "loss) or step-N [final]")
+
+
+def adapter_folder(run_dir: Path, checkpoint: str = FINAL_ADAPTER) -> Path:
+    """The finished adapter (<run>/adapter) or checkpoint step-N's (<run>/checkpoints/step-N/adapter)."""
+    return run_dir / "adapter" if checkpoint == FINAL_ADAPTER else run_dir / "checkpoints" / checkpoint / "adapter"
+
+
+def exports_folder(run_dir: Path, checkpoint: str = FINAL_ADAPTER) -> Path:
+    """Where that adapter's exports go: <run>/exports, or <run>/exports/step-N for a checkpoint's."""
+    return run_dir / "exports" if checkpoint == FINAL_ADAPTER else run_dir / "exports" / checkpoint
+
+
 def run_dirs(runs_folder: Path) -> list[Path]:
     """Every run folder (one holding a config.yaml) directly inside `runs_folder`."""
     return [p for p in runs_folder.iterdir() if is_run_dir(p)] if runs_folder.is_dir() else []

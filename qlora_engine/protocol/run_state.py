@@ -73,6 +73,8 @@ class RunState:
     model_summary: str = ""
     data_summary: str = ""
     last_checkpoint: str = ""
+    best_step: int | None = None  # the checkpoint with the lowest eval loss after training began (best_checkpoint)
+    best_eval_loss: float | None = None
     adapter_dir: str = ""
     comparison: ev.Comparison | None = None  # base vs tuned answers to held-out questions, after training
     fit_check: ev.FitCheck | None = None  # the first (largest) step's measured peak against the estimate
@@ -146,6 +148,7 @@ class RunState:
 
     def _on_checkpoint(self, event: ev.Checkpoint) -> None:
         self.last_checkpoint = event.path
+        self.best_step, self.best_eval_loss = event.best_step, event.best_eval_loss
 
     def _on_warning(self, event: ev.Warning) -> None:
         self.warnings.append(event.message)
@@ -201,6 +204,27 @@ class RunState:
         folder = self.run_dir / "checkpoints" if self.run_dir else None
         found = [p for p in folder.glob("step-*") if p.is_dir()] if folder and folder.is_dir() else []
         return sorted(found, key=_step_number)
+
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        """(`--checkpoint` value, label) for each adapter export and chat can use: the final adapter first, then
+        the checkpoints newest first, e.g. ("step-20", "step 20 (best eval loss 0.5412)")."""
+        evals = {int(step): loss for step, loss in zip(self.series["eval_loss"].x, self.series["eval_loss"].y)}
+
+        def note(step: int) -> str:
+            if step == self.best_step and self.best_eval_loss is not None:
+                return f"best eval loss {self.best_eval_loss:.4g}"
+            return f"eval loss {evals[step]:.4g}" if step in evals else ""
+
+        choices = []
+        if self.has_adapter:
+            final = ", ".join(filter(None, [f"step {self.step}" if self.status == "finished" else "",
+                                            note(self.step) if self.status == "finished" else ""]))
+            choices.append(("final", "final adapter" + (f" ({final})" if final else "")))
+        for path in reversed(self.checkpoints):
+            if (path / "adapter").is_dir():
+                step = _step_number(path)
+                choices.append((path.name, f"step {step}" + (f" ({note(step)})" if note(step) else "")))
+        return choices
 
     @property
     def can_resume(self) -> bool:

@@ -36,6 +36,11 @@ class TrainerState:
     total_steps: int
     seed: int
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed: skipped by the loss scaler, not applied
+    # the best checkpoint so far (training.best_checkpoint): its step (0 = none yet), its eval loss, and the
+    # evaluations since it that did not improve on it (early stopping counts them)
+    best_step: int = 0
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -78,7 +83,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         replace_folder(tmp, final, root / f".tmp-{final.name}-old-{os.getpid()}")
-    _prune(run_dir)
+    _prune(run_dir, keep_step=state.best_step)
     return final
 
 
@@ -184,9 +189,11 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _prune(run_dir: Path) -> None:
+def _prune(run_dir: Path, keep_step: int = 0) -> None:
+    """The last KEEP_LAST checkpoints stay, and the best one (`keep_step`) wherever it is."""
     for old in complete_checkpoints(run_dir)[:-KEEP_LAST]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"step-{keep_step}":
+            shutil.rmtree(old, ignore_errors=True)
     # temp folders left by a killed engine (the run lock means no other engine is writing one now)
     for leftover in checkpoint_root(run_dir).glob(TMP_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)

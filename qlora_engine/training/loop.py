@@ -29,6 +29,7 @@ from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
 from qlora_engine.training import checkpoints, compare, data, distributed, resume_rules
 from qlora_engine.training.batch_order import Batcher
+from qlora_engine.training.best_checkpoint import BestTracker
 
 ADAPTER_TMP_PREFIX, ADAPTER_OLD_PREFIX = ".tmp-adapter-", ".old-adapter-"
 
@@ -325,12 +326,14 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     state = checkpoints.TrainerState(step=0, micro_index=0, total_steps=total_steps, seed=cfg.seed)
     if resume:
         state = resume_from_checkpoint(cfg, run_dir, model, optimizer, scheduler, scaler, events)
+    best = BestTracker(cfg, events)  # the best checkpoint and early stopping, kept in `state`
 
     def save(step_state: checkpoints.TrainerState) -> Path | None:
         if not ranks.is_main:  # one copy of each checkpoint, from rank 0
             return None
         path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state, cfg.to_dict(), scaler)
-        events.emit(ev.Checkpoint(step=step_state.step, path=str(path)))
+        events.emit(ev.Checkpoint(step=step_state.step, path=str(path), best_step=step_state.best_step or None,
+                                  best_eval_loss=step_state.best_eval_loss))
         return path
 
     model.train()
@@ -372,8 +375,13 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         evaluate_now = cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps
         if ranks.is_main and prepared.val_examples and evaluate_now:
             eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+            best.observe(state, eval_loss)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
+        if best.needs_checkpoint(state, run_dir):
+            save(state)
+        if best.stop_now(state, ranks, bool(evaluate_now and prepared.val_examples)):
+            break  # finishes as a run that reached its last step does
         if stop.requested and state.step < total_steps:
             path = save(state)
             events.emit(ev.Stopped(step=state.step, checkpoint=str(path)))
@@ -381,8 +389,9 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
 
     if not ranks.is_main:
         return {"status": "finished", "step": state.step, "eval_loss": None, "comparison": None}
-    if prepared.val_examples:
+    if prepared.val_examples and not best.stopped_early:  # an early stop evaluated this step already
         eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+        best.observe(state, eval_loss)
     save(state)
     adapter_dir = save_adapter(model, tokenizer, run_dir)
     comparison = None

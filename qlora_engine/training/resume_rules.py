@@ -19,7 +19,8 @@ ADAPTER_OPTIONS = ("model", "lora_r", "lora_alpha", "target_modules", "init_lora
 LAYOUT_OPTIONS = ("nproc", "parallel")
 # Safe: the run goes on from the same weights, optimizer state and data position. The learning-rate options take
 # effect from the resumed step on (a lower learning rate after a NaN loss is the usual reason to resume).
-SAFE_OPTIONS = ("max_steps", "epochs", "eval_steps", "save_steps", "compare_questions", "run_dir", "device",
+SAFE_OPTIONS = ("max_steps", "epochs", "eval_steps", "save_steps", "compare_questions", "early_stopping_patience",
+                "early_stopping_min_delta", "run_dir", "device",
                 "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm", "lora_dropout",
                 "compute_dtype", "fp32_residual", "gradient_checkpointing", "fused_lora", "chunked_loss",
                 "compile_layers", "activation_memory_budget", "allow_pickle", "trust_remote_code")
