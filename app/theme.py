@@ -20,7 +20,7 @@ COLORS = {
 }
 
 # One color per plotted quantity; chosen to read on both backgrounds.
-SERIES_COLORS = {"loss": "#3b82f6", "eval_loss": "#f97316", "lr": "#a855f7", "grad_norm": "#14b8a6",
+SERIES_COLORS = {"loss": "#3b82f6", "eval_loss": "#f97316", "drift": "#e11d48", "lr": "#a855f7", "grad_norm": "#14b8a6",
                  "tokens_per_s": "#22c55e", "vram_process": "#3b82f6", "vram_gpu": "#ef4444",
                  "total": "#64748b", "estimate": "#f59e0b", "measured": "#10b981", "histogram": "#6366f1",
                  "limit": "#ef4444"}

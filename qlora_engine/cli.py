@@ -427,7 +427,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs in {folder}", flush=True)
     for state in states:
         loss = f"loss {state.final_loss:.4f}" if state.final_loss is not None else ""
-        print(f"{state.name:44s} {state.status:12s} step {state.step_text:>11s}  {loss}", flush=True)
+        moved = f"  drift {state.drift:.3f}" if state.drift is not None else ""
+        print(f"{state.name:44s} {state.status:12s} step {state.step_text:>11s}  {loss}{moved}", flush=True)
     return 0
 
 

@@ -30,11 +30,15 @@ from qlora_engine.protocol import events as ev
 from qlora_engine.protocol.run_state import ENDED_STATUSES, LIVE_STATUSES, RunState
 
 GIB = 2**30
+DRIFT_TIP = ("How far the tuned model has moved from the base on ordinary text: its KL divergence from the base, "
+             "per token, on short texts the base wrote at the start (0 = the base itself). It grows as the model "
+             "learns your data; a large value means it is getting worse at everything else. Lower learning rates, "
+             "fewer steps or a smaller rank keep it small.")
 REDRAW_MS = 250
 STATUS_TEXT = {"new": "No run yet", "loading": "Loading model and data…", "training": "Training",
                "stopping": "Stopping: finishing the step, then writing a checkpoint…", "stopped": "Stopped",
                "finished": "Finished", "failed": "Failed", "interrupted": "Interrupted"}
-STATS = (("step", "Step"), ("loss", "Loss"), ("eval_loss", "Eval loss"), ("lr", "Learning rate"),
+STATS = (("step", "Step"), ("loss", "Loss"), ("eval_loss", "Eval loss"), ("drift", "Drift"), ("lr", "Learning rate"),
          ("tokens_per_s", "Tokens / s"), ("eta", "Time left"), ("peak", "Peak VRAM"))
 
 
@@ -119,6 +123,7 @@ class MonitorPage(Page):
         self.curves = {
             "loss": self._curve("loss", "loss", "train"),
             "eval_loss": self._curve("loss", "eval_loss", "eval", symbol="o"),
+            "drift": self._curve("loss", "drift", "drift from the base (KL)", symbol="t"),
             "vram_process": self._curve("vram", "vram_process", "this run (reserved)"),
             "vram_gpu": self._curve("vram", "vram_gpu", "whole GPU used"),
             "lr": self._curve("lr", "lr", None),
@@ -274,12 +279,15 @@ class MonitorPage(Page):
         skipped = f" ({m.skipped_steps} skipped)" if m.skipped_steps else ""
         values = {"step": (m.step_text if m.total_steps else "—") + skipped,
                   "loss": formatting.number(m.loss), "eval_loss": formatting.number(m.eval_loss),
+                  "drift": formatting.number(m.drift),
                   "lr": f"{m.lr:.2e}" if m.lr is not None else "—",
                   "tokens_per_s": f"{m.tokens_per_s:,.0f}" if m.tokens_per_s is not None else "—",
                   "eta": formatting.duration(m.eta_s) if m.status in ("training", "finished") else "—",
                   "peak": formatting.gib(m.peak_process_bytes) if m.peak_process_bytes else "—"}
         for key, text in values.items():
             self.stat_values[key].setText(text)
+        self.stat_values["drift"].setToolTip(DRIFT_TIP + (f"\n\nNow: {ev.describe_drift(m.drift)}."
+                                                          if m.drift is not None else ""))
         self.stat_values["step"].setToolTip(f"{m.skipped_steps} fp16 step(s) skipped by the loss scaler: their "
                                             "gradients overflowed, so nothing was applied" if m.skipped_steps else "")
         self.fit_label.setVisible(m.fit_check is not None)
@@ -329,10 +337,15 @@ def _short_path(path: str) -> str:
 
 
 def _comparison_text(comparison: ev.Comparison | None) -> str:
-    if comparison is None or comparison.tuned_accuracy is None or comparison.base_accuracy is None:
+    if comparison is None:
         return ""
-    return (f" On {len(comparison.rows)} held-out questions the base model answered "
-            f"{comparison.base_accuracy:.0%} right, the tuned one {comparison.tuned_accuracy:.0%}.")
+    text = ""
+    if comparison.tuned_accuracy is not None and comparison.base_accuracy is not None:
+        text = (f" On {len(comparison.rows)} held-out questions the base model answered "
+                f"{comparison.base_accuracy:.0%} right, the tuned one {comparison.tuned_accuracy:.0%}.")
+    if comparison.drift is not None:
+        text += f" On everything else: {ev.describe_drift(comparison.drift)}; 0 is the base itself."
+    return text
 
 
 def _fit_check_text(check: ev.FitCheck | None) -> str:

@@ -29,7 +29,7 @@ from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.run_folders import delete_run
 from qlora_engine.protocol.run_state import RunState, list_runs
 
-COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Duration", "Started")
+COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Drift", "Duration", "Started")
 STATUS_COLORS = {"finished": "good", "failed": "bad", "stopped": "warn", "interrupted": "warn"}
 STATUS_WORDS = {"new": "not started", "loading": "training elsewhere", "training": "training elsewhere",
                 "stopping": "stopping", "finished": "finished", "failed": "failed", "stopped": "stopped (resumable)",
@@ -138,7 +138,8 @@ class RunsPage(Page):
         steps = run.step_text if run.step or run.total_steps else "—"
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started_at)) if run.started_at else "—"
         return [run.name, status, model, steps, formatting.number(run.final_loss),
-                formatting.number(run.eval_loss), formatting.duration(run.duration_s), started]
+                formatting.number(run.eval_loss), formatting.number(run.drift), formatting.duration(run.duration_s),
+                started]
 
     def selected(self) -> RunState | None:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []

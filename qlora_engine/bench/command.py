@@ -1,5 +1,6 @@
 """`qlora-studio bench`: --memory (the engine's peak memory against the estimate, bench/memory.py), --speed (tokens/s
-and memory against other stacks, bench/speed.py) or --adapters (adapter starts and precision budgets, adapters.py)."""
+and memory against other stacks, bench/speed.py), --adapters (adapter starts and precision budgets, adapters.py) or
+--drift-grid (what a recipe teaches against how far it moves the model from the base, drift_grid.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_engine.bench import adapters, memory, memory_grid, speed
+from qlora_engine.bench import adapters, drift_grid, memory, memory_grid, speed
 from qlora_engine.bench.models import MODEL_CONFIGS
 
 
@@ -18,6 +19,10 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
     parser.add_argument("--adapters", action="store_true", help="adapter starts, variants and precision budgets on "
                         "the bundled model and sample data (CPU; bench/adapters.py), JSON lines to --out")
+    parser.add_argument("--drift-grid", action="store_true", help="held-out accuracy against drift from the base "
+                        "over learning rate, rank, steps and dropout on the bundled model and sample data (CPU; "
+                        "bench/drift_grid.py), JSON lines to --out, then the table")
+    parser.add_argument("--only", help="--drift-grid: comma list of the grid's row indices to (re)run")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
     parser.add_argument("--grid", default="h100", choices=("h100", "consumer", "probe"),
@@ -34,6 +39,11 @@ def bench_main(argv: list[str]) -> int:
         return speed.speed_worker(args.speed_worker)
     if args.speed:
         return speed.speed_main(args)
+    if args.drift_grid:
+        out = Path(args.out or "bench-drift.jsonl")
+        failed = drift_grid.run_grid(out, [int(i) for i in args.only.split(",")] if args.only else None)
+        print(drift_grid.markdown_table([json.loads(line) for line in out.read_text().splitlines()]), end="")
+        return failed
     if args.adapters:
         return adapters.adapters_main(Path(args.out or "bench-adapters.jsonl"))
     args.out = args.out or "bench-memory.jsonl"

@@ -173,6 +173,9 @@ class RunConfig:
                                              group="run", minimum=0.0)
     save_steps: int = option(0, "Write a checkpoint every N steps (0 = only at stop and end).", group="run",
                              minimum=0)
+    drift_samples: int = option(64, "At each evaluation, measure how far the tuned model has moved from the base: "
+                                "its KL divergence from the base on this many short continuations the base wrote "
+                                "at the start (general text, no data needed; 0 = off).", group="run", minimum=0)
     compare_questions: int = option(0, "After training, ask the base and the tuned model this many held-out "
                                     "questions and print both answers (the sample data is scored).", group="run",
                                     minimum=0)

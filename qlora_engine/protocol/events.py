@@ -133,6 +133,7 @@ class Eval(Event):
     step: int
     eval_loss: float
     perplexity: float
+    drift: float | None = None  # KL(base || tuned) per token on the base's own text, nats (training.drift)
 
 
 @dataclass(kw_only=True)
@@ -196,6 +197,7 @@ class Comparison(Event):
     rows: list[dict[str, Any]]
     base_accuracy: float | None = None
     tuned_accuracy: float | None = None
+    drift: float | None = None  # the tuned model's KL from the base on the base's own text (as in `eval`)
 
 
 @dataclass(kw_only=True)
@@ -208,6 +210,7 @@ class Finished(Event):
     final_loss: float | None = None
     eval_loss: float | None = None
     duration_s: float | None = None
+    drift: float | None = None  # the last evaluation's drift from the base (as in `eval`)
 
 
 # ----------------------------------------------------------------------------- export and chat commands
@@ -473,7 +476,10 @@ def describe(event: Event) -> str:
     if isinstance(event, FitCheck):
         return describe_fit_check(event)
     if isinstance(event, Eval):
-        return f"eval at step {event.step}: loss {event.eval_loss:.4f}  perplexity {event.perplexity:.2f}"
+        moved = f"  drift {event.drift:.4f}" if event.drift is not None else ""
+        return f"eval at step {event.step}: loss {event.eval_loss:.4f}  perplexity {event.perplexity:.2f}{moved}"
+    if isinstance(event, Finished):
+        return _describe_finished(event)
     if isinstance(event, Comparison):
         return _describe_comparison(event)
     if isinstance(event, Started):
@@ -540,6 +546,25 @@ def describe_fit_check(event: FitCheck) -> str:
             f"of {gib(event.available_bytes)}: {event.verdict}")
 
 
+def describe_drift(drift: float) -> str:
+    """'drift from the base 0.118 nats/token (the base's own text 1.13x as surprising to it)'"""
+    import math
+
+    return (f"drift from the base {drift:.3f} nats/token (the base's own text {math.exp(min(drift, 50)):.2f}x as "
+            f"surprising to it)")
+
+
+def _describe_finished(event: Finished) -> str:
+    parts = [f"finished at step {event.step}" + (f" in {event.duration_s:.0f} s" if event.duration_s else "")]
+    if event.final_loss is not None:
+        parts.append(f"loss {event.final_loss:.4f}")
+    if event.eval_loss is not None:
+        parts.append(f"eval loss {event.eval_loss:.4f}")
+    if event.drift is not None:
+        parts.append(describe_drift(event.drift))
+    return ", ".join(parts) + f"\n  adapter: {event.adapter_dir}"
+
+
 def _describe_comparison(event: Comparison) -> str:
     lines = ["", "Before / after on held-out questions:"]
     for row in event.rows:
@@ -550,6 +575,8 @@ def _describe_comparison(event: Comparison) -> str:
     if event.base_accuracy is not None:
         lines.append(f"Correct: base {event.base_accuracy:.0%}, tuned {event.tuned_accuracy:.0%} "
                      f"of {len(event.rows)} held-out questions")
+    if event.drift is not None:
+        lines.append(f"Everything else: {describe_drift(event.drift)}; 0 is the base itself")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ class Series:
         return self._points[1, :self.count]
 
 
-SERIES_NAMES = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "vram_process", "vram_gpu")
+SERIES_NAMES = ("loss", "eval_loss", "drift", "lr", "grad_norm", "tokens_per_s", "vram_process", "vram_gpu")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class RunState:
     final_loss: float | None = None
     eval_loss: float | None = None
     perplexity: float | None = None
+    drift: float | None = None  # KL from the base on the base's own text at the last evaluation (training.drift)
     lr: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = None
@@ -145,6 +146,9 @@ class RunState:
     def _on_eval(self, event: ev.Eval) -> None:
         self.eval_loss, self.perplexity = event.eval_loss, event.perplexity
         self.series["eval_loss"].append(event.step, event.eval_loss)
+        if event.drift is not None:
+            self.drift = event.drift
+            self.series["drift"].append(event.step, event.drift)
 
     def _on_checkpoint(self, event: ev.Checkpoint) -> None:
         self.last_checkpoint = event.path
@@ -172,6 +176,7 @@ class RunState:
         self.adapter_dir = event.adapter_dir
         self.final_loss = event.final_loss if event.final_loss is not None else self.final_loss
         self.eval_loss = event.eval_loss if event.eval_loss is not None else self.eval_loss
+        self.drift = event.drift if event.drift is not None else self.drift
         self.duration_s = event.duration_s
 
     # ------------------------------------------------------------------ what pages ask
@@ -238,7 +243,8 @@ class RunState:
         """What `qlora-studio runs --json` prints for a run."""
         return {"run_dir": str(self.run_dir or ""), "model": self.model, "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "final_loss": self.final_loss, "eval_loss": self.eval_loss,
-                "started_at": self.started_at, "duration_s": self.duration_s, "adapter_dir": self.adapter_dir,
+                "drift": self.drift, "started_at": self.started_at, "duration_s": self.duration_s,
+                "adapter_dir": self.adapter_dir,
                 "error": self.error.message if self.error else "", "checkpoints": len(self.checkpoints)}
 
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
-from qlora_engine.training import checkpoints, compare, data, distributed, resume_rules
+from qlora_engine.training import checkpoints, compare, data, distributed, drift, resume_rules
 from qlora_engine.training.batch_order import Batcher
 from qlora_engine.training.best_checkpoint import BestTracker
 
@@ -262,6 +262,7 @@ class PreparedRun:
     train_examples: list[data.Tokenized]
     val_examples: list[data.Tokenized]
     reports: list[data.DataReport]
+    drift_samples: list[drift.Sample] = field(default_factory=list)  # the base's own text (training.drift)
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedRun:
@@ -337,11 +338,13 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         return path
 
     model.train()
+    if ranks.is_main and prepared.val_examples and cfg.drift_samples:  # the base's own text, once per run
+        prepared.drift_samples = drift.load_or_sample(run_dir, model, tokenizer, cfg, device)
     if ranks.is_main and prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
         _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, 0)
     step_times_s: list[float] = []
     last_loss = float("nan")
-    eval_loss = None
+    eval_loss = moved = None
     while state.step < total_steps:
         step_started_s = time.time()
         ranks.dropout_seed(cfg.seed, state.step)
@@ -374,7 +377,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
             events.emit(fit_check(micro_batches, estimate_bytes, device))
         evaluate_now = cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps
         if ranks.is_main and prepared.val_examples and evaluate_now:
-            eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+            eval_loss, moved = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
             best.observe(state, eval_loss)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
@@ -390,16 +393,16 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     if not ranks.is_main:
         return {"status": "finished", "step": state.step, "eval_loss": None, "comparison": None}
     if prepared.val_examples and not best.stopped_early:  # an early stop evaluated this step already
-        eval_loss = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
+        eval_loss, moved = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
         best.observe(state, eval_loss)
     save(state)
     adapter_dir = save_adapter(model, tokenizer, run_dir)
     comparison = None
     if cfg.compare_questions:
         comparison = compare.compare_answers(cfg, model, tokenizer, prepared, device)
-        events.emit(ev.Comparison(**comparison))
+        events.emit(ev.Comparison(**comparison, drift=moved))
     events.emit(ev.Finished(step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
-                eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1)))
+                eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1), drift=moved))
     return {"status": "finished", "step": state.step, "eval_loss": eval_loss, "comparison": comparison}
 
 
@@ -471,10 +474,14 @@ def _emit_data_ready(events: EventWriter, prepared: PreparedRun, total_steps: in
 
 
 def _emit_eval(events: EventWriter, model: Any, prepared: PreparedRun, cfg: RunConfig, pad_id: int, device: str,
-               step: int) -> float:
+               step: int) -> tuple[float, float | None]:
+    """The validation loss and the drift from the base (None when not measured), emitted and returned."""
     eval_loss = evaluate(model, prepared.val_examples, cfg, pad_id, device)
-    events.emit(ev.Eval(step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3)))
-    return eval_loss
+    moved = drift.drift_from_start(model, prepared.drift_samples, pad_id, device) if prepared.drift_samples else None
+    moved = None if moved is None else round(moved, 5)
+    events.emit(ev.Eval(step=step, eval_loss=round(eval_loss, 5), perplexity=round(math.exp(min(eval_loss, 50)), 3),
+                        drift=moved))
+    return eval_loss, moved
 
 
 def _mean_recent(values: list[float], count: int = 10) -> float:

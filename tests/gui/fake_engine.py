@@ -86,7 +86,8 @@ def _train(run_dir: Path, events: EventWriter, resume: bool) -> int:
         if SCENARIO == "oom" and step == 2:
             events.emit(ev.Checkpoint(step=step, path=str(_write_checkpoint(run_dir, step))))
         if step % 4 == 0:
-            events.emit(ev.Eval(step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08)))
+            events.emit(ev.Eval(step=step, eval_loss=2.5 - step * 0.08, perplexity=math.exp(2.5 - step * 0.08),
+                                drift=round(0.004 * step, 4)))
         if SCENARIO == "slow" and step >= 2:
             # waits for the stop however long the GUI takes to send it (a fixed pause per step let a busy machine's
             # GUI see step 2 only after the run had ended); the cap only ends a run nobody stops

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from app import formatting
 from app.main import create_window
+from app.pages.runs import COLUMNS
 
 STEP_S = 300_000  # ms; CPU steps of the first seconds are slow on a busy 2-core machine
 
@@ -70,6 +72,10 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
     assert monitor.state.status == "finished", monitor.log.toPlainText()[-2000:]
     assert list(monitor.state.series["loss"].x) == list(range(1, 41))
     assert monitor.stat_values["step"].text() == "40 / 40", "the real engine's total reaches the Monitor"
+    drift_steps = list(monitor.state.series["drift"].x)
+    assert drift_steps[0] == 0 and drift_steps[-1] == 40 and monitor.state.drift > 0, "drift at each evaluation"
+    assert monitor.stat_values["drift"].text() == formatting.number(monitor.state.drift)
+    assert "0 is the base itself" in monitor.banner.label.text()
     screenshot(window, "whole-run-monitor")
 
     window.show_page("runs")
@@ -77,6 +83,7 @@ def test_from_model_choice_to_export_with_stop_and_resume(real_window, qtbot, ti
     runs.refresh()
     row = next(r for r in range(runs.table.rowCount()) if runs.table.item(r, 0).text() == session.run_dir.name)
     assert runs.table.item(row, 3).text() == "40 / 40", "the Runs page reads the total the real engine sends"
+    assert runs.table.item(row, COLUMNS.index("Drift")).text() == formatting.number(monitor.state.drift)
     screenshot(window, "whole-run-runs")
 
     window.show_page("chat")
