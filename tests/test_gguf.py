@@ -122,6 +122,17 @@ def test_a_failed_quantization_leaves_no_file(tmp_path):
     assert caught.value.code == "gguf_quantize_failed" and not (tmp_path / "out.gguf").exists()
 
 
+def test_an_answer_that_leaves_the_merged_models_only_at_a_near_tie_agrees():
+    merged = [5, 6, 7] + [1] * 13
+    tie = [{5: 9.0}, {6: 4.00, 8: 3.95}, {7: 1.0}]  # at position 1 the top two are 0.05 apart
+    clear = [{5: 9.0}, {6: 4.0, 8: 2.0}, {7: 1.0}]
+    assert gguf_verify.agrees(merged, merged, clear) == "same"
+    assert gguf_verify.agrees([5, 8, 9], merged, tie) == "tie"
+    assert gguf_verify.agrees([5, 8, 9], merged, clear) == "different"  # 2 logits apart: a real change
+    assert gguf_verify.agrees([5, 3, 9], merged, tie) == "different"  # not among the merged model's top tokens
+    assert gguf_verify.agrees([5, 6], merged, tie) == "different"  # stopped early
+
+
 # ----------------------------------------------------------------------------- the whole export of a run
 @pytest.fixture(scope="module")
 def gguf_run(smollm2_tokenizer_dir, tmp_path_factory) -> Path:

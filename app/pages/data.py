@@ -79,7 +79,7 @@ class DataPage(Page):
         grid = QGridLayout(box)
         grid.setColumnStretch(1, 1)
         self.file_edit = QLineEdit(placeholderText="a .jsonl, .json, .csv, .parquet, .txt or .arrow file, a saved "
-                                                   "dataset folder, or a Hub dataset ORG/NAME[:split]")
+                                                   "dataset folder, or a Hub dataset ORG/NAME[@revision][:split]")
         self.file_edit.editingFinished.connect(lambda: self.choose_file(self.file_edit.text().strip()))
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)

@@ -19,6 +19,10 @@ from qlora_engine.training.end_of_turn import end_of_turn_token_id, stop_token_i
 GREEDY_TOKENS = 16  # compared token for token
 MAX_NEW_TOKENS = 96  # an answer must end within this
 REQUIRED_AGREEMENT = 0.9  # f16 / bf16 / q8_0: share of prompts whose first GREEDY_TOKENS are the merged model's
+# Where the merged model's top two logits are closer than this, 16-bit rounding may pick either: a GGUF answer that
+# leaves the merged model's there agrees (measured: f16 moves a tiny model's logits by up to 0.05).
+TIE_MARGIN = 0.1
+TOP_KEPT = 8  # candidate tokens kept per answer position for the tie check
 ENDED_SLACK = 0.1  # f16 / bf16 / q8_0 may end fewer answers than the merged model by at most this share
 
 
@@ -37,6 +41,8 @@ class Reference:
     end_of_turn_id: int
     stop_ids: list[int]
     prompt_texts: list[str] = field(default_factory=list)
+    # per answer, per position: {token: logit} of the merged model's TOP_KEPT highest (ties, see `agrees`)
+    candidates: list[list[dict[int, float]]] = field(default_factory=list)
 
     def ended(self) -> float:
         return _ended_share(self.answers, self.stop_ids)
@@ -65,19 +71,22 @@ def reference(merged_dir: Path, questions: list[dict[str, Any]], rows: list[list
     stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     texts = [prompt_text(q["question"], tokenizer) for q in questions]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    answers = []
+    answers, candidates = [], []
     with torch.no_grad():
         for ids in prompt_ids:
             output = model.generate(torch.tensor([ids], device=device), max_new_tokens=MAX_NEW_TOKENS,
                                     do_sample=False, eos_token_id=stops, pad_token_id=stops[0],
-                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
-            answers.append(_until_stop(output[0, len(ids):].tolist(), stops))
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                    output_logits=True, return_dict_in_generate=True)
+            answers.append(_until_stop(output.sequences[0, len(ids):].tolist(), stops))
+            top = [torch.topk(step[0].float(), TOP_KEPT) for step in output.logits[:GREEDY_TOKENS]]
+            candidates.append([dict(zip(t.indices.tolist(), t.values.tolist())) for t in top])
         nll = [_torch_nll(model, row, device) for row in rows if len(row) > 1]
     return Reference(questions=questions, prompt_ids=prompt_ids, answers=answers, rows=rows,
                      answer_texts=[tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers],
                      perplexity=_perplexity(nll), chat_template=tokenizer.chat_template or "",
                      eos_token_id=tokenizer.eos_token_id, end_of_turn_id=end_of_turn_token_id(tokenizer),
-                     stop_ids=stops, prompt_texts=texts)
+                     stop_ids=stops, prompt_texts=texts, candidates=candidates)
 
 
 def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
@@ -146,10 +155,26 @@ def _llama_nll(llm: Any, row: list[int], np: Any) -> tuple[float, int]:
     return float((log_z - logits[np.arange(len(row) - 1), row[1:]]).sum()), len(row) - 1
 
 
+def agrees(answer: list[int], merged: list[int], candidates: list[dict[int, float]]) -> str:
+    """'same' when the first GREEDY_TOKENS are the merged model's; 'tie' when they first differ where the merged
+    model's top two were within TIE_MARGIN and the GGUF took the other one (what follows then differs anyway);
+    else 'different'."""
+    head, expected = answer[:GREEDY_TOKENS], merged[:GREEDY_TOKENS]
+    if head == expected:
+        return "same"
+    at = next((i for i, (a, m) in enumerate(zip(head, expected)) if a != m), min(len(head), len(expected)))
+    if at >= len(candidates) or at >= len(head) or at >= len(expected):
+        return "different"
+    logits = candidates[at]
+    chosen, taken = logits.get(expected[at]), logits.get(head[at])
+    return "tie" if chosen is not None and taken is not None and chosen - taken <= TIE_MARGIN else "different"
+
+
 def _judge(path: Path, quant: str, ref: Reference, answers: list[list[int]], texts: list[str],
            tokenized_alike: list[bool], perplexity: float | None, metadata: dict[str, str],
            stops_at_end_of_turn: bool, gguf_eos: int) -> dict[str, Any]:
-    agreement = sum(a[:GREEDY_TOKENS] == r[:GREEDY_TOKENS] for a, r in zip(answers, ref.answers)) / len(answers)
+    verdicts = [agrees(a, r, c) for a, r, c in zip(answers, ref.answers, ref.candidates or [[]] * len(answers))]
+    agreement = sum(v != "different" for v in verdicts) / len(answers)
     ended, merged_ended = _ended_share(answers, ref.stop_ids), ref.ended()
     template_ok = metadata.get("tokenizer.chat_template", "") == ref.chat_template
     strict = quant in LOSSLESS_ENOUGH
@@ -173,6 +198,7 @@ def _judge(path: Path, quant: str, ref: Reference, answers: list[list[int]], tex
     scored = [r for r in rows if r["gguf_correct"] is not None]
     return {"path": str(path), "quant": quant, "size_bytes": path.stat().st_size, "prompts": len(answers),
             "greedy_agreement": round(agreement, 4), "required_agreement": REQUIRED_AGREEMENT if strict else None,
+            "near_ties": verdicts.count("tie"),
             "ended_with_end_of_turn": round(ended, 4), "merged_ended_with_end_of_turn": round(merged_ended, 4),
             "tokenized_alike": round(sum(tokenized_alike) / len(tokenized_alike), 4),
             "perplexity": perplexity, "merged_perplexity": ref.perplexity, "chat_template_ok": template_ok,

@@ -247,7 +247,8 @@ class GgufExported(Event):
     quant: str  # f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m
     size_bytes: int
     prompts: int
-    greedy_agreement: float  # share of prompts whose first 16 greedy tokens equal the merged model's
+    greedy_agreement: float  # share of prompts whose first 16 greedy tokens equal the merged model's (near ties too)
+    near_ties: int = 0  # of those, answers that left the merged model's where its top two logits were within 0.1
     required_agreement: float | None = None  # f16 / bf16 / q8_0 must reach it; lower quantizations report only
     ended_with_end_of_turn: float = 0.0  # share of answers ending with the end-of-turn token within 96 tokens
     merged_ended_with_end_of_turn: float = 0.0
@@ -524,7 +525,8 @@ def _describe_data(event: DataReady) -> str:
 def _describe_gguf(event: GgufExported) -> str:
     required = f" (needs {event.required_agreement:.0%})" if event.required_agreement is not None else ""
     parts = [f"gguf {event.quant}: {'kept' if event.ok else 'NOT kept'} {event.path}",
-             f"same first 16 greedy tokens on {event.greedy_agreement:.0%} of {event.prompts} prompts{required}",
+             f"same first 16 greedy tokens on {event.greedy_agreement:.0%} of {event.prompts} prompts{required}"
+             + (f" ({event.near_ties} at a near tie of the merged model's top two)" if event.near_ties else ""),
              f"ended with end-of-turn {event.ended_with_end_of_turn:.0%} (merged "
              f"{event.merged_ended_with_end_of_turn:.0%})"]
     if event.perplexity is not None and event.merged_perplexity is not None:
