@@ -194,7 +194,7 @@ def test_a_checkpoints_adapter_exports_as_its_own_gguf_lora(gguf_run):
     out = gguf_run / "exports" / "step-6" / "gguf"
     assert result.path == str(out / f"{gguf_run.name}-step-6-lora-f16.gguf")
     assert result.base_path == str(out / f"{gguf_run.name}-step-6-base-f16.gguf")
-    assert Path(result.path).is_file() == result.ok  # kept only when llama.cpp's check passed
+    assert result.ok and Path(result.path).is_file() and Path(result.base_path).is_file(), result.problems
 
 
 def test_too_little_disk_stops_before_the_merge(gguf_run, tmp_path, monkeypatch):

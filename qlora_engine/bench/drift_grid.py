@@ -26,8 +26,8 @@ BASE_OPTIONS = {"max_length": 256, "micro_batch_size": 4, "grad_accum": 2, "warm
                 "drift_samples": 64, "lora_dropout": 0.05}
 GRID: list[dict[str, Any]] = [
     *({"learning_rate": lr, "lora_r": 16, "max_steps": steps} for steps in (40, 80) for lr in (2e-4, 5e-4, 1e-3)),
-    *({"learning_rate": 5e-4, "lora_r": r, "max_steps": 40} for r in (8, 32)),
-    *({"learning_rate": 5e-4, "lora_r": 16, "max_steps": 40, "lora_dropout": d} for d in (0.0, 0.1)),
+    *({"learning_rate": 1e-3, "lora_r": r, "max_steps": 40} for r in (8, 32)),  # at the rate that teaches in 40
+    *({"learning_rate": 1e-3, "lora_r": 16, "max_steps": 40, "lora_dropout": d} for d in (0.0, 0.1)),
 ]
 
 
