@@ -125,4 +125,4 @@ def test_the_drift_grid_runs_each_configuration_in_its_own_engine_and_tables_it(
     assert drift_grid.run_grid(out) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["drift"] >= 0 and 0 <= row["heldout_accuracy"] <= 1 and row["eval_loss_final"] > 0
-    assert "| 0.001 | 8 | 2 | 0.05 |" in drift_grid.markdown_table([row])
+    assert "| 0.001 | 8 | 2 | 0.05 | all-linear |" in drift_grid.markdown_table([row])

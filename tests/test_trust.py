@@ -308,6 +308,9 @@ def test_a_training_run_prints_no_library_warnings(tiny_model_dir, alpaca_file, 
 
 
 # ----------------------------------------------------------------------------- the quick test preset teaches
+QUICK_TEST_DRIFT = 1.098  # measured: tests/data/drift_grid_smollm2_cpu.jsonl, index 2 (the Quick test's recipe)
+
+
 @pytest.mark.slow
 def test_the_quick_test_preset_teaches_the_sample_facts(tmp_path):
     """Picking "Quick test" on the Train page and starting, on the bundled model and sample data: the tuned model
@@ -323,6 +326,10 @@ def test_the_quick_test_preset_teaches_the_sample_facts(tmp_path):
     assert comparison["tuned_accuracy"] > 0.5 and comparison["tuned_accuracy"] > comparison["base_accuracy"] + 0.3
     evals = [e.eval_loss for e in events if e.kind == "eval"]
     assert evals[-1] < evals[0] * 0.7
+    # README "Learning without forgetting": this recipe measured 36/36 and drift 1.098 (bench --drift-grid, row 2)
+    assert comparison["tuned_accuracy"] >= 0.9
+    drift = [e.drift for e in events if e.kind == "eval"][-1]
+    assert 0 < drift <= QUICK_TEST_DRIFT * 1.15, drift
 
 
 def test_gpu_detection_is_part_of_the_base_install():
