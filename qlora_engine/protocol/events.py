@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -550,8 +551,6 @@ def describe_fit_check(event: FitCheck) -> str:
 
 def describe_drift(drift: float) -> str:
     """'drift from the base 0.118 nats/token (the base's own text 1.13x as surprising to it)'"""
-    import math
-
     return (f"drift from the base {drift:.3f} nats/token (the base's own text {math.exp(min(drift, 50)):.2f}x as "
             f"surprising to it)")
 

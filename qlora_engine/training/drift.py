@@ -14,7 +14,6 @@ sampling leaves the random state as it found it, so a run trains the same with t
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,8 +135,3 @@ def _batch(samples: list[Sample], pad_id: int, device: str) -> tuple[torch.Tenso
 def _log_probs(model: Any, ids: torch.Tensor, attention: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     return torch.log_softmax(logits[scored].float(), dim=-1)
-
-
-def perplexity_factor(drift: float) -> float:
-    """About how many times more surprising the tuned model finds the base's own text."""
-    return math.exp(min(drift, 50.0))
