@@ -71,7 +71,7 @@ def test_two_ranks_at_micro_batch_2_match_one_process_at_4_step_for_step(tiny_mo
     process = engine(options(tiny_model_dir, data_file, tmp_path / "ddp"))
     out, _ = process.communicate(timeout=300)
     events = [e for e in map(parse_line, out.splitlines()) if e is not None]
-    assert process.returncode == 0 and events[-1].kind == "finished"
+    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
     assert curve(events) == pytest.approx(curve(reference), rel=RTOL)
     assert curve(events, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=RTOL)
     assert [e.kind for e in events].count("started") == 1  # rank 0 alone speaks

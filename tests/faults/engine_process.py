@@ -49,10 +49,10 @@ def fsync(folder):
     if point == "before_rename" and folder.name.startswith(ours):
         die()
 
-def prune(run_dir):
+def prune(run_dir, *args, **kwargs):
     if point == "after_rename" and (checkpoints.checkpoint_root(run_dir) / f"step-{step}").is_dir():
         die()
-    real_prune(run_dir)
+    real_prune(run_dir, *args, **kwargs)
 
 def safe_save(tensors, filename, *args, **kwargs):
     if point == "export_mid_write" and Path(filename).parent.name.startswith(".tmp-adapter-"):

@@ -20,6 +20,7 @@ from app.formatting import size  # noqa: E402
 from app.main import create_window  # noqa: E402
 from qlora_engine.planning import gguf_plan  # noqa: E402
 from qlora_engine.planning.model_shape import load_model_config  # noqa: E402
+from qlora_engine.products import llama_cpp_tools  # noqa: E402
 
 EXPORT_MS = 600_000  # a GGUF export of the tiny run: merge, the merged model's answers, conversion, checks
 PLAN_MS = 30_000
@@ -27,6 +28,7 @@ PLAN_MS = 30_000
 
 @pytest.fixture(scope="module")
 def gguf_run(tmp_path_factory) -> Path:
+    llama_cpp_tools.ensure_converter()  # as after a first export: the needs line can say what the converter knows
     folder = tmp_path_factory.mktemp("gguf-page-run")
     tokenizer_dir = save_smollm2_tokenizer(folder / "tokenizer")
     return train_gguf_ready_run(folder, build_gguf_ready_model(folder / "model", tokenizer_dir))

@@ -211,8 +211,11 @@ def test_fit_page_offers_spare_memory_for_speed_when_the_run_fits(window, qtbot,
     page = window.pages["fit"]
     assert page.verdict.text() == "Fits"
     assert "Spare memory can make the steps faster" in page.fixes_title.text()
-    buttons = [b for b in page.findChildren(QPushButton, "apply_fix") if b.isVisible()]
-    budget = next(b for b in buttons if "activation_memory_budget" in b.parent().findChild(QLabel).text())
+    def budget_buttons() -> list[QPushButton]:  # new rows show once the event loop runs (Qt queues the show)
+        return [b for b in page.findChildren(QPushButton, "apply_fix")
+                if b.isVisible() and "activation_memory_budget" in b.parent().findChild(QLabel).text()]
+    qtbot.waitUntil(lambda: bool(budget_buttons()))
+    budget = budget_buttons()[0]
     assert "costs" in budget.parent().findChild(QLabel).text()
     screenshot(window, "fit-spare-memory")
     budget.click()
