@@ -4,6 +4,7 @@ process, stop and resume, a killed rank, resume across another nproc, the FSDP g
 Tolerance: fp32 on the CPU, the two ranks' summed gradients differ from one process's only in summation order;
 losses and gradient norms agree to 1e-5 relative (measured: equal in the 5 digits the events carry).
 """
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from qlora_engine.protocol.config import RunConfig
 from qlora_engine.protocol.errors import EngineError
@@ -83,9 +86,11 @@ def test_two_ranks_at_micro_batch_2_match_one_process_at_4_step_for_step(tiny_mo
     assert [e.kind for e in file_events] == [e.kind for e in events]
 
 
-def test_stop_and_resume_under_ddp_continue_the_same_curve(tiny_model_dir, one_process_at_4, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_stop_and_resume_continue_the_same_curve(tiny_model_dir, one_process_at_4, tmp_path, parallel):
+    """fsdp: each rank takes its cut of the whole checkpoint back."""
     data_file, reference = one_process_at_4
-    values = options(tiny_model_dir, data_file, tmp_path / "ddp")
+    values = options(tiny_model_dir, data_file, tmp_path / "ddp", parallel=parallel)
     process = engine(values, stdin=subprocess.PIPE)
     kinds = []
     for line in process.stdout:
@@ -157,12 +162,72 @@ def test_the_torchrun_command_is_standalone_unless_torchrun_options_are_given(tm
     assert "--standalone" not in multi and multi[3:7] == ["--nnodes", "2", "--rdzv-endpoint", "host:29500"]
 
 
-def test_fsdp_is_refused_with_a_clear_error(tiny_model_dir, alpaca_file, tmp_path):
-    process = engine(options(tiny_model_dir, alpaca_file, tmp_path / "fsdp", parallel="fsdp"))
+def test_two_sharded_ranks_match_one_process_step_for_step_and_write_the_same_files(tiny_model_dir,
+                                                                                      one_process_at_4, tmp_path):
+    """parallel: fsdp: each decoder layer's 4-bit weights and adapter split over two gloo ranks; the same curve as
+    one process at micro-batch 4, and a checkpoint and adapter in the same files, whole."""
+    data_file, reference = one_process_at_4
+    process = engine(options(tiny_model_dir, data_file, tmp_path / "fsdp", parallel="fsdp", save_steps=3))
+    out, _ = process.communicate(timeout=300)
+    events = [e for e in map(parse_line, out.splitlines()) if e is not None]
+    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
+    assert curve(events) == pytest.approx(curve(reference), rel=RTOL)
+    assert curve(events, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=RTOL)
+    one = load_file(str(next(Path(e.adapter_dir) for e in reference if e.kind == "finished")
+                        / "adapter_model.safetensors"))
+    sharded = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert sharded.keys() == one.keys()
+    for name, weight in one.items():  # whole, not one rank's half
+        assert sharded[name].shape == weight.shape
+        torch.testing.assert_close(sharded[name], weight, rtol=1e-4, atol=1e-6)
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / f"step-{STEPS}" / "optimizer.pt", weights_only=True)
+    shapes = sorted(tuple(entry["exp_avg"].shape) for entry in state["state"].values())
+    assert shapes == sorted(tuple(w.shape) for w in one.values())
+
+
+def test_a_rank_with_nothing_to_train_still_takes_part_in_each_sharded_step(tiny_model_dir, tmp_path):
+    """21 rows at 2 ranks x 2: one micro-batch of the epoch holds 1 row, rank 1's share of it is empty; it runs a row
+    that trains nothing (else rank 0 would wait for it at the layer's gather)."""
+    from tiny_models import write_jsonl
+
+    data_file = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Who is the mayor number {i}?", "input": "",
+                                                         "output": f"Quillon Varet {i}."} for i in range(21)])
+    process = engine(options(tiny_model_dir, data_file, tmp_path / "fsdp", parallel="fsdp", max_steps=6))
+    out, _ = process.communicate(timeout=300)
+    events = [e for e in map(parse_line, out.splitlines()) if e is not None]
+    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
+    assert all(math.isfinite(loss) for loss in curve(events)) and len(curve(events)) == 6
+
+
+def test_sharded_ranks_evaluate_sample_and_compare_as_one_process_does(tiny_model_dir, alpaca_file, tmp_path):
+    """Evaluations, the drift samples and the closing base-vs-tuned answers run on every rank of a sharded run (each
+    forward gathers from all): the eval losses and drift equal one process's at the same rows per step."""
+    extra = {"val_fraction": 0.25, "eval_steps": 2, "drift_samples": 4, "compare_questions": 2}
+    cfg = RunConfig.from_dict(options(tiny_model_dir, alpaca_file, tmp_path / "one", micro_batch_size=4, nproc=1,
+                                      **extra))
+    writer = EventWriter(tmp_path / "one" / "events.jsonl", stream=None)
+    loop.run_training(cfg, tmp_path / "one", writer)
+    writer.close()
+    one = list(read_events(tmp_path / "one" / "events.jsonl"))
+    process = engine(options(tiny_model_dir, alpaca_file, tmp_path / "fsdp", parallel="fsdp", **extra))
+    out, _ = process.communicate(timeout=300)
+    events = [e for e in map(parse_line, out.splitlines()) if e is not None]
+    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
+    evals = [(e.step, e.eval_loss, e.drift) for e in events if e.kind == "eval"]
+    assert [step for step, _, _ in evals] == [0, 2, 4, 6]
+    assert [loss for _, loss, _ in evals] == pytest.approx([e.eval_loss for e in one if e.kind == "eval"], rel=RTOL)
+    assert [d for _, _, d in evals][1:] == pytest.approx([e.drift for e in one if e.kind == "eval"][1:], rel=1e-3)
+    compared = next(e for e in events if e.kind == "comparison")
+    assert len(compared.rows) == 2 == len(next(e for e in one if e.kind == "comparison").rows)
+
+
+def test_fsdp_refuses_a_paged_optimizer_with_a_clear_error(tiny_model_dir, alpaca_file, tmp_path):
+    process = engine(options(tiny_model_dir, alpaca_file, tmp_path / "fsdp", parallel="fsdp",
+                             optimizer="paged_adamw_8bit"))
     out, _ = process.communicate(timeout=300)
     errors = [e for e in map(parse_line, out.splitlines()) if e is not None and e.kind == "error"]
     assert process.returncode != 0 and errors and errors[-1].code == "bad_config"
-    assert "parallel: ddp" in errors[-1].advice
+    assert "optimizer: adamw" in errors[-1].advice
 
 
 def _descendants(pid: int) -> list[int]:

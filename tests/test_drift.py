@@ -21,6 +21,7 @@ def tuned(tiny_model_dir, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("drift")
     cfg = tiny_config(tiny_model_dir, folder / "none.jsonl", folder / "run", drift_samples=12)
+    loop.seed_everything(cfg.seed)  # the LoRA init, whatever ran before in this process
     model = loop.build_model(cfg, tiny_model_dir, "cpu", torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     samples = drift.sample_continuations(model, tokenizer, cfg.drift_samples, cfg.seed, "cpu")
@@ -38,7 +39,9 @@ def test_the_base_has_no_drift_and_a_moved_adapter_has_more_the_further_it_moved
     originals = [p.detach().clone() for p in lora_b(model)]
     measured = []
     try:
-        for size in (0.02, 0.2, 2.0):
+        # small moves: past ~0.2 the perturbation dominates the tiny model's residual stream and its final norm
+        # makes the output distribution saturate (measured with the seeded init: 0.0082, 0.0268, 0.0264 at 0.02, 0.2, 2)
+        for size in (0.002, 0.01, 0.05):
             generator = torch.Generator().manual_seed(0)
             for p, original in zip(lora_b(model), originals):
                 p.data = original + size * torch.randn(p.shape, generator=generator)

@@ -552,3 +552,25 @@ def test_dora_is_estimated_on_peft_path_uncompiled_with_its_weight_norm():
     assert dora.bytes_of("dora") == int(largest * memory.CALIBRATION["dora_bytes_per_weight"])
     assert dora.peak_bytes == peft_eager.peak_bytes + dora.bytes_of("dora")
     assert not memory.compiled_path(RunConfig(use_dora=True, device="cuda"))
+
+
+def test_the_per_card_estimate_of_several_processes_counts_each_layout():
+    """ddp: the whole run on each card plus the all-reduce buffer; fsdp: the 4-bit weights, adapter, gradients and
+    optimizer states split, two layers gathered, and (this version loads each card whole before sharding) never
+    below the whole 4-bit model."""
+    config = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
+    one = estimate_peak(config, RunConfig(max_length=1024))
+    terms = {t.name: t.bytes for t in one.terms}
+    ddp = {t.name: t.bytes for t in estimate_peak(config, RunConfig(max_length=1024, nproc=2)).terms}
+    assert ddp["ddp_gradient_buffer"] == terms["lora_weights"] and ddp["nf4_weights"] == terms["nf4_weights"]
+    fsdp = estimate_peak(config, RunConfig(max_length=1024, nproc=4, parallel="fsdp"))
+    split = {t.name: t.bytes for t in fsdp.terms}
+    for name in memory.FSDP_SHARDED_TERMS:
+        assert split[name] == -(-terms[name] // 4)
+    assert split["fsdp_gathered_layers"] > 0 and split["layers_16bit"] == terms["layers_16bit"]
+    loading = sum(terms[name] for name in memory.FSDP_LOAD_TERMS)
+    assert fsdp.peak_bytes >= loading
+    step = sum(b for n, b in split.items() if n != "fsdp_load_whole")
+    assert split.get("fsdp_load_whole", 0) == max(0, loading - step)
+    long = estimate_peak(config, RunConfig(max_length=8192, micro_batch_size=4, nproc=4, parallel="fsdp"))
+    assert "fsdp_load_whole" not in {t.name for t in long.terms}  # long rows: the step, not the load, is the peak

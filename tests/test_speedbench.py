@@ -67,6 +67,24 @@ def test_speed_bench_with_nproc_2_sets_two_gloo_ranks_beside_one_process_in_one_
     assert "| QLoRA Studio engine | fixed | 2 |" in done.stdout and "speed-up (goal)" in done.stdout
 
 
+def test_speed_bench_with_nproc_2_fsdp_shards_the_engine_and_keeps_its_curve(tmp_path):
+    """`--nproc 2 --fsdp` on the CPU: the two-process run shards each decoder layer over the gloo ranks
+    and its loss curve is the one-process curve at the same rows per step (fp32: equal up to summation order)."""
+    config, out = tmp_path / "config.json", tmp_path / "speed.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    done = subprocess.run([sys.executable, "-m", "qlora_engine", "bench", "--speed", "--device", "cpu", "--model",
+                           str(config), "--stacks", "engine", "--workloads", "fixed", "--steps", "4", "--warmup", "1",
+                           "--max-length", "64", "--nproc", "2", "--fsdp", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    [comparison] = report["ddp"]
+    assert comparison["error"] is None and comparison["loss_difference"]["max"] <= 1e-4
+    assert "decoder layers sharded" not in done.stdout  # the bench's own output stays its tables
+    several = next(r for r in report["results"] if r["nproc"] == 2)
+    assert several["ranks_started_alike"] and len(several["losses"]) == 4
+
+
 def test_a_failed_several_process_run_is_reported_not_compared():
     from qlora_engine.bench import ddp
 

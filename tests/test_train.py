@@ -269,7 +269,7 @@ class FolderWriter:
     def __init__(self, name: str, fail: bool = False):
         self.name, self.fail = name, fail
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, **kwargs):  # as peft's: state_dict=... among them
         import errno
 
         Path(folder).mkdir(parents=True, exist_ok=True)

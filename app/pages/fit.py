@@ -39,7 +39,9 @@ TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization c
               "layers_16bit": "16-bit layers", "lora_weights": "LoRA weights", "lora_gradients": "LoRA gradients",
               "optimizer_states": "Optimizer states", "activations": "Activations",
               "logits_and_loss": "Logits and loss", "cuda_context": "CUDA context",
-              "allocator_slack": "Allocator slack", "precision_weights": "Linear weights (precision budget)"}
+              "allocator_slack": "Allocator slack", "precision_weights": "Linear weights (precision budget)",
+              "ddp_gradient_buffer": "All-reduce buffer", "fsdp_gathered_layers": "Gathered layers (FSDP)",
+              "fsdp_load_whole": "Loading before sharding"}
 QUANTIZED_TERMS = ("nf4_weights", "quant_constants")
 MIN_SPARE_BYTES = 64 * 2**20  # below this the offer is not worth a line
 VERDICT_TEXT = {"fits": "Fits", "tight": "Tight: fits, with little room to spare", "won't fit": "Won't fit"}
@@ -205,12 +207,18 @@ class FitPage(Page):
                                 failed=lambda _error: None)
 
     def _show_sharding(self, report: EstimateReport, cards: int) -> None:
+        """The sharded per-card peak under the limits; where it fits, sharding first among the fixes, one click."""
         fits = report.advice.verdict != "won't fit"
         self.limits.setText(self.limits.text() + f"<br>Sharding is needed: no single card holds this run. With the "
                             f"4-bit weights split over the {cards} cards (parallel: fsdp) each needs "
                             f"{gib(report.estimate.peak_bytes)}: " + (f"it fits on {cards} cards." if fits else
-                            f"still too large for {cards} cards.") + " (This version can't start a sharded run yet: "
-                            "its checkpoints are still to come.)")
+                            f"still too large for {cards} cards."))
+        if fits and self.advice is not None:
+            changes = {"nproc": cards, "parallel": "fsdp", "optimizer": "adamw"}  # fsdp takes torch's AdamW only
+            fix = Fix(f"shard the 4-bit weights over the {cards} cards (nproc {cards}, parallel fsdp, optimizer adamw)",
+                      self.advice.peak_bytes - report.estimate.peak_bytes, changes, True, kind="memory")
+            self.fixes_title.setText("<b>What would help</b>")
+            self.fix_rows.insertWidget(0, self._fix_row(fix))
 
     def _show_terms(self, peak: Estimate, segments: list[BarSegment]) -> None:
         self.table.setRowCount(len(peak.terms))

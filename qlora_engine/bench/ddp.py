@@ -3,7 +3,7 @@ engine in one process, in one command: which runs a stack gets, and their compar
 
 Three runs of each engine stack: one process at the workload's batch (the speed reference: the same work per GPU),
 one process at N x that batch (the loss reference: the same rows per optimizer step) and N processes at N x the
-batch, each rank its 1/N share. Other stacks run once, in one process. No FSDP here (`parallel: fsdp` is refused).
+batch, each rank its 1/N share (`--fsdp`: sharded, parallel: fsdp). Other stacks run once, in one process.
 """
 from __future__ import annotations
 

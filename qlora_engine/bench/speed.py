@@ -146,15 +146,19 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
     (the engine's stacks only, inside torchrun) each rank trains its share of a step's rows, as a run does."""
     import torch
 
-    from qlora_engine.training import distributed, loop
+    from qlora_engine.training import distributed, loop, sharding
 
     ranks = ranks or distributed.Ranks()
     switches = engine_switches(stack)
     if switches is not None:  # the engine's own optimizer default unless the stack names one
         cfg = dataclasses.replace(cfg, optimizer=RunConfig().optimizer, **switches).validate()
-        model = loop.attach_lora(base, cfg)
+        sharded = cfg.parallel == "fsdp" and ranks.several
+        model = loop.attach_lora(base, cfg, sharded=sharded)
         trainable = [p for p in model.parameters() if p.requires_grad]
         ranks.broadcast_parameters(trainable)
+        if sharded:  # as a run shards: each decoder layer over all ranks
+            sharding.shard_layers(model, ranks, cfg.device)
+            trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = loop.build_optimizer(cfg, trainable)
         loop.freeze_heap()
 
@@ -162,11 +166,11 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
         scaler = loop.loss_scaler(torch.float16 if cfg.compute_dtype == "fp16" else None, cfg.device)
 
         def engine_step(rows: list[Any]) -> tuple[float, float, bool]:
-            share = ranks.share(rows)
+            share = ranks.share(rows) or (sharding.trains_nothing(rows[:1]) if sharded else [])
             batches = [loop.micro_batch(share, cfg, 0, cfg.device)] if share else []
             scale = scaler.get_scale() if scaler is not None else 0.0
             loss, grad_norm = loop.training_step(model, batches, trainable, optimizer, cfg.max_grad_norm,
-                                                 cfg.chunked_loss, scaler=scaler, ranks=ranks)
+                                                 cfg.chunked_loss, scaler=scaler, ranks=ranks, sharded=sharded)
             # skipped: a non-finite loss, or gradients that overflowed in fp16 (the scaler then lowers its scale)
             return loss, grad_norm, not math.isfinite(loss) or (scaler is not None and scaler.get_scale() < scale)
 
@@ -211,8 +215,11 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
 
 
 def lora_checksum(model: Any) -> dict[str, Any]:
-    """The first LoRA A matrices' sums (in module order): equal across stacks when their LoRA init is the same."""
-    first = [(name, p) for name, p in model.named_parameters() if "lora_A" in name][:3]
+    """The first LoRA A matrices' sums (in module order): equal across stacks when their LoRA init is the same.
+    A sharded model's are gathered whole first (every rank calls this)."""
+    from qlora_engine.training.sharding import whole
+
+    first = [(name, whole(p.detach())) for name, p in model.named_parameters() if "lora_A" in name][:3]
     return {"names": [name for name, _ in first], "sums": [round(float(p.double().sum()), 6) for _, p in first],
             "abs_sums": [round(float(p.double().abs().sum()), 4) for _, p in first],
             "dtypes": sorted({str(p.dtype) for name, p in model.named_parameters() if p.requires_grad})}
@@ -440,6 +447,7 @@ def _spawn(stack: str, workload: str, config_path: Path, args: argparse.Namespac
            "steps": args.steps, "warmup": args.warmup, "lengths": lengths, "device": args.device,
            "lora_dropout": args.lora_dropout, "gpu_memory_gib": args.gpu_memory_gib,
            "compute_dtype": args.compute_dtype, "batch_scale": batch_scale,
+           "parallel": "fsdp" if getattr(args, "fsdp", False) else "ddp",
            "profile": bool(args.profile and stack in args.profile.split(","))}
     start = torchrun_prefix(nproc) if nproc > 1 else [sys.executable]
     command = [*start, "-m", "qlora_engine", "bench", "--speed-worker", json.dumps(job)]
@@ -477,7 +485,8 @@ def speed_worker(job_json: str) -> int:
     from qlora_engine.training import distributed
 
     model_config = json.loads(Path(job["config"]).read_text())
-    cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"], job.get("compute_dtype") or "")
+    cfg = bench_config(job["device"], job["max_length"], job["lora_dropout"], job.get("compute_dtype") or "",
+                       job.get("parallel", "ddp"))
     ranks = distributed.setup(job["device"])
     try:
         result = run_worker(job["stack"], job["workload"], model_config, cfg, job["steps"], job["warmup"],
@@ -490,7 +499,8 @@ def speed_worker(job_json: str) -> int:
     return 0
 
 
-def bench_config(device: str, max_length: int, lora_dropout: float = 0.0, compute_dtype: str = "") -> RunConfig:
+def bench_config(device: str, max_length: int, lora_dropout: float = 0.0, compute_dtype: str = "",
+                 parallel: str = "ddp") -> RunConfig:
     """The issue's settings: r 16 on all linear layers, NF4 + double quant, bf16, checkpointing, paged AdamW 8-bit
     (the plain recipe's and Unsloth's; the engine's stacks take the engine's own optimizer default, setup_stack).
     LoRA dropout 0 by default, so that every stack computes the same function and the loss curves can be held
@@ -498,7 +508,7 @@ def bench_config(device: str, max_length: int, lora_dropout: float = 0.0, comput
     return RunConfig(device=device, max_length=max_length, micro_batch_size=1, grad_accum=1, lora_r=16,
                      lora_alpha=32, lora_dropout=lora_dropout, learning_rate=2e-4,
                      compute_dtype=compute_dtype or ("bf16" if device == "cuda" else "fp32"),
-                     gradient_checkpointing=True,
+                     gradient_checkpointing=True, parallel=parallel,
                      optimizer="paged_adamw_8bit").validate()
 
 
@@ -540,5 +550,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="N > 1: each engine stack also in N processes (torchrun, one GPU each; gloo on the CPU) "
                              "at N x the rows per step, and in one process at N x the rows (the loss reference): "
-                             "tokens/s speed-up and loss curves compared (bench/ddp.py); data-parallel only")
+                             "tokens/s speed-up and loss curves compared (bench/ddp.py)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --nproc N: the N processes shard each decoder layer's 4-bit weights and adapter "
+                             "over them (the run option parallel: fsdp) instead of each holding the model (ddp)")
     parser.add_argument("--speed-worker", help=argparse.SUPPRESS)

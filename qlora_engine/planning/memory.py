@@ -510,6 +510,7 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
 
 
 FSDP_SHARDED_TERMS = ("nf4_weights", "quant_constants", "lora_weights", "lora_gradients", "optimizer_states")
+FSDP_LOAD_TERMS = ("nf4_weights", "quant_constants", "layers_16bit", "lora_weights", "cuda_context")
 
 
 def _per_gpu_terms(terms: list[Term], shape: ModelShape, run: RunConfig) -> list[Term]:
@@ -524,8 +525,16 @@ def _per_gpu_terms(terms: list[Term], shape: ModelShape, run: RunConfig) -> list
     sharded = [Term(t.name, -(-t.bytes // run.nproc), f"{t.note}; split over {run.nproc} cards (FSDP)")
                if t.name in FSDP_SHARDED_TERMS else t for t in terms]
     layer_bytes = sum(t.bytes for t in terms if t.name in ("nf4_weights", "quant_constants")) // shape.num_layers
-    return [*sharded, Term("fsdp_gathered_layers", 2 * layer_bytes, "two decoder layers' 4-bit weights gathered "
-                           "whole at a time (the running one and the prefetched next)")]
+    sharded.append(Term("fsdp_gathered_layers", 2 * layer_bytes, "two decoder layers' 4-bit weights gathered whole "
+                        "at a time (the running one and the prefetched next)"))
+    # each rank loads the whole 4-bit model onto its card and shards it after: the card holds it whole once
+    loading = sum(t.bytes for t in terms if t.name in FSDP_LOAD_TERMS)
+    training = sum(t.bytes for t in sharded)
+    if loading > training:
+        sharded.append(Term("fsdp_load_whole", loading - training, "loading: every card holds the whole 4-bit "
+                            f"model ({loading / BYTES_PER_GIB:.2f} GiB with the adapter and CUDA context) before it "
+                            "is split, more than the sharded training step needs; this is what it adds to the peak"))
+    return sharded
 
 
 def _warnings(shape: ModelShape, run: RunConfig) -> list[str]:

@@ -187,9 +187,11 @@ class RunConfig:
                         group="run", minimum=1)
     parallel: str = option("ddp", "How several processes share the work (nproc > 1): ddp = each holds the 4-bit "
                            "model and the adapter, trains its share of every micro-batch and the adapter's "
-                           "gradients are summed; fsdp = the 4-bit weights are sharded over the processes (FSDP2, "
-                           "one unit per decoder layer), for a model no single card holds.",
-                           choices=("ddp", "fsdp"), memory="fsdp: the weights term divided by nproc.",
+                           "gradients are summed; fsdp = each decoder layer's 4-bit weights and adapter are sharded "
+                           "over the processes (FSDP2), with optimizer adamw (fused LoRA and compiled layers off).",
+                           choices=("ddp", "fsdp"), memory="fsdp: the 4-bit weights, adapter, gradients and optimizer "
+                           "states divided by nproc, plus two gathered layers; while loading, each card holds the "
+                           "whole 4-bit model once.",
                            group="run")
 
     # ---------------------------------------------------------------- helpers

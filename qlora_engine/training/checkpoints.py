@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qlora_engine.protocol.errors import EngineError, write_failure
+from qlora_engine.training import sharding
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 KEEP_LAST = 2
@@ -26,7 +27,7 @@ STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-step-"
 CONFIG_FILE = "config.json"  # the options the run had when this checkpoint was written
 SCALER_FILE = "scaler.pt"  # fp16 runs: the loss scaler's scale and growth tracker
-LORA_KEY_MARK = "lora_"  # lora_A, lora_B, lora_magnitude_vector (DoRA), lora_embedding_A/B
+LORA_KEY_MARK = sharding.LORA_KEY_MARK  # lora_A, lora_B, lora_magnitude_vector (DoRA), lora_embedding_A/B
 
 
 @dataclass
@@ -41,6 +42,14 @@ class TrainerState:
     best_step: int = 0
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
+
+
+@dataclass
+class Whole:
+    """A sharded (FSDP) run's adapter and optimizer state, gathered whole from every rank, for rank 0 to write: the
+    same files as a single process writes."""
+    adapter: dict[str, Any]  # the model's LoRA weights by state-dict name (peft's save_pretrained(state_dict=...))
+    optimizer: dict[str, Any]  # optimizer.state_dict() with every state whole
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -63,7 +72,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState,
-                    config: dict[str, Any] | None = None, scaler: Any = None) -> Path:
+                    config: dict[str, Any] | None = None, scaler: Any = None, whole: Whole | None = None) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step}"
     tmp = root / f"{TMP_PREFIX}{state.step}-{os.getpid()}"
@@ -72,8 +81,8 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
                         "resume the run (--resume): it continues from its last complete checkpoint, which is intact"):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp / "adapter", state_dict=whole.adapter if whole else None)
+        torch.save(whole.optimizer if whole else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         if scaler is not None:
@@ -115,12 +124,15 @@ def replace_folder(tmp: Path, final: Path, old: Path) -> None:
     _fsync_folder(final.parent)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None) -> TrainerState:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None,
+                    sharded: bool = False) -> TrainerState:
     """Put the checkpoint's adapter, optimizer, scheduler, loss scale and RNG into the run; its TrainerState.
     Every LoRA weight of the model must come from the checkpoint and every checkpoint weight must land in the
-    model, else EngineError `checkpoint_mismatch` (nothing is ignored)."""
-    load_adapter_weights(path / "adapter" / "adapter_model.safetensors", model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    model, else EngineError `checkpoint_mismatch` (nothing is ignored). `sharded` (FSDP): the whole weights and
+    optimizer states are cut as this rank's shards are."""
+    load_adapter_weights(path / "adapter" / "adapter_model.safetensors", model, sharded)
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(sharding.cut_optimizer_state(optimizer_state, optimizer) if sharded else optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / SCALER_FILE).is_file():
         scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
@@ -134,12 +146,13 @@ def stored_config(path: Path) -> dict[str, Any] | None:
     return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
 
 
-def load_adapter_weights(file: Path, model: Any) -> None:
+def load_adapter_weights(file: Path, model: Any, sharded: bool = False) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    weights = load_file(str(file))
     try:
-        result = set_peft_model_state_dict(model, load_file(str(file)))
+        result = set_peft_model_state_dict(model, sharding.cut_adapter_weights(model, weights) if sharded else weights)
     except RuntimeError as exc:  # a weight of another shape (size mismatch)
         raise mismatch_error(file, str(exc).splitlines()[-1].strip()) from exc
     missing = [key for key in result.missing_keys if LORA_KEY_MARK in key]

@@ -88,8 +88,10 @@ def _until_end(ids: list[int], tokenizer: Any) -> list[int]:
     return ids
 
 
-def load_or_sample(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, device: str) -> list[Sample]:
-    """The run's continuations: read back from the run folder (a resumed run), else sampled now and kept there."""
+def load_or_sample(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, device: str,
+                   keep: bool = True) -> list[Sample]:
+    """The run's continuations: read back from the run folder (a resumed run), else sampled now and, when `keep`
+    (rank 0 of a sharded run, whose other ranks sample alongside it), kept there."""
     path = run_dir / SAMPLES_FILE
     if path.is_file():
         try:
@@ -99,8 +101,9 @@ def load_or_sample(run_dir: Path, model: Any, tokenizer: Any, cfg: RunConfig, de
         except (ValueError, TypeError, KeyError):  # unreadable: sampled again from the same seed
             pass
     samples = sample_continuations(model, tokenizer, cfg.drift_samples, cfg.seed, device)
-    write_text_atomic(path, json.dumps({"new_tokens": NEW_TOKENS, "seed": cfg.seed,
-                                        "samples": [s.__dict__ for s in samples]}))
+    if keep:
+        write_text_atomic(path, json.dumps({"new_tokens": NEW_TOKENS, "seed": cfg.seed,
+                                            "samples": [s.__dict__ for s in samples]}))
     return samples
 
 

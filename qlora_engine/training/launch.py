@@ -82,13 +82,13 @@ def run_under_torchrun(cfg: RunConfig, run_dir: Path, events_mode: str, resume: 
 
 
 def check_layout(cfg: RunConfig) -> None:
-    if cfg.parallel == "fsdp":
-        # measured on the CPU (gloo, bitsandbytes 0.50, torch 2.13): FSDP2 fully_shard splits Params4bit stored as
-        # bfloat16 or uint8 and a sharded forward gives the unsharded loss; what is missing is the adapter's
-        # checkpoint and resume from sharded LoRA weights and optimizer states (a collective full state dict)
-        raise EngineError("bad_config", "parallel: fsdp is not available yet: the 4-bit weights shard (FSDP2 over "
-                          "bitsandbytes' quant_storage), but checkpoints and resume of a sharded adapter are not "
-                          "written yet", "Use parallel: ddp (each card holds the whole 4-bit model).")
+    """What a run of several processes cannot do, refused before any starts."""
+    if cfg.parallel == "fsdp" and cfg.optimizer != "adamw":
+        # bitsandbytes' paged optimizers run their own kernels on whole tensors, not on FSDP's sharded DTensors
+        raise EngineError("bad_config", f"parallel: fsdp needs optimizer: adamw, not {cfg.optimizer}: bitsandbytes' "
+                          "paged optimizers cannot update FSDP's sharded weights",
+                          "Set optimizer: adamw (sharded, its states are split over the cards too), or use "
+                          "parallel: ddp.")
 
 
 def _write_stop_file(stop: object, stop_file: Path, process: subprocess.Popen) -> None:

@@ -27,7 +27,7 @@ from qlora_engine.protocol.config import DEFAULT_DATA, RunConfig
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.events import EventWriter
 from qlora_engine.resources import resources_dir
-from qlora_engine.training import checkpoints, compare, data, distributed, drift, resume_rules
+from qlora_engine.training import checkpoints, compare, data, distributed, drift, resume_rules, sharding
 from qlora_engine.training.batch_order import Batcher
 from qlora_engine.training.best_checkpoint import BestTracker
 
@@ -95,15 +95,19 @@ def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device:
 
 
 # ----------------------------------------------------------------------------- model setup
-def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None) -> Any:
+def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None,
+                sharded: bool = False) -> Any:
     """The base (uniform 4-bit, or the precision plan in run_dir) with LoRA; the init's files go into run_dir."""
     model = run_base.load_base(cfg, model_path, device, compute_dtype, run_dir)
-    return attach_lora(model, cfg, init_file=run_dir / adapter_init.INIT_FILE if run_dir is not None else None)
+    return attach_lora(model, cfg, init_file=run_dir / adapter_init.INIT_FILE if run_dir is not None else None,
+                       sharded=sharded)
 
 
-def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None) -> Any:
+def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None, sharded: bool = False) -> Any:
     """Freeze the 4-bit base, set up checkpointing, and wrap it with trainable LoRA adapters (cfg.init_lora's start;
-    a base it rewrote is recorded in, or when present rebuilt from, `init_file`)."""
+    a base it rewrote is recorded in, or when present rebuilt from, `init_file`). A model to be `sharded` (FSDP)
+    runs without the fused LoRA path and the compiled layers: both read a layer's whole 4-bit weight once, here,
+    where FSDP gathers it anew for each forward."""
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
@@ -131,17 +135,21 @@ def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None) -> An
         residual.keep_residual_fp32(peft_model.get_base_model())
     if cfg.packing:
         packing.use_packed_attention(peft_model, cfg.max_length)
-    if cfg.fused_lora:
+    if sharded and (cfg.fused_lora or cfg.compile_layers):
+        print("parallel fsdp: the fused LoRA path and the compiled layers are off (they hold each layer's whole "
+              "4-bit weight; FSDP gathers it for each forward instead)", file=sys.stderr, flush=True)
+    if cfg.fused_lora and not sharded:
         lora_nf4.use_fused_lora(peft_model)
         fallback = lora_nf4.peft_path_note(peft_model)
         if fallback:
             print(fallback, file=sys.stderr, flush=True)
-    if cfg.compile_layers and cfg.use_dora and cfg.gradient_checkpointing:
+    if cfg.compile_layers and cfg.use_dora and cfg.gradient_checkpointing and not sharded:
         # measured (H200, 0.6B-8B): peft's DoRA layers break the compiled graph, and the compiler's recomputation
         # then keeps every layer's activations; transformers' checkpoint, uncompiled, keeps only each layer's input
         print("compiled layers are off with DoRA: peft's DoRA layers break the compiled graph and it would keep "
               "every layer's activations; the layers run uncompiled, checkpointed", file=sys.stderr, flush=True)
-    elif cfg.compile_layers and layer_compile.compile_supported(next(peft_model.parameters()).device) is None:
+    elif (cfg.compile_layers and not sharded
+          and layer_compile.compile_supported(next(peft_model.parameters()).device) is None):
         layer_compile.compile_layers(peft_model, activation_memory_budget=cfg.activation_memory_budget)
         print("compiling the model's layers for this GPU (torch.compile): the first step takes a minute or two "
               "longer", file=sys.stderr, flush=True)
@@ -206,14 +214,15 @@ def seed_everything(seed: int) -> None:
 def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trainable: list[torch.nn.Parameter],
                   optimizer: torch.optim.Optimizer, max_grad_norm: float, chunked_loss: bool = True,
                   scaler: torch.amp.GradScaler | None = None,
-                  ranks: distributed.Ranks | None = None) -> tuple[float, float]:
+                  ranks: distributed.Ranks | None = None, sharded: bool = False) -> tuple[float, float]:
     """One optimizer step over the micro-batches; the loss is the mean over every trained token of the step.
 
     A non-finite loss skips the update (the caller decides what to do), so the weights stay the last good ones.
     With a `scaler` (fp16) the loss is scaled before backward so small gradients don't underflow; a step whose
     gradients overflowed is skipped and the scale lowered (the caller sees it as a lower `scaler.get_scale()`).
     With several `ranks` each holds its share of the step's micro-batches: the loss is divided by the trained tokens
-    of all ranks, and the adapter's gradients and the loss are summed over ranks before clipping and the update.
+    of all ranks, and the adapter's gradients and the loss are summed over ranks before clipping and the update
+    (`sharded`: FSDP has summed the sharded ones in the backward already).
     """
     ranks = ranks or distributed.Ranks()
     items = ranks.sum_int(sum(trained_tokens(b) for b in micro_batches))
@@ -222,11 +231,14 @@ def training_step(model: Any, micro_batches: list[dict[str, torch.Tensor]], trai
         loss = lm_loss.causal_lm_loss(model, batch, items, chunked=chunked_loss)
         (loss if scaler is None else scaler.scale(loss)).backward()
         step_loss += float(loss.detach())
-    ranks.sum_gradients(trainable)
+    ranks.sum_gradients([p for p in trainable if not sharding.is_sharded(p)] if sharded else trainable)
     step_loss = ranks.sum_float(step_loss)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
+    if sharded:
+        grad_norm = sharding.clip_grad_norm(trainable, max_grad_norm)
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
     if math.isfinite(step_loss):
         if scaler is None:
             optimizer.step()
@@ -291,9 +303,13 @@ def total_steps_for(cfg: RunConfig, batches_per_epoch: int) -> int:
 def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: bool = False,
                  stop: StopRequest | None = None, ranks: distributed.Ranks | None = None) -> dict[str, Any]:
     """The run; with several `ranks` (inside torchrun) each trains its share of every micro-batch, and only rank 0
-    evaluates and writes checkpoints and the adapter (the caller gives the other ranks an EventWriter to nowhere)."""
+    writes events, checkpoints and the adapter (the caller gives the other ranks an EventWriter to nowhere). Under
+    ddp rank 0 alone evaluates; sharded (fsdp) every rank runs every forward, evaluations and samples included,
+    since each layer's forward gathers its weights from all ranks."""
     stop = stop or StopRequest()
     ranks = ranks or distributed.Ranks()
+    sharded = cfg.parallel == "fsdp" and ranks.several
+    works = ranks.is_main or sharded  # the ranks that evaluate, sample and take part in writing
     started_s = time.time()
     device = loading.resolve_device(cfg.device)
     compute_dtype = loading.resolve_compute_dtype(cfg.compute_dtype, device)
@@ -312,10 +328,14 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     _emit_data_ready(events, prepared, total_steps)
 
     load_started_s = time.time()
-    model = build_model(cfg, source.path, device, compute_dtype, run_dir)
+    model = build_model(cfg, source.path, device, compute_dtype, run_dir, sharded=sharded)
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep_trainable_fp32(trainable)
     ranks.broadcast_parameters(trainable)
+    if sharded:
+        layers = sharding.shard_layers(model, ranks, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # the sharded ones, now
+        print(f"parallel fsdp: {layers} decoder layers sharded over {ranks.world} ranks", file=sys.stderr, flush=True)
     events.emit(ev.ModelLoaded(model=source.original, path=str(source.path), source=source.source,
                 params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                 load_s=round(time.time() - load_started_s, 2), vram=vram_figures(device)))
@@ -326,21 +346,26 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
 
     state = checkpoints.TrainerState(step=0, micro_index=0, total_steps=total_steps, seed=cfg.seed)
     if resume:
-        state = resume_from_checkpoint(cfg, run_dir, model, optimizer, scheduler, scaler, events)
+        state = resume_from_checkpoint(cfg, run_dir, model, optimizer, scheduler, scaler, events, sharded)
     best = BestTracker(cfg, events)  # the best checkpoint and early stopping, kept in `state`
 
     def save(step_state: checkpoints.TrainerState) -> Path | None:
-        if not ranks.is_main:  # one copy of each checkpoint, from rank 0
+        if not works:  # one copy of each checkpoint, from rank 0 (sharded: every rank gathers the state for it)
             return None
-        path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state, cfg.to_dict(), scaler)
+        whole = checkpoints.Whole(sharding.gathered_adapter_state(model),
+                                  sharding.gathered_optimizer_state(optimizer)) if sharded else None
+        if not ranks.is_main:
+            return None
+        path = checkpoints.save_checkpoint(run_dir, model, optimizer, scheduler, step_state, cfg.to_dict(), scaler,
+                                           whole)
         events.emit(ev.Checkpoint(step=step_state.step, path=str(path), best_step=step_state.best_step or None,
                                   best_eval_loss=step_state.best_eval_loss))
         return path
 
     model.train()
-    if ranks.is_main and prepared.val_examples and cfg.drift_samples:  # the base's own text, once per run
-        prepared.drift_samples = drift.load_or_sample(run_dir, model, tokenizer, cfg, device)
-    if ranks.is_main and prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
+    if works and prepared.val_examples and cfg.drift_samples:  # the base's own text, once per run
+        prepared.drift_samples = drift.load_or_sample(run_dir, model, tokenizer, cfg, device, keep=ranks.is_main)
+    if works and prepared.val_examples and state.step == 0:  # the base model's loss: where the curve starts
         _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, 0)
     step_times_s: list[float] = []
     last_loss = float("nan")
@@ -349,10 +374,13 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         step_started_s = time.time()
         ranks.dropout_seed(cfg.seed, state.step)
         shares = [ranks.share(batcher.batch(state.micro_index + k)) for k in range(cfg.grad_accum)]
+        if sharded:  # every rank runs every forward: an empty share runs one row that trains nothing
+            shares = [rows or sharding.trains_nothing(batcher.batch(state.micro_index + k)[:1])
+                      for k, rows in enumerate(shares)]
         micro_batches = [micro_batch(rows, cfg, batcher.pad_id, device) for rows in shares if rows]
         scale_before = scaler.get_scale() if scaler is not None else 0.0
         step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm,
-                                             cfg.chunked_loss, scaler=scaler, ranks=ranks)
+                                             cfg.chunked_loss, scaler=scaler, ranks=ranks, sharded=sharded)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
                               advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
@@ -376,12 +404,13 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
         if state.step == 1:  # the run's largest micro-batches just ran: the peak the rest of the run stays under
             events.emit(fit_check(micro_batches, estimate_bytes, device))
         evaluate_now = cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps
-        if ranks.is_main and prepared.val_examples and evaluate_now:
+        if works and prepared.val_examples and evaluate_now:
             eval_loss, moved = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
             best.observe(state, eval_loss)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
-        if best.needs_checkpoint(state, run_dir):
+        if best.needs_checkpoint(state, run_dir) if not sharded else ranks.any(  # rank 0's file decides for all
+                ranks.is_main and best.needs_checkpoint(state, run_dir)):
             save(state)
         if best.stop_now(state, ranks, bool(evaluate_now and prepared.val_examples)):
             break  # finishes as a run that reached its last step does
@@ -390,17 +419,20 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
             events.emit(ev.Stopped(step=state.step, checkpoint=str(path)))
             return {"status": "stopped", "step": state.step}
 
-    if not ranks.is_main:
+    if not works:
         return {"status": "finished", "step": state.step, "eval_loss": None, "comparison": None}
     if prepared.val_examples and not best.stopped_early:  # an early stop evaluated this step already
         eval_loss, moved = _emit_eval(events, model, prepared, cfg, batcher.pad_id, device, state.step)
         best.observe(state, eval_loss)
     save(state)
-    adapter_dir = save_adapter(model, tokenizer, run_dir)
+    adapter_state = sharding.gathered_adapter_state(model) if sharded else None
+    adapter_dir = save_adapter(model, tokenizer, run_dir, adapter_state) if ranks.is_main else run_dir / "adapter"
     comparison = None
     if cfg.compare_questions:
         comparison = compare.compare_answers(cfg, model, tokenizer, prepared, device)
         events.emit(ev.Comparison(**comparison, drift=moved))
+    if not ranks.is_main:
+        return {"status": "finished", "step": state.step, "eval_loss": None, "comparison": None}
     events.emit(ev.Finished(step=state.step, adapter_dir=str(adapter_dir), final_loss=round(last_loss, 5),
                 eval_loss=eval_loss, duration_s=round(time.time() - started_s, 1), drift=moved))
     return {"status": "finished", "step": state.step, "eval_loss": eval_loss, "comparison": comparison}
@@ -408,7 +440,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
 
 def resume_from_checkpoint(cfg: RunConfig, run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler | None,
-                           events: EventWriter) -> checkpoints.TrainerState:
+                           events: EventWriter, sharded: bool = False) -> checkpoints.TrainerState:
     """The run's state from its last checkpoint, after checking that this config continues that run (resume_rules);
     the options that may change (learning rate, weight decay, schedule) take effect from here on."""
     latest = checkpoints.latest_checkpoint(run_dir)
@@ -417,7 +449,7 @@ def resume_from_checkpoint(cfg: RunConfig, run_dir: Path, model: Any, optimizer:
                           "Start the run again without --resume.")
     stored = checkpoints.stored_config(latest)
     accepted = resume_rules.check_resume(stored, cfg.to_dict(), str(latest)) if stored is not None else []
-    state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler, scaler)
+    state = checkpoints.load_checkpoint(latest, model, optimizer, scheduler, scaler, sharded=sharded)
     for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["weight_decay"], group["initial_lr"] = cfg.weight_decay, cfg.learning_rate
         group["lr"] = cfg.learning_rate * lr_lambda(scheduler.last_epoch)
@@ -489,9 +521,10 @@ def _mean_recent(values: list[float], count: int = 10) -> float:
     return sum(recent) / len(recent)
 
 
-def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> Path:
-    """The final adapter (PEFT format) at <run_dir>/adapter, replaced atomically. What a killed save left behind is
-    removed first (the run lock keeps any other writer out of this folder)."""
+def save_adapter(model: Any, tokenizer: Any, run_dir: Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """The final adapter (PEFT format) at <run_dir>/adapter, replaced atomically (`state_dict`: the weights gathered
+    whole from a sharded model). What a killed save left behind is removed first (the run lock keeps any other
+    writer out of this folder)."""
     final = run_dir / "adapter"
     tmp = run_dir / f"{ADAPTER_TMP_PREFIX}{os.getpid()}"
     for leftover in [*run_dir.glob(ADAPTER_TMP_PREFIX + "*"), *run_dir.glob(ADAPTER_OLD_PREFIX + "*")]:
@@ -499,7 +532,7 @@ def save_adapter(model: Any, tokenizer: Any, run_dir: Path) -> Path:
     # a full disk or an unwritable folder: the final checkpoint holds the same adapter
     with checkpoints.writing_folder(tmp, "the final adapter", run_dir, "run the same command with --resume: the run "
                                     "is complete in its last checkpoint and only the adapter is written again"):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         checkpoints.replace_folder(tmp, final, run_dir / f"{ADAPTER_OLD_PREFIX}{os.getpid()}")
     return final

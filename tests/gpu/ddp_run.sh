@@ -3,8 +3,8 @@
 # Llama-3.1-8B shape at 2048 tokens runs the engine in one process (1 row a step), in one process at 2 rows a step
 # (the loss reference) and in two processes through torchrun + nccl (1 row each, 2 a step), and reports tokens/s of
 # each, the speed-up (goal >= 1.8x) and the two-process loss curve against the reference (goal: within 1%).
-# Issue 21's FSDP half is left out: the engine refuses `parallel: fsdp` (bad_config) until checkpoints of a sharded
-# adapter exist. tests/gpu/ddp_h200x2/COMMANDS.md has the exact device call.
+# LAYOUT=fsdp runs the same with the two processes sharded (parallel: fsdp, bench --fsdp).
+# tests/gpu/ddp_h200x2/COMMANDS.md has the exact device call.
 # The machine's Python lacks bitsandbytes and platformdirs: they travel as wheels in .whl (in the repo root):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2 platformdirs==4.14.9
@@ -38,10 +38,14 @@ if [ "$device" = cuda ] && [ "$gpus" -lt 2 ]; then
   echo "two GPUs needed, this machine has $gpus" | tee -a "$out/versions.txt"
   exit 1
 fi
+# LAYOUT=fsdp: the two-process run shards each decoder layer (bench --fsdp); results under fsdp-fixed.*
+name=${LAYOUT:-ddp}-fixed
+layout=()
+[ "${LAYOUT:-ddp}" = fsdp ] && layout=(--fsdp)
 began=$(date +%s)
 timeout -k 10 "${BUDGET_S:-560}" python3 -m qlora_engine bench --speed --device "$device" \
   --model "${MODEL:-llama-3.1-8b}" --stacks engine --workloads fixed --max-length "${MAX_LENGTH:-2048}" \
-  --steps "${STEPS:-50}" --warmup 4 --nproc 2 --out "$out/ddp-fixed.json" 2>&1 \
-  | tee "$out/ddp-fixed.full.log" | grep -v -i -E "warn|^\s*$" > "$out/ddp-fixed.txt"
-echo "exit ${PIPESTATUS[0]} after $(($(date +%s) - began)) s" | tee -a "$out/ddp-fixed.txt"
-tail -4 "$out/ddp-fixed.txt"
+  --steps "${STEPS:-50}" --warmup 4 --nproc 2 "${layout[@]}" --out "$out/$name.json" 2>&1 \
+  | tee "$out/$name.full.log" | grep -v -i -E "warn|^\s*$" > "$out/$name.txt"
+echo "exit ${PIPESTATUS[0]} after $(($(date +%s) - began)) s" | tee -a "$out/$name.txt"
+tail -4 "$out/$name.txt"

@@ -2,7 +2,13 @@
 estimate and its word on sharding when no single card holds the run."""
 from __future__ import annotations
 
+import dataclasses
+
+from PySide6.QtWidgets import QLabel, QPushButton
+
 from qlora_engine.planning import hardware
+from qlora_engine.planning.memory import estimate_peak
+from qlora_engine.planning.model_shape import resolve_model_config
 
 GIB = 2**30
 
@@ -45,3 +51,27 @@ def test_fit_page_says_sharding_is_needed_when_no_single_card_holds_the_run(wind
     window.session.update_config(nproc=2)
     page.update_estimate()
     qtbot.waitUntil(lambda: "per card (2 processes, ddp)" in page.headline.text(), timeout=10_000)
+
+
+def test_fit_page_offers_sharding_as_one_click_where_the_run_fits_two_cards_and_not_one(window, qtbot, screenshot):
+    config = window.session.config
+    model = resolve_model_config(config.model)
+    whole = estimate_peak(model, config).peak_bytes
+    split = estimate_peak(model, dataclasses.replace(config, nproc=2, parallel="fsdp")).peak_bytes
+    two_cards(window, free_gib=(whole + split) / 2 / GIB)
+    window.show_page("fit")
+    page = window.pages["fit"]
+    page.target.setCurrentIndex(page.target.findData(0))
+    qtbot.waitUntil(lambda: "it fits on 2 cards" in page.limits.text(), timeout=10_000)
+    assert page.verdict.text() == "Won't fit"
+
+    def shard_buttons() -> list[QPushButton]:
+        return [b for b in page.findChildren(QPushButton, "apply_fix") if b.isVisible()
+                and "shard the 4-bit weights over the 2 cards" in b.parent().findChild(QLabel).text()]
+    qtbot.waitUntil(lambda: bool(shard_buttons()), timeout=5_000)
+    screenshot(window, "fit-sharding-fix")
+    shard_buttons()[0].click()
+    config = window.session.config
+    assert (config.nproc, config.parallel, config.optimizer) == (2, "fsdp", "adamw")
+    qtbot.waitUntil(lambda: "per card (2 processes, fsdp)" in page.headline.text(), timeout=10_000)
+    assert page.verdict.text() != "Won't fit"
