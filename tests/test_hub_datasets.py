@@ -18,6 +18,7 @@ from tiny_models import write_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "resources" / "sample" / "train.jsonl"
 FACTS, SPLITS, GATED = "tiny-org/harbour-facts", "tiny-org/harbour-splits", "gated-org/harbour-gated"
+PARQUET = "tiny-org/harbour-parquet"  # as most Hub datasets are stored: data/<split>-00000-of-00001.parquet
 TOKEN = "hf_secret_token_for_the_dataset_test"
 HF_SETTINGS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_HOME",
                "HF_HUB_CACHE", "HF_DATASETS_CACHE")
@@ -38,12 +39,25 @@ def fake_hub(tmp_path_factory):
     (splits / "data").mkdir(parents=True)
     write_jsonl(splits / "data" / "train.jsonl", [chat_row(f"Who is mayor {i}?", f"Varet {i}.") for i in range(6)])
     write_jsonl(splits / "data" / "test.jsonl", [chat_row(f"Who keeps lamp {i}?", f"Orla {i}.") for i in range(2)])
+    parquet = repos / "harbour-parquet"
+    (parquet / "data").mkdir(parents=True)
+    write_parquet(parquet / "data" / "train-00000-of-00001.parquet",
+                  [chat_row(f"Who rows boat {i}?", f"Brann {i}.") for i in range(5)])
+    write_parquet(parquet / "data" / "test-00000-of-00001.parquet", [chat_row("Who rows the last boat?", "Brann.")])
     hub_, server = start(FakeHub())
+    hub_.add(PARQUET, parquet, repo_type="dataset")
     hub_.add(FACTS, facts, repo_type="dataset")
     hub_.add(SPLITS, splits, repo_type="dataset")
     hub_.add(GATED, facts, gated=True, token=TOKEN, repo_type="dataset")
     yield hub_
     server.shutdown()
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def engine_env(fake_hub: FakeHub, hf_home: Path, **settings: str) -> dict:
@@ -194,3 +208,10 @@ def test_a_gated_dataset_reads_with_the_users_token_which_never_reaches_the_outp
     answer, log = data_answer(GATED, tiny_model_dir, engine_env(fake_hub, tmp_path / "hf", HF_TOKEN=TOKEN))
     assert answer.get("rows") == 264, answer
     assert TOKEN not in json.dumps(answer) + log
+
+
+def test_a_parquet_hub_dataset_reads_its_splits_with_nested_chat_columns(fake_hub, tmp_path):
+    """Parquet shards, the Hub's usual layout: each split's rows, the `messages` lists of structs as chat turns."""
+    answers = read_specs([PARQUET, f"{PARQUET}:test"], engine_env(fake_hub, tmp_path / "hf"))
+    assert answers[PARQUET]["rows"] == [chat_row(f"Who rows boat {i}?", f"Brann {i}.") for i in range(5)]
+    assert answers[f"{PARQUET}:test"]["rows"] == [chat_row("Who rows the last boat?", "Brann.")]
