@@ -38,7 +38,12 @@ def options(model_dir, data_file, run_dir, **overrides) -> dict:
 
 
 def flags(values: dict) -> list[str]:
-    return [part for name, value in values.items() for part in ("--" + name.replace("_", "-"), str(value))]
+    def flag(name: str, value) -> list[str]:
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # BooleanOptionalAction: --use-dora / --no-use-dora
+            return [option if value else "--no-" + option[2:]]
+        return [option, str(value)]
+    return [part for name, value in values.items() for part in flag(name, value)]
 
 
 def engine(values: dict, *extra: str, **popen) -> subprocess.Popen:
@@ -183,6 +188,25 @@ def test_two_sharded_ranks_match_one_process_step_for_step_and_write_the_same_fi
     state = torch.load(tmp_path / "fsdp" / "checkpoints" / f"step-{STEPS}" / "optimizer.pt", weights_only=True)
     shapes = sorted(tuple(entry["exp_avg"].shape) for entry in state["state"].values())
     assert shapes == sorted(tuple(w.shape) for w in one.values())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("adapter", [{"use_dora": True}, {"init_lora": "pissa"}], ids=["dora", "pissa"])
+def test_the_adapter_variants_shard_with_the_same_curve(tiny_model_dir, one_process_at_4, tmp_path, adapter,
+                                                        parallel):
+    """DoRA's magnitude vectors and PiSSA's rewritten base shard like the plain adapter: one process's curve."""
+    data_file, _ = one_process_at_4
+    cfg = RunConfig.from_dict(options(tiny_model_dir, data_file, tmp_path / "one", micro_batch_size=4, nproc=1,
+                                      **adapter))
+    writer = EventWriter(tmp_path / "one" / "events.jsonl", stream=None)
+    loop.run_training(cfg, tmp_path / "one", writer)
+    writer.close()
+    reference = list(read_events(tmp_path / "one" / "events.jsonl"))
+    process = engine(options(tiny_model_dir, data_file, tmp_path / parallel, parallel=parallel, **adapter))
+    out, _ = process.communicate(timeout=300)
+    events = [e for e in map(parse_line, out.splitlines()) if e is not None]
+    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
+    assert curve(events) == pytest.approx(curve(reference), rel=RTOL)
 
 
 def test_a_rank_with_nothing_to_train_still_takes_part_in_each_sharded_step(tiny_model_dir, tmp_path):
