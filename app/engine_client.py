@@ -6,6 +6,7 @@ Long-running streams (train, export, chat --serve) are not requests: they are En
 """
 from __future__ import annotations
 
+import queue
 import subprocess
 import threading
 import traceback
@@ -181,28 +182,40 @@ class Call:
 
 
 class _Relay(QObject):
-    """Carries answers from worker threads to the GUI thread (queued signals). One for the whole app, never
-    deleted, so a worker never emits on an object that is gone."""
+    """Carries answers from worker threads to the GUI thread. One for the whole app, never deleted, so a worker never
+    emits on an object that is gone. A worker queues (what, call, value) in plain Python and emits `wake`, which has
+    no arguments: no Python object rides in a queued Qt event between threads (PySide6 crashed, about one run in
+    three of the GUI tests, with answers passed as `object` arguments of a queued signal)."""
 
-    answered = Signal(object, object)  # call, result
-    failed = Signal(object, object)  # call, EngineError
-    progressed = Signal(object, str)  # call, text
+    wake = Signal()
 
     def __init__(self) -> None:
         super().__init__()
-        self.answered.connect(lambda call, result: call._deliver(result, None))
-        self.failed.connect(lambda call, error: call._deliver(None, error))
-        self.progressed.connect(lambda call, text: call._show_progress(text))
+        self.pending: queue.SimpleQueue[tuple[str, Call, Any]] = queue.SimpleQueue()
+        self.wake.connect(self._deliver_pending)  # queued: the relay lives on the GUI thread
+
+    def _deliver_pending(self) -> None:
+        while True:
+            try:
+                what, call, value = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if what == "progressed":
+                call._show_progress(value)
+            else:
+                call._deliver(value, None) if what == "answered" else call._deliver(None, value)
 
 
 _RELAY: list[_Relay] = []
 
 
-def _send(signal: str, call: Call, value: Any) -> None:
-    """Emit on the relay from a worker thread; after the app has quit (the relay is gone) there is no one to tell."""
+def _send(what: str, call: Call, value: Any) -> None:
+    """From a worker thread: `what` ("answered", "failed", "progressed") for the GUI thread; after the app has quit
+    (the relay is gone) there is no one to tell."""
     relay = _RELAY[0]
     if shiboken6.isValid(relay):
-        getattr(relay, signal).emit(call, value)
+        relay.pending.put((what, call, value))
+        relay.wake.emit()
 
 
 class EngineClient(QObject):
