@@ -190,11 +190,14 @@ def test_two_sharded_ranks_match_one_process_step_for_step_and_write_the_same_fi
     assert shapes == sorted(tuple(w.shape) for w in one.values())
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-@pytest.mark.parametrize("adapter", [{"use_dora": True}, {"init_lora": "pissa"}], ids=["dora", "pissa"])
+@pytest.mark.parametrize("parallel, adapter", [
+    ("ddp", {"use_dora": True}), ("fsdp", {"use_dora": True}), ("ddp", {"init_lora": "pissa"}),
+    ("fsdp", {"init_lora": "pissa"}), ("ddp", {"precision_budget_bits": 7.0})],  # fsdp: refused, below
+    ids=["dora-ddp", "dora-fsdp", "pissa-ddp", "pissa-fsdp", "precision-budget-ddp"])
 def test_the_adapter_variants_shard_with_the_same_curve(tiny_model_dir, one_process_at_4, tmp_path, adapter,
                                                         parallel):
-    """DoRA's magnitude vectors and PiSSA's rewritten base shard like the plain adapter: one process's curve."""
+    """DoRA's magnitude vectors, PiSSA's rewritten base and a precision plan's mixed formats, in several ranks: one
+    process's curve (each rank computes the plan and the start; rank 0 alone writes their files)."""
     data_file, _ = one_process_at_4
     cfg = RunConfig.from_dict(options(tiny_model_dir, data_file, tmp_path / "one", micro_batch_size=4, nproc=1,
                                       **adapter))
@@ -245,13 +248,14 @@ def test_sharded_ranks_evaluate_sample_and_compare_as_one_process_does(tiny_mode
     assert len(compared.rows) == 2 == len(next(e for e in one if e.kind == "comparison").rows)
 
 
-def test_fsdp_refuses_a_paged_optimizer_with_a_clear_error(tiny_model_dir, alpaca_file, tmp_path):
-    process = engine(options(tiny_model_dir, alpaca_file, tmp_path / "fsdp", parallel="fsdp",
-                             optimizer="paged_adamw_8bit"))
+@pytest.mark.parametrize("option, advice", [({"optimizer": "paged_adamw_8bit"}, "optimizer: adamw"),
+                                            ({"precision_budget_bits": 7.0}, "precision_budget_bits: 0")])
+def test_fsdp_refuses_what_it_cannot_shard_with_a_clear_error(tiny_model_dir, alpaca_file, tmp_path, option, advice):
+    process = engine(options(tiny_model_dir, alpaca_file, tmp_path / "fsdp", parallel="fsdp", **option))
     out, _ = process.communicate(timeout=300)
     errors = [e for e in map(parse_line, out.splitlines()) if e is not None and e.kind == "error"]
     assert process.returncode != 0 and errors and errors[-1].code == "bad_config"
-    assert "optimizer: adamw" in errors[-1].advice
+    assert advice in errors[-1].advice
 
 
 def _descendants(pid: int) -> list[int]:

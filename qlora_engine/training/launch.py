@@ -89,6 +89,11 @@ def check_layout(cfg: RunConfig) -> None:
                           "paged optimizers cannot update FSDP's sharded weights",
                           "Set optimizer: adamw (sharded, its states are split over the cards too), or use "
                           "parallel: ddp.")
+    if cfg.parallel == "fsdp" and cfg.precision_budget_bits > 0:
+        # measured on the CPU: FSDP's sharded parameter loses bitsandbytes' int8 state (Int8Params.CB)
+        raise EngineError("bad_config", "parallel: fsdp cannot shard a precision budget's int8 layers (bitsandbytes "
+                          "keeps their state on the parameter, which sharding replaces)",
+                          "Set precision_budget_bits: 0 (plain 4-bit), or use parallel: ddp.")
 
 
 def _write_stop_file(stop: object, stop_file: Path, process: subprocess.Popen) -> None:

@@ -96,13 +96,14 @@ def micro_batch(rows: list[data.Tokenized], cfg: RunConfig, pad_id: int, device:
 
 # ----------------------------------------------------------------------------- model setup
 def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None,
-                sharded: bool = False, keeps_init: bool = True) -> Any:
-    """The base (uniform 4-bit, or the precision plan in run_dir) with LoRA; the init's files go into run_dir, unless
-    not `keeps_init` (a rank other than 0 starting a run: it computes the same start, rank 0 alone writes the file,
-    which the other ranks must not read half-written)."""
-    model = run_base.load_base(cfg, model_path, device, compute_dtype, run_dir)
-    init_file = run_dir / adapter_init.INIT_FILE if run_dir is not None and keeps_init else None
-    return attach_lora(model, cfg, init_file=init_file, sharded=sharded)
+                sharded: bool = False, keeps_files: bool = True) -> Any:
+    """The base (uniform 4-bit, or the precision plan in run_dir) with LoRA; the plan's and the init's files go into
+    run_dir, unless not `keeps_files` (a rank other than 0 starting a run: it computes the same plan and start, rank 0
+    alone writes the files, which the other ranks must not read half-written)."""
+    files = run_dir if keeps_files else None
+    model = run_base.load_base(cfg, model_path, device, compute_dtype, files)
+    return attach_lora(model, cfg, init_file=files / adapter_init.INIT_FILE if files is not None else None,
+                       sharded=sharded)
 
 
 def attach_lora(model: Any, cfg: RunConfig, init_file: Path | None = None, sharded: bool = False) -> Any:
@@ -331,7 +332,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
 
     load_started_s = time.time()
     model = build_model(cfg, source.path, device, compute_dtype, run_dir, sharded=sharded,
-                        keeps_init=ranks.is_main or resume)  # a resume: every rank rebuilds from rank 0's file
+                        keeps_files=ranks.is_main or resume)  # a resume: every rank reads rank 0's files
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep_trainable_fp32(trainable)
     ranks.broadcast_parameters(trainable)
