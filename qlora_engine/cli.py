@@ -304,6 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         with RunLock(run_dir) if not ranks.several else contextlib.nullcontext():
             result = loop.run_training(cfg, run_dir, events, resume=args.resume, ranks=ranks,
                                        stop=distributed.AgreedStop(stop, ranks, run_dir) if ranks.several else stop)
+            ranks.end_together()
     except BaseException as exc:  # every failure becomes an error event
         if is_cuda_oom(exc):
             last = events.last_of_kind.get("step")

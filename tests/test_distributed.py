@@ -47,10 +47,21 @@ def flags(values: dict) -> list[str]:
 
 
 def engine(values: dict, *extra: str, **popen) -> subprocess.Popen:
+    """The engine (torchrun and its ranks); their log goes to <run_dir>.log (log_tail reads it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
+    log = open(log_path(values), "a", encoding="utf-8")  # noqa: SIM115 (the child holds it)
     return subprocess.Popen([sys.executable, "-m", "qlora_engine", "train", *flags(values), "--events", "jsonl",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                            env=env, **popen)
+                             *extra], stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env, **popen)
+
+
+def log_path(values: dict) -> Path:
+    return Path(str(values["run_dir"]).rstrip("/") + ".log")
+
+
+def log_tail(values: dict, lines: int = 40) -> str:
+    """The last lines of the engine's log that are not library warnings: what a failed assertion shows."""
+    text = log_path(values).read_text(encoding="utf-8", errors="replace") if log_path(values).is_file() else ""
+    return "\n".join([line for line in text.splitlines() if "arning" not in line][-lines:])
 
 
 def curve(events, field="loss") -> list[float]:
@@ -76,10 +87,11 @@ def one_process_at_4(tiny_model_dir, tmp_path_factory):
 def test_two_ranks_at_micro_batch_2_match_one_process_at_4_step_for_step(tiny_model_dir, one_process_at_4,
                                                                           tmp_path):
     data_file, reference = one_process_at_4
-    process = engine(options(tiny_model_dir, data_file, tmp_path / "ddp"))
+    values = options(tiny_model_dir, data_file, tmp_path / "ddp")
+    process = engine(values)
     out, _ = process.communicate(timeout=300)
     events = [e for e in map(parse_line, out.splitlines()) if e is not None]
-    assert process.returncode == 0 and events[-1].kind == "finished", events[-1:]
+    assert process.returncode == 0 and events[-1].kind == "finished", (events[-1:], log_tail(values))
     assert curve(events) == pytest.approx(curve(reference), rel=RTOL)
     assert curve(events, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=RTOL)
     assert [e.kind for e in events].count("started") == 1  # rank 0 alone speaks

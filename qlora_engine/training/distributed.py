@@ -110,6 +110,12 @@ class Ranks:
         torch.distributed.all_gather_object(gathered, value)
         return gathered
 
+    def end_together(self) -> None:
+        """Every rank waits here until all have finished: a rank done early (under ddp the others leave the loop
+        while rank 0 still writes the adapter) must not tear its connections down under rank 0's feet."""
+        if self.several:
+            torch.distributed.barrier()
+
     def dropout_seed(self, seed: int, step: int) -> None:
         """Each rank's own dropout stream, a function of (seed, rank, step) alone: a resumed rank draws the same
         masks it would have without the stop (rank 0's saved RNG state is no use to the others)."""
