@@ -308,8 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException as exc:  # every failure becomes an error event
         if is_cuda_oom(exc):
             last = events.last_of_kind.get("step")
-            last_step = last.step if isinstance(last, ev.Step) else 0
-            exc = cuda_oom_error(exc, cfg, last_step + 1)
+            exc = cuda_oom_error(exc, cfg, (last.step if isinstance(last, ev.Step) else 0) + 1)
         return distributed.report_rank_failure(events, exc, ranks, run_dir, report_failure)
     finally:
         events.close()
