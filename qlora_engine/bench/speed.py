@@ -166,7 +166,7 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
         scaler = loop.loss_scaler(torch.float16 if cfg.compute_dtype == "fp16" else None, cfg.device)
 
         def engine_step(rows: list[Any]) -> tuple[float, float, bool]:
-            share = ranks.share(rows) or (sharding.trains_nothing(rows[:1]) if sharded else [])
+            share = sharding.share(ranks, rows, sharded)
             batches = [loop.micro_batch(share, cfg, 0, cfg.device)] if share else []
             scale = scaler.get_scale() if scaler is not None else 0.0
             loss, grad_norm = loop.training_step(model, batches, trainable, optimizer, cfg.max_grad_norm,

@@ -37,6 +37,13 @@ def compile_supported(device: torch.device | str) -> str | None:
     return None
 
 
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
 def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = False,
                    activation_memory_budget: float = 0.0) -> int:
     """Compile every decoder layer of `model` in place; returns how many. A layer that transformers would
@@ -45,13 +52,11 @@ def compile_layers(model: Any, backend: Any = "inductor", fullgraph: bool = Fals
     `activation_memory_budget` lets the partitioner keep the activations that are dearest to recompute).
     `backend` and `fullgraph` are for tests (aot_eager_decomp_partition traces, differentiates and partitions
     like Inductor, without generating code; fullgraph raises on any graph break)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # Where the compiler fails on a user's machine (a Triton or C compiler problem), the layer runs eagerly: a run
     # slower than it could be, instead of a run that cannot start. Tests ask for fullgraph to see every failure.
     torch._dynamo.config.suppress_errors = not fullgraph
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for layer in layers:
         if layer.gradient_checkpointing:
             layer.gradient_checkpointing = False

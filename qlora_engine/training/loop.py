@@ -377,10 +377,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     while state.step < total_steps:
         step_started_s = time.time()
         ranks.dropout_seed(cfg.seed, state.step)
-        shares = [ranks.share(batcher.batch(state.micro_index + k)) for k in range(cfg.grad_accum)]
-        if sharded:  # every rank runs every forward: an empty share runs one row that trains nothing
-            shares = [rows or sharding.trains_nothing(batcher.batch(state.micro_index + k)[:1])
-                      for k, rows in enumerate(shares)]
+        shares = [sharding.share(ranks, batcher.batch(state.micro_index + k), sharded) for k in range(cfg.grad_accum)]
         micro_batches = [micro_batch(rows, cfg, batcher.pad_id, device) for rows in shares if rows]
         scale_before = scaler.get_scale() if scaler is not None else 0.0
         step_loss, grad_norm = training_step(model, micro_batches, trainable, optimizer, cfg.max_grad_norm,
@@ -413,8 +410,10 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
             best.observe(state, eval_loss)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
             save(state)
-        if best.needs_checkpoint(state, run_dir) if not sharded else ranks.any(  # rank 0's file decides for all
-                ranks.is_main and best.needs_checkpoint(state, run_dir)):
+        new_best = best.needs_checkpoint(state, run_dir)
+        if sharded:  # saving is collective: rank 0's look at its files decides for every rank
+            new_best = ranks.any(ranks.is_main and new_best)
+        if new_best:
             save(state)
         if best.stop_now(state, ranks, bool(evaluate_now and prepared.val_examples)):
             break  # finishes as a run that reached its last step does

@@ -19,15 +19,10 @@ from typing import Any
 
 import torch
 
+from qlora_engine.model import layer_compile
 from qlora_engine.training.distributed import Ranks
 
 LORA_KEY_MARK = "lora_"  # in the names of the adapter's weights: lora_A, lora_B, lora_magnitude_vector, ...
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def shard_layers(model: Any, ranks: Ranks, device: str) -> int:
@@ -37,7 +32,7 @@ def shard_layers(model: Any, ranks: Ranks, device: str) -> int:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device, (ranks.world,))
-    layers = decoder_layers(model)
+    layers = layer_compile.decoder_layers(model)
     for module in model.modules():  # where Linear4bit rebuilds its gathered weight's state from (a loader sets it,
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "quant_state", None) is None:  # not all do)
             module.quant_state = module.weight.quant_state
@@ -87,10 +82,14 @@ def cut_adapter_weights(model: Any, weights: dict[str, torch.Tensor]) -> dict[st
     return {name: _like(value, targets.get(name)) for name, value in weights.items()}
 
 
-def trains_nothing(rows: list[Any]) -> list[Any]:
-    """The rows with no trained token: a rank whose share of a micro-batch is empty runs them, so that it takes part
-    in every layer's gather and gradient sum while adding nothing to the loss or the gradients."""
-    return [replace(row, trained_token_mask=[False] * len(row.trained_token_mask)) for row in rows]
+def share(ranks: Ranks, rows: list[Any], sharded: bool) -> list[Any]:
+    """This rank's share of a global micro-batch (Ranks.share). Sharded, a rank whose share is empty gets the first
+    row with no trained token instead: it must take part in every layer's gather and gradient sum, while adding
+    nothing to the loss or the gradients."""
+    mine = ranks.share(rows)
+    if mine or not sharded:
+        return mine
+    return [replace(row, trained_token_mask=[False] * len(row.trained_token_mask)) for row in rows[:1]]
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
