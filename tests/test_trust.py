@@ -72,8 +72,27 @@ def test_unscaled_fp16_gradients_underflow_to_zero_and_scaled_ones_do_not(tiny_m
     assert torch.isfinite(scaled).all() and float(scaled.abs().max()) < 1e-3  # unscaled back to the true size
 
 
+@pytest.mark.parametrize("scale", [2.0**16, 2.0**12])
+def test_the_chunked_loss_gradient_in_fp16_is_the_fp32_one_at_the_loss_scale(scale):
+    """A 2048-token step over a 32k vocabulary: each token's softmax share of the mean (1e-8) is below fp16's
+    smallest number and the starting scale 2^16 above its largest, so neither may pass through fp16 on its own."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2048, 64, generator=generator)
+    weight = torch.randn(32000, 64, generator=generator) * 0.02
+    labels = torch.randint(0, 32000, (2048,), generator=generator)
+    gradients = {}
+    for dtype in (torch.float32, torch.float16):
+        leaf = hidden.to(dtype).detach().requires_grad_(True)
+        loss = lm_loss.ChunkedLinearCrossEntropy.apply(leaf, weight.to(dtype), labels, 2048.0)
+        (loss * scale).backward()
+        gradients[dtype] = leaf.grad.float()
+    fp16, fp32 = gradients[torch.float16], gradients[torch.float32]
+    assert torch.isfinite(fp16).all()
+    assert float((fp16 - fp32).norm() / fp32.norm()) < 2e-3
+
+
 def test_an_fp16_run_tracks_the_fp32_run(tiny_model_dir, alpaca_file, tmp_path):
-    """fp16 with loss scaling ends within 2% of fp32's eval loss (each step's loss within 10%); its first step may
+    """fp16 with loss scaling ends within 2% of fp32's eval loss (each step's loss within 10%); an early step may
     overflow at the starting scale (2^16): skipped and counted, as on a GPU."""
     common = {"max_steps": 10, "lora_dropout": 0.0, "val_fraction": 0.2}
     _, fp32 = run(tiny_config(tiny_model_dir, alpaca_file, tmp_path / "fp32", compute_dtype="fp32", **common))

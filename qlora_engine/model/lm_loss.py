@@ -13,12 +13,23 @@ import torch
 from qlora_engine.model.packing import IGNORE_INDEX
 from qlora_engine.protocol.config import CHUNK_LOGITS_BYTES, CHUNKED_LOSS_MODEL_TYPES
 
+# softmax x 256 keeps probabilities down to 2.4e-7 in fp16's normal range; the gradient of the summed loss, at most
+# 2 x 256 x the largest lm_head weight, stays far below fp16's largest number
+GRAD_PRESCALE = 256.0
+BACKWARD_CHUNK_BYTES = 32 * 2**20  # the fp32 part of the gradient multiplied at a time
+
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, labels)) / items, the gradient to `hidden` computed in the forward.
 
     `weight` is frozen (lm_head of a LoRA run), so only hidden's gradient exists; computing it chunk by chunk
     while the chunk's logits are at hand is what keeps the full logits from ever existing.
+
+    The forward cannot know the factor the backward brings (1 / items, and in fp16 the loss scale), so it keeps
+    GRAD_PRESCALE x the gradient of the summed loss, which the backward multiplies by grad_loss / (items x
+    GRAD_PRESCALE) in fp32. In fp16 a token's share of the mean, softmax / items, falls below fp16's smallest number
+    (1e-5 / 2048), and the starting loss scale 2^16 is not an fp16 number: cast to the compute dtype either one
+    loses the gradient (measured: every fp16 run's first step overflowed, and its curve strayed from bf16's).
     """
 
     @staticmethod
@@ -32,17 +43,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             targets = labels[start:start + chunk].unsqueeze(1)
             log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
             loss_sum += (log_normalizer - logits.gather(1, targets)).sum()
-            if grad_hidden is not None:  # d loss / d logits = softmax - one_hot, scaled by 1 / items
+            if grad_hidden is not None:  # d loss_sum / d logits = softmax - one_hot
                 probs = logits.sub_(log_normalizer).exp_()
                 probs.scatter_add_(1, targets, torch.full_like(targets, -1.0, dtype=probs.dtype))
-                grad_hidden[start:start + chunk] = (probs.mul_(1.0 / items)).to(weight.dtype) @ weight
+                grad_hidden[start:start + chunk] = probs.mul_(GRAD_PRESCALE).to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
+        ctx.items = items
         return loss_sum / items
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+        factor = grad_loss.float() / (ctx.items * GRAD_PRESCALE)
+        chunk = max(1, BACKWARD_CHUNK_BYTES // (4 * grad_hidden.shape[-1]))
+        for start in range(0, grad_hidden.shape[0], chunk):  # in place, in fp32, never a whole fp32 copy
+            part = grad_hidden[start:start + chunk]
+            part.copy_(part.float().mul_(factor))
+        return grad_hidden, None, None, None
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], items: int, chunked: bool = True) -> torch.Tensor:
