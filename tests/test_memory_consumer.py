@@ -68,3 +68,29 @@ def test_median_and_worst_error_are_what_the_readme_says():
     summary = calibration_summary(calibration_errors([row for row in CURRENT if not row["oom"]]))
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"median {summary['median']:.1%}, worst {summary['worst']:.1%}" in readme
+
+
+# DoRA on peft's path (uncompiled) and the 12B / 14B shapes, measured the same way on the H200, uncapped (card 0)
+# except where a row names its card: `bench --memory --grid probe` (the DoRA term fitted to its three DoRA rows),
+# then `--grid dora-check` (shapes, lengths, ranks and fp16 it was not fitted on). tests/gpu/memory_probe_h200/,
+# tests/gpu/memory_dora_check_h200/.
+PROBE = [json.loads(line) for line in (Path(__file__).parent / "data" / "memory_measured_probe_h200.jsonl")
+         .read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_probe_holds_dora_rows_it_was_not_fitted_on_and_the_largest_shapes():
+    dora = [row for row in PROBE if row.get("use_dora")]
+    assert len(dora) >= 9 and {"bf16", "fp16"} == {row["compute_dtype"] for row in dora}
+    assert {"mistral-nemo-12b", "qwen2.5-14b"} <= {row["model"] for row in PROBE}
+
+
+@pytest.mark.parametrize("row", [row for row in PROBE if not row["oom"]], ids=row_id)
+def test_dora_and_the_largest_shapes_are_estimated_within_ten_percent(row):
+    error = calibration_errors([row])[0]
+    assert not error.artifact, error.artifact
+    assert abs(error.error) <= 0.10, f"{error.label}: {error.error:+.1%}"
+
+
+@pytest.mark.parametrize("row", [row for row in PROBE if row["oom"]], ids=row_id)
+def test_a_probe_row_that_ran_out_of_memory_is_not_called_fits(row):
+    assert fit_verdict(estimate_of(row), int(row["gpu_memory_gib"] * 2**30)) != "fits"

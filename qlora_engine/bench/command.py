@@ -25,7 +25,7 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--only", help="--drift-grid: comma list of the grid's row indices to (re)run")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
-    parser.add_argument("--grid", default="h100", choices=("h100", "consumer", "probe"),
+    parser.add_argument("--grid", default="h100", choices=("h100", "consumer", "probe", "dora-check"),
                         help="--memory: the H100 calibration grid (one process per architecture), or the consumer-card "
                              "grid (one process per configuration, allocator capped at 8-24 GiB)")
     parser.add_argument("--parallel", type=int, default=1,

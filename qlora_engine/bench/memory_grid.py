@@ -68,7 +68,19 @@ PROBE_GRID: list[tuple[str, int, int, int, bool, str, int, dict[str, Any]]] = [
     ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 0, {"use_dora": True}),
     ("mistral-nemo-12b", 2048, 1, 16, True, "bf16", 12, {}), ("qwen2.5-14b", 2048, 1, 16, True, "bf16", 12, {}),
 ]
-GRIDS = {"consumer": CONSUMER_GRID, "probe": PROBE_GRID}
+# DoRA's term refitted on the probe's three rows, checked here on shapes, lengths, batches, ranks and dtypes it was
+# not fitted on; the 14B shape uncapped; DoRA on the 8B under a 12 GiB cap (the verdict against the run)
+DORA_CHECK_GRID: list[tuple[str, int, int, int, bool, str, int, dict[str, Any]]] = [
+    ("qwen2.5-0.5b", 4096, 1, 16, True, "bf16", 0, {"use_dora": True}),
+    ("llama-3.2-1b", 2048, 4, 16, True, "bf16", 0, {"use_dora": True}),
+    ("qwen3-4b", 2048, 1, 64, True, "bf16", 0, {"use_dora": True}),
+    ("mistral-7b-v0.3", 4096, 1, 16, True, "bf16", 0, {"use_dora": True}),
+    ("llama-3.1-8b", 1024, 2, 32, True, "fp16", 0, {"use_dora": True}),
+    ("mistral-nemo-12b", 4096, 1, 16, True, "bf16", 0, {"use_dora": True}),
+    ("qwen2.5-14b", 2048, 1, 16, True, "bf16", 0, {}),
+    ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 12, {"use_dora": True}),
+]
+GRIDS = {"consumer": CONSUMER_GRID, "probe": PROBE_GRID, "dora-check": DORA_CHECK_GRID}
 
 
 def consumer_runs(only: set[str] | None = None, grid: str = "consumer") -> list[dict[str, Any]]:

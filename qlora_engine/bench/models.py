@@ -71,8 +71,10 @@ def random_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cu
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
-    """A random-init model of this shape on the device, every decoder Linear turned into a bitsandbytes Linear4bit."""
+def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda",
+                           shardable: bool = False) -> Any:
+    """A random-init model of this shape on the device, every decoder Linear turned into a bitsandbytes Linear4bit
+    (`shardable`: its codes stored as the compute dtype, as a run's loader does for parallel: fsdp)."""
     import bitsandbytes as bnb
     import torch
 
@@ -83,10 +85,11 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device:
             continue
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=dtype, compress_statistics=cfg.double_quant,
-                                      quant_type=cfg.quant_type, device="meta")
+                                      quant_type=cfg.quant_type, device="meta",
+                                      quant_storage=dtype if shardable else torch.uint8)
         quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
-                                             compress_statistics=cfg.double_quant,
-                                             quant_type=cfg.quant_type).to(device)
+                                             compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
+                                             quant_storage=dtype if shardable else torch.uint8).to(device)
         if module.bias is not None:
             quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")

@@ -113,7 +113,7 @@ def workload_rows(workload: str, steps: int, max_length: int, lengths: list[int]
 
 # ----------------------------------------------------------------------------- the stacks
 def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device: str,
-               max_seq_length: int = 0) -> Any:
+               max_seq_length: int = 0, shardable: bool = False) -> Any:
     """The same random-init weights for every stack: 4-bit for QLoRA stacks, bf16 for lora16; Unsloth loads them
     from the folder they were saved to (built with the same seed the first time)."""
     import torch
@@ -129,7 +129,7 @@ def build_base(stack: str, model_config: dict[str, Any], cfg: RunConfig, device:
         _apply_liger(model_config)
     if stack == "lora16":
         return models.random_model(model_config, cfg, device)
-    return models.random_quantized_model(model_config, cfg, device)
+    return models.random_quantized_model(model_config, cfg, device, shardable=shardable)
 
 
 def _apply_liger(model_config: dict[str, Any]) -> None:
@@ -272,7 +272,8 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
     device = cfg.device
     max_seq_length = max([cfg.max_length, *lengths]) if workload == "long" else (
         VARIABLE_MAX_TOKENS if workload == "variable" else cfg.max_length)
-    base = build_base(stack, model_config, cfg, device, max_seq_length)
+    base = build_base(stack, model_config, cfg, device, max_seq_length,
+                      shardable=cfg.parallel == "fsdp" and ranks.several)
     gc.collect()
     if device == "cuda" and gpu_memory_gib:  # after the base is built: the bench builds it 16-bit, then quantizes
         torch.cuda.empty_cache()

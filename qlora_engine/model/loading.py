@@ -193,13 +193,18 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_quantized_model(path: Path, *, quant_type: str, double_quant: bool, compute_dtype: Any, device: str,
-                         allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
-    """The base model with every linear layer in 4-bit (bitsandbytes); other layers in compute_dtype."""
+                         allow_pickle: bool = False, trust_remote_code: bool = False, shardable: bool = False) -> Any:
+    """The base model with every linear layer in 4-bit (bitsandbytes); other layers in compute_dtype.
+
+    `shardable` (parallel: fsdp): the packed 4-bit codes stored as compute_dtype elements (bitsandbytes'
+    quant_storage; the same bytes), since FSDP makes every sharded tensor a parameter and torch before 2.13 refuses
+    an integer one ("only Tensors of floating point dtype can require gradients", seen on the H200 with torch 2.11).
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                       bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                                      bnb_4bit_quant_storage="uint8")
+                                      bnb_4bit_quant_storage=compute_dtype if shardable else "uint8")
     return _from_pretrained(AutoModelForCausalLM, path, quantization_config=quantization, dtype=compute_dtype,
                             device_map={"": device}, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 

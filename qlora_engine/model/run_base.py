@@ -12,12 +12,15 @@ from qlora_engine.model import adapter_init, loading, precision_budget
 from qlora_engine.protocol.config import RunConfig
 
 
-def load_base(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None) -> Any:
-    """The quantized base model; with a precision budget, the plan in `run_dir` (made and written there if absent)."""
+def load_base(cfg: RunConfig, model_path: Path, device: str, compute_dtype: Any, run_dir: Path | None = None,
+              sharded: bool = False) -> Any:
+    """The quantized base model (`sharded`: stored so that FSDP can shard it); with a precision budget, the plan in
+    `run_dir` (made and written there if absent)."""
     if cfg.precision_budget_bits <= 0:
         return loading.load_quantized_model(model_path, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                             compute_dtype=compute_dtype, device=device,
-                                            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+                                            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
+                                            shardable=sharded)
 
     def load_16bit() -> Any:
         return loading.load_plain_model(model_path, dtype=compute_dtype, device="cpu", allow_pickle=cfg.allow_pickle,

@@ -65,16 +65,24 @@ DEFAULT_CALIBRATION: dict[str, float] = {
     "compiled_backward_transient_scale": 1.0,
     "compiled_allocator_slack_fraction": 0.35,
     "compiled_activation_unchecked_scale": 1.0,  # compiled without checkpointing: activation_full_scale's twin
-    # DoRA (use_dora) runs peft's layers (no fused LoRA, uncompiled): while a layer computes its weight norm it
-    # holds the dequantized base weight (16-bit), B @ A and their sum (fp32): bytes per weight of the largest
-    # adapted matrix, one at a time. From peft's code, not measured: the DoRA rows of the consumer table ran on the
-    # compiled path, which kept every layer's activations and ran out of memory (why DoRA is uncompiled now).
-    "dora_bytes_per_weight": 10.0,
+    # DoRA (use_dora) runs peft's layers (no fused LoRA, uncompiled). While a layer computes its weight norm, peft's
+    # get_lora_weight multiplies an identity of in_features x in_features (in the adapter's fp32) through A and B,
+    # and B @ A, the dequantized base weight and their sum exist at once. The matrix with the largest sum of both
+    # decides. Bytes per input squared from peft's code (torch.eye in fp32); bytes per weight fitted to the uncapped
+    # H200 probe (tests/data/memory_measured_probe_h200.jsonl: Llama-3.2-3B and Llama-3.1-8B 26.2 and 25.8).
+    "dora_eye_bytes_per_input_squared": 4.0,
+    "dora_bytes_per_weight": 26.0,
 }
 COMPILED_PATH_KEYS = {"activation_checkpointed_scale": "compiled_activation_checkpointed_scale",
                       "activation_full_scale": "compiled_activation_full_scale",
                       "backward_transient_scale": "compiled_backward_transient_scale",
                       "allocator_slack_checkpointed_fraction": "compiled_allocator_slack_fraction"}
+
+
+def dora_bytes(linear: LinearShape, calibration: dict[str, float]) -> float:
+    """What peft's DoRA weight norm holds at once for one adapted matrix (see CALIBRATION)."""
+    return (calibration["dora_eye_bytes_per_input_squared"] * linear.in_features ** 2
+            + calibration["dora_bytes_per_weight"] * linear.in_features * linear.out_features)
 
 
 def compiled_path(run: RunConfig) -> bool:
@@ -496,11 +504,12 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
              + (", worse with checkpointing's recomputation" if run.gradient_checkpointing else "")),
     ]
     if run.use_dora:
-        largest = max(linear.params for linear in targeted_linears(shape, run.target_modules))
-        terms.append(Term("dora", int(largest * calibration["dora_bytes_per_weight"]),
-                          f"DoRA's weight norm of the largest adapted matrix ({_millions(largest)} weights): its "
-                          "dequantized 16-bit copy, B @ A and their sum in fp32, one layer at a time (from peft's "
-                          "code; not measured on a GPU yet)"))
+        largest = max(targeted_linears(shape, run.target_modules), key=lambda linear: dora_bytes(linear, calibration))
+        terms.append(Term("dora", int(dora_bytes(largest, calibration)),
+                          f"DoRA's weight norm of the largest adapted matrix ({largest.name}, "
+                          f"{largest.in_features} x {largest.out_features}): peft's identity of its inputs through "
+                          "the adapter, B @ A, the dequantized weight and their sum, one matrix at a time "
+                          "(measured on the H200)"))
     terms = _per_gpu_terms(terms, shape, run) if run.nproc > 1 else terms
     linear_params = shape.num_layers * sum(linear.params for linear in shape.decoder_linears())
     embedding_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)

@@ -101,7 +101,7 @@ def build_model(cfg: RunConfig, model_path: Path, device: str, compute_dtype: An
     run_dir, unless not `keeps_files` (a rank other than 0 starting a run: it computes the same plan and start, rank 0
     alone writes the files, which the other ranks must not read half-written)."""
     files = run_dir if keeps_files else None
-    model = run_base.load_base(cfg, model_path, device, compute_dtype, files)
+    model = run_base.load_base(cfg, model_path, device, compute_dtype, files, sharded=sharded)
     return attach_lora(model, cfg, init_file=files / adapter_init.INIT_FILE if files is not None else None,
                        sharded=sharded)
 

@@ -7,7 +7,6 @@ won't fit.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -155,7 +154,7 @@ def test_a_run_the_estimate_says_wont_fit_ends_in_cuda_oom_with_peak_and_fix_and
                               cwd=ROOT)
     stdout, stderr = engine.communicate(timeout=540)
     error = parse_events(stdout)[-1]
-    print("CUDA_OOM_EVENT " + json.dumps(error), file=sys.stderr)
+    print("CUDA_OOM_EVENT " + error.to_json(), file=sys.stderr)
 
     assert engine.returncode == 1 and error.code == "cuda_oom", stderr[-2000:]
     assert 0.5 * free_before < error.peak_bytes <= total and error.gpu_total_bytes == total

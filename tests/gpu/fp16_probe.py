@@ -1,4 +1,4 @@
-"""Where fp16 overflows: one scaled backward per stack, at the loss scale a run starts with, on the same weights and row.
+"""Where fp16 overflows: one scaled backward per stack at the loss scale a run starts with, same weights and row.
 
 The engine's fp16 run skipped its first step (its gradients overflowed at GradScaler's starting scale, 2^16) where
 the plain stack's did not, and its curve then strayed from bf16 more than the plain stack's. This finds the first

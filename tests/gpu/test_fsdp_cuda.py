@@ -44,7 +44,11 @@ def train(model_dir, alpaca_file, run_dir, sharded, steps=6):
                       compile_layers=False)
     loop.seed_everything(0)
     model = loop.build_model(cfg, Path(model_dir), "cuda", torch.bfloat16, run_dir=Path(run_dir), sharded=sharded)
-    if sharded:
+    if sharded:  # the 4-bit codes stored as bf16 elements (quant_storage): FSDP makes each shard a parameter
+        import bitsandbytes as bnb
+
+        codes = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert codes == {torch.bfloat16}
         assert sharding.shard_layers(model, Ranks(), "cuda") > 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert any(sharding.is_sharded(p) for p in trainable) == sharded
