@@ -80,16 +80,17 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device:
 
     model = random_model(model_config, cfg, device)
     dtype = model.dtype
+    storage = dtype if shardable else torch.uint8
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
         quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=dtype, compress_statistics=cfg.double_quant,
                                       quant_type=cfg.quant_type, device="meta",
-                                      quant_storage=dtype if shardable else torch.uint8)
+                                      quant_storage=storage)
         quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
                                              compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
-                                             quant_storage=dtype if shardable else torch.uint8).to(device)
+                                             quant_storage=storage).to(device)
         if module.bias is not None:
             quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
         parent, _, child = name.rpartition(".")

@@ -152,7 +152,7 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
     switches = engine_switches(stack)
     if switches is not None:  # the engine's own optimizer default unless the stack names one
         cfg = dataclasses.replace(cfg, optimizer=RunConfig().optimizer, **switches).validate()
-        sharded = cfg.parallel == "fsdp" and ranks.several
+        sharded = sharding.sharded_run(cfg.parallel, ranks)
         model = loop.attach_lora(base, cfg, sharded=sharded)
         trainable = [p for p in model.parameters() if p.requires_grad]
         ranks.broadcast_parameters(trainable)
@@ -266,14 +266,14 @@ def run_worker(stack: str, workload: str, model_config: dict[str, Any], cfg: Run
     import torch
 
     from qlora_engine.bench import models
-    from qlora_engine.training import distributed
+    from qlora_engine.training import distributed, sharding
 
     ranks = ranks or distributed.Ranks()
     device = cfg.device
     max_seq_length = max([cfg.max_length, *lengths]) if workload == "long" else (
         VARIABLE_MAX_TOKENS if workload == "variable" else cfg.max_length)
     base = build_base(stack, model_config, cfg, device, max_seq_length,
-                      shardable=cfg.parallel == "fsdp" and ranks.several)
+                      shardable=sharding.sharded_run(cfg.parallel, ranks))
     gc.collect()
     if device == "cuda" and gpu_memory_gib:  # after the base is built: the bench builds it 16-bit, then quantizes
         torch.cuda.empty_cache()

@@ -311,7 +311,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     since each layer's forward gathers its weights from all ranks."""
     stop = stop or StopRequest()
     ranks = ranks or distributed.Ranks()
-    sharded = cfg.parallel == "fsdp" and ranks.several
+    sharded = sharding.sharded_run(cfg.parallel, ranks)
     works = ranks.is_main or sharded  # the ranks that evaluate, sample and take part in writing
     started_s = time.time()
     device = loading.resolve_device(cfg.device)

@@ -25,6 +25,11 @@ from qlora_engine.training.distributed import Ranks
 LORA_KEY_MARK = "lora_"  # in the names of the adapter's weights: lora_A, lora_B, lora_magnitude_vector, ...
 
 
+def sharded_run(parallel: str, ranks: Ranks) -> bool:
+    """Whether this process shards the model: parallel fsdp over several ranks (one rank keeps it whole)."""
+    return parallel == "fsdp" and ranks.several
+
+
 def shard_layers(model: Any, ranks: Ranks, device: str) -> int:
     """fully_shard every decoder layer of `model` over all ranks, in place; returns how many."""
     import bitsandbytes as bnb
