@@ -127,3 +127,18 @@ def test_the_estimate_counts_the_budget_and_the_plan_stays_within_it(tiny_model_
     assert plan.total_bits / 8 <= estimate.bytes_of("precision_weights") == int(plan.params * 7.5 / 8)
     assert estimate.peak_bytes - plain.peak_bytes == pytest.approx(
         estimate.bytes_of("precision_weights") - plain.bytes_of("nf4_weights") - plain.bytes_of("quant_constants"))
+
+
+def test_the_memory_bench_builds_a_budget_runs_base_as_a_run_does():
+    """bench --memory with precision_budget_bits: the random model's matrices in the formats the budget's solver
+    picks for them (some above 4 bits), as run_base builds a run's base."""
+    from qlora_engine.bench.models import random_planned_model
+    from qlora_engine.planning.model_shape import load_model_config
+    from qlora_engine.protocol.config import RunConfig
+    from qlora_engine.resources import resources_dir
+
+    config = {**load_model_config(resources_dir() / "model_configs" / "smollm2-135m.json"), "num_hidden_layers": 2}
+    model = random_planned_model(config, RunConfig(device="cpu", compute_dtype="fp32", precision_budget_bits=5.0),
+                                 device="cpu")
+    kinds = {type(m).__name__ for n, m in model.named_modules() if "layers." in n and n.endswith("proj")}
+    assert "Linear4bit" in kinds and kinds - {"Linear4bit"}, kinds  # a mix, as the budget bought

@@ -134,7 +134,8 @@ def test_the_fake_engine_sends_only_what_the_real_engine_sends(real_run, tmp_pat
     assert state.status == expected and state.step_text.endswith(f"/ {state.total_steps}") and state.total_steps
 
 
-def test_unknown_kinds_newer_versions_and_broken_lines_never_crash_a_reader():
+def test_unknown_kinds_newer_versions_and_broken_lines_never_crash_a_reader(tmp_path, caplog):
+    caplog.set_level("INFO", logger=ev.__name__)
     newer = ev.parse_line(json.dumps({"v": 2, "t": 1.0, "kind": "step", "step": 3, "total_steps": 9, "loss": 1.5,
                                       "lr": 1e-4, "a_field_from_the_future": [1, 2]}))
     assert isinstance(newer, ev.Step) and newer.step == 3 and newer.total_steps == 9
@@ -146,6 +147,13 @@ def test_unknown_kinds_newer_versions_and_broken_lines_never_crash_a_reader():
     assert ev.parse_line('{"v": 1, "kind": "step", "step"') is None
     state = fold([unknown, missing, newer])
     assert state.step == 3 and state.status == "training"
+    assert "protocol version 2" in caplog.text  # tolerated, and said
+    events_file = tmp_path / "events.jsonl"
+    events_file.write_text('{"v": 1, "t": 1.0, "kind": "brand_new", "x": 1}\n'
+                           '{"v": 1, "t": 2.0, "kind": "stopped", "step": 2}\n', encoding="utf-8")
+    caplog.clear()
+    assert [e.kind for e in ev.read_events(events_file)] == ["stopped"]
+    assert "brand_new" in caplog.text and str(events_file) in caplog.text
 
 
 def test_emit_refuses_anything_that_is_not_a_protocol_event(tmp_path):

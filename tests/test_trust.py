@@ -133,6 +133,23 @@ def test_the_nan_advice_offers_bf16_only_where_the_device_has_it():
     assert "bf16" not in non_finite_loss_advice("bfloat16", bf16_supported=True)
 
 
+def test_auto_takes_fp16_on_a_card_that_only_emulates_bf16(monkeypatch):
+    """A T4 / V100 / RTX 20xx: torch's plain is_bf16_supported() says yes (bf16 tensors can be made, emulated);
+    compute_dtype auto must still take fp16 there, so that the loss scaling runs, and the NaN advice must not
+    offer bf16."""
+    import torch
+
+    from qlora_engine.model.loading import bf16_native, resolve_compute_dtype
+
+    def pre_ampere(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", pre_ampere)
+    assert resolve_compute_dtype("auto", "cuda") is torch.float16 and not bf16_native("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_compute_dtype("auto", "cuda") is torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- the largest step first
 def rows_of_lengths(lengths: list[int]) -> list[loop.data.Tokenized]:
     return [loop.data.Tokenized(input_ids=[1] * n, trained_token_mask=[True] * n, line=i + 1)

@@ -40,8 +40,7 @@ TERM_NAMES = {"nf4_weights": "4-bit weights", "quant_constants": "Quantization c
               "optimizer_states": "Optimizer states", "activations": "Activations",
               "logits_and_loss": "Logits and loss", "cuda_context": "CUDA context",
               "allocator_slack": "Allocator slack", "precision_weights": "Linear weights (precision budget)",
-              "ddp_gradient_buffer": "All-reduce buffer", "fsdp_gathered_layers": "Gathered layers (FSDP)",
-              "fsdp_load_whole": "Loading before sharding"}
+              "ddp_gradient_buffer": "All-reduce buffer", "fsdp_gathered_layers": "Gathered layers (FSDP)"}
 QUANTIZED_TERMS = ("nf4_weights", "quant_constants")
 MIN_SPARE_BYTES = 64 * 2**20  # below this the offer is not worth a line
 VERDICT_TEXT = {"fits": "Fits", "tight": "Tight: fits, with little room to spare", "won't fit": "Won't fit"}

@@ -25,10 +25,11 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--only", help="--drift-grid: comma list of the grid's row indices to (re)run")
     parser.add_argument("--models", help="comma list of architectures from the grid (default: all)")
     parser.add_argument("--per-model", type=int, default=0, help="only the first N configurations of each model")
-    parser.add_argument("--grid", default="h100", choices=("h100", "consumer", "probe", "dora-check"),
+    parser.add_argument("--grid", default="h100", choices=("h100", *memory_grid.GRIDS),
                         help="--memory: the H100 calibration grid (one process per architecture), the consumer-card "
-                             "grid (one process per configuration, allocator capped at 8-24 GiB), or the probe and "
-                             "dora-check grids (DoRA and the 12B / 14B shapes, mostly uncapped)")
+                             "grid (one process per configuration, allocator capped at 8-24 GiB), the probe and "
+                             "dora-check grids (DoRA and the 12B / 14B shapes, mostly uncapped), or today's "
+                             "(precision budgets, DoRA under caps, fused AdamW on the largest shapes)")
     parser.add_argument("--parallel", type=int, default=1,
                         help="--memory --grid consumer: configurations measured at once on the one GPU")
     parser.add_argument("--out", help="--memory: JSON lines, one configuration each (default bench-memory.jsonl); "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.bench.models import NvmlPeak, random_quantized_model
+from qlora_engine.bench.models import NvmlPeak, random_planned_model, random_quantized_model
 from qlora_engine.protocol.config import RunConfig
 
 MEASURED_STEPS = 3
@@ -132,9 +132,11 @@ def memory_worker(config_path: Path, runs: list[dict[str, Any]], out_path: Path)
     nvml = NvmlPeak(process_id=os.getpid())
     idle_used = nvml.used_bytes()
     model_config = json.loads(config_path.read_text())
-    # one compute dtype per process (the consumer grid runs one configuration per process)
-    base_cfg = RunConfig(device="cuda", compute_dtype=runs[0].get("compute_dtype", "auto"))
-    base = random_quantized_model(model_config, base_cfg)
+    # one compute dtype and precision budget per process (the consumer grid runs one configuration per process)
+    base_cfg = RunConfig(device="cuda", compute_dtype=runs[0].get("compute_dtype", "auto"),
+                         precision_budget_bits=runs[0].get("precision_budget_bits", 0.0))
+    base = (random_planned_model(model_config, base_cfg) if base_cfg.precision_budget_bits > 0
+            else random_quantized_model(model_config, base_cfg))
     with open(out_path, "a", encoding="utf-8") as out:
         for run in runs:
             options = {k: v for k, v in run.items() if k not in ("model", "gpu_memory_gib")}

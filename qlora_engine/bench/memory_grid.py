@@ -80,7 +80,27 @@ DORA_CHECK_GRID: list[tuple[str, int, int, int, bool, str, int, dict[str, Any]]]
     ("qwen2.5-14b", 2048, 1, 16, True, "bf16", 0, {}),
     ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 12, {"use_dora": True}),
 ]
-GRIDS = {"consumer": CONSUMER_GRID, "probe": PROBE_GRID, "dora-check": DORA_CHECK_GRID}
+# After the optimizer default became fused AdamW: the precision budget (never measured on a GPU before), DoRA under
+# consumer caps on today's path, and the default optimizer on the largest catalog shapes
+TODAY_GRID: list[tuple[str, int, int, int, bool, str, int, dict[str, Any]]] = [
+    ("qwen2.5-1.5b", 2048, 2, 16, True, "bf16", 8, {"precision_budget_bits": 6.0}),
+    ("llama-3.2-3b", 2048, 1, 16, True, "bf16", 8, {"precision_budget_bits": 4.5}),
+    ("llama-3.2-3b", 4096, 1, 16, True, "bf16", 8, {"precision_budget_bits": 4.25}),
+    ("qwen3-4b", 2048, 2, 16, True, "bf16", 12, {"precision_budget_bits": 4.5}),
+    ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 12, {"precision_budget_bits": 4.25}),
+    ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 16, {"precision_budget_bits": 5.0}),
+    ("mistral-7b-v0.3", 4096, 1, 16, True, "fp16", 16, {"precision_budget_bits": 4.5}),
+    ("qwen2.5-1.5b", 2048, 2, 32, True, "bf16", 8, {"use_dora": True}),
+    ("llama-3.2-3b", 2048, 1, 16, True, "bf16", 8, {"use_dora": True}),
+    ("qwen3-4b", 4096, 1, 16, True, "bf16", 12, {"use_dora": True}),
+    ("mistral-7b-v0.3", 2048, 1, 16, True, "bf16", 12, {"use_dora": True}),
+    ("llama-3.1-8b", 4096, 1, 16, True, "bf16", 16, {"use_dora": True}),
+    ("llama-3.1-8b", 8192, 1, 16, True, "bf16", 24, {"use_dora": True}),
+    ("llama-3.1-8b", 2048, 1, 16, True, "bf16", 12, {}), ("qwen3-8b", 4096, 1, 16, True, "bf16", 16, {}),
+    ("mistral-nemo-12b", 2048, 1, 16, True, "bf16", 16, {}), ("qwen2.5-14b", 4096, 1, 16, True, "bf16", 24, {}),
+    ("qwen3-14b", 2048, 1, 16, True, "bf16", 16, {}),
+]
+GRIDS = {"consumer": CONSUMER_GRID, "probe": PROBE_GRID, "dora-check": DORA_CHECK_GRID, "today": TODAY_GRID}
 
 
 def consumer_runs(only: set[str] | None = None, grid: str = "consumer") -> list[dict[str, Any]]:

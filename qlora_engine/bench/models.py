@@ -97,6 +97,23 @@ def random_quantized_model(model_config: dict[str, Any], cfg: RunConfig, device:
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
         del module
     model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: peft picks its bnb layers
+    return _freed(model, device)
+
+
+def random_planned_model(model_config: dict[str, Any], cfg: RunConfig, device: str = "cuda") -> Any:
+    """A random-init model of this shape under cfg's precision budget: each decoder matrix in the format the
+    budget's solver picks for it from these weights, as a run's base (model/run_base.py) is built."""
+    from qlora_engine.model import precision_budget
+    from qlora_engine.model.loading import resolve_compute_dtype
+
+    model, _ = precision_budget.planned_model(lambda: random_model(model_config, cfg, device), cfg,
+                                              resolve_compute_dtype(cfg.compute_dtype, device), device, None)
+    return _freed(model, device)
+
+
+def _freed(model: Any, device: str) -> Any:
+    import torch
+
     gc.collect()  # the replaced 16-bit modules reference each other: free them before anything is measured
     if device == "cuda":
         torch.cuda.empty_cache()

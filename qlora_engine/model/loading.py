@@ -161,14 +161,25 @@ def estimate_param_count(config: dict[str, Any]) -> int | None:
     return layers * (attention + mlp + 2 * hidden) + embeddings + hidden
 
 
+def bf16_native(device: str) -> bool:
+    """Whether `device` computes in bf16 in hardware: CUDA compute capability 8.0 and newer; a CPU with
+    AVX512-BF16 (oneDNN). torch's plain `is_bf16_supported()` also says yes on a T4 / V100 / RTX 20xx, where bf16
+    is emulated (slow, and those cards' fp16 path with loss scaling is the one to take)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_compute_dtype(name: str, device: str) -> Any:
     import torch
 
     if name == "auto":
         if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if bf16_native(device) else torch.float16
         # CPUs with AVX512-BF16 (oneDNN): a SmolLM2 training step measured 2.7 s in bf16 vs 3.4 s in fp32.
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.bfloat16 if bf16_native(device) else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 

@@ -510,23 +510,30 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
                           f"{largest.in_features} x {largest.out_features}): peft's identity of its inputs through "
                           "the adapter, B @ A, the dequantized weight and their sum, one matrix at a time "
                           "(measured on the H200)"))
+    warnings = _warnings(shape, run)
+    if run.nproc > 1 and run.parallel == "fsdp":
+        whole = sum(t.bytes for t in terms if t.name in ("nf4_weights", "quant_constants", "layers_16bit"))
+        warnings.append(f"parallel fsdp loads the 4-bit model in the computer's memory first: each of the "
+                        f"{run.nproc} processes holds {whole / BYTES_PER_GIB:.1f} GiB of RAM while its layers are "
+                        "moved onto its card and cut")
     terms = _per_gpu_terms(terms, shape, run) if run.nproc > 1 else terms
     linear_params = shape.num_layers * sum(linear.params for linear in shape.decoder_linears())
     embedding_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
     return Estimate(terms=terms, approximate=bool(reasons), reasons=reasons,
-                    warnings=_warnings(shape, run), total_params=linear_params + embedding_params,
+                    warnings=warnings, total_params=linear_params + embedding_params,
                     trainable_params=lora.params)
 
 
 FSDP_SHARDED_TERMS = ("nf4_weights", "quant_constants", "lora_weights", "lora_gradients", "optimizer_states")
-FSDP_LOAD_TERMS = ("nf4_weights", "quant_constants", "layers_16bit", "lora_weights", "cuda_context")
 
 
 def _per_gpu_terms(terms: list[Term], shape: ModelShape, run: RunConfig) -> list[Term]:
     """What one of nproc cards holds (the peak is per GPU). ddp: the whole run, at micro_batch_size per card, plus
     the flat fp32 copy of the adapter's gradients the all-reduce sums. fsdp: the decoder layers' 4-bit weights and
     constants, the adapter, its gradients and optimizer states split nproc ways, plus two layers' weights gathered
-    whole (the one running and the next, prefetched). Counted from the layout; NCCL's own buffers not measured."""
+    whole (the one running and the next, prefetched). The base is loaded on the CPU and cut layer by layer onto the
+    cards (training/sharding.py), so no card ever holds it whole. Counted from the layout; NCCL's own buffers not
+    measured."""
     if run.parallel == "ddp":
         lora_bytes = next(term.bytes for term in terms if term.name == "lora_weights")
         return [*terms, Term("ddp_gradient_buffer", lora_bytes, f"the adapter's gradients in one fp32 buffer, "
@@ -536,13 +543,6 @@ def _per_gpu_terms(terms: list[Term], shape: ModelShape, run: RunConfig) -> list
     layer_bytes = sum(t.bytes for t in terms if t.name in ("nf4_weights", "quant_constants")) // shape.num_layers
     sharded.append(Term("fsdp_gathered_layers", 2 * layer_bytes, "two decoder layers' 4-bit weights gathered whole "
                         "at a time (the running one and the prefetched next)"))
-    # each rank loads the whole 4-bit model onto its card and shards it after: the card holds it whole once
-    loading = sum(t.bytes for t in terms if t.name in FSDP_LOAD_TERMS)
-    training = sum(t.bytes for t in sharded)
-    if loading > training:
-        sharded.append(Term("fsdp_load_whole", loading - training, "loading: every card holds the whole 4-bit "
-                            f"model ({loading / BYTES_PER_GIB:.2f} GiB with the adapter and CUDA context) before it "
-                            "is split, more than the sharded training step needs; this is what it adds to the peak"))
     return sharded
 
 

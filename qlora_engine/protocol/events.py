@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -367,6 +368,9 @@ def event_from_dict(values: dict[str, Any]) -> Event:
     if missing:
         return UnknownEvent(raw_kind=kind, version=version, reason=f"{kind} without {', '.join(missing)}",
                             fields=fields_in)
+    if version > PROTOCOL_VERSION:
+        logging.getLogger(__name__).info("a %s event of protocol version %d (this is %d): read as far as its fields "
+                                         "are known", kind, version, PROTOCOL_VERSION)
     kept = {k: v for k, v in fields_in.items() if k in known}
     if not isinstance(kept.get("t", 0.0), (int, float)):
         kept.pop("t")
@@ -394,7 +398,9 @@ def read_events(path: Path) -> Iterator[Event]:
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             event = parse_line(line)
-            if event is not None and not isinstance(event, UnknownEvent):
+            if isinstance(event, UnknownEvent):  # tolerated: logged, never a crash
+                logging.getLogger(__name__).warning("%s: %s", path, event.reason)
+            elif event is not None:
                 yield event
 
 

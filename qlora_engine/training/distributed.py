@@ -93,8 +93,11 @@ class Ranks:
         """Rank 0's starting adapter on every rank (the seeded init already agrees; this makes it certain)."""
         if not self.several:
             return
-        for param in params:
-            torch.distributed.broadcast(param.data, src=0)
+        device = self._device()
+        for param in params:  # through the backend's device (NCCL: the GPU), a model loaded on the CPU included
+            value = param.data.to(device)
+            torch.distributed.broadcast(value, src=0)
+            param.data.copy_(value)
 
     def any(self, flag: bool) -> bool:
         if not self.several:

@@ -265,10 +265,6 @@ def keep_trainable_fp32(trainable: list[torch.nn.Parameter]) -> None:
             param.data = param.data.float()
 
 
-def bf16_supported(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -331,7 +327,8 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
     _emit_data_ready(events, prepared, total_steps)
 
     load_started_s = time.time()
-    model = build_model(cfg, source.path, device, compute_dtype, run_dir, sharded=sharded,
+    # sharded, the base is loaded on the CPU and each layer moved to this rank's card as it is cut (shard_layers)
+    model = build_model(cfg, source.path, "cpu" if sharded else device, compute_dtype, run_dir, sharded=sharded,
                         keeps_files=ranks.is_main or resume)  # a resume: every rank reads rank 0's files
     trainable = [p for p in model.parameters() if p.requires_grad]
     keep_trainable_fp32(trainable)
@@ -384,7 +381,7 @@ def run_training(cfg: RunConfig, run_dir: Path, events: EventWriter, *, resume: 
                                              cfg.chunked_loss, scaler=scaler, ranks=ranks, sharded=sharded)
         if not math.isfinite(step_loss):
             raise EngineError("nan_loss", f"loss became {step_loss} at step {state.step + 1}",
-                              advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
+                              advice.non_finite_loss_advice(dtype_name, loading.bf16_native(device)))
         if scaler is not None and scaler.get_scale() < scale_before:  # overflowed: skipped, not applied
             state.skipped_steps += 1
             check_loss_scale(scaler, state.step + 1, dtype_name, device)
@@ -468,7 +465,7 @@ def check_loss_scale(scaler: torch.amp.GradScaler, step: int, dtype_name: str, d
     if scaler.get_scale() < 1:
         raise EngineError("fp16_overflow", f"fp16 gradients overflowed at every step up to step {step}: the loss "
                           f"scale fell to {scaler.get_scale():g} and nothing was applied since",
-                          advice.non_finite_loss_advice(dtype_name, bf16_supported(device)))
+                          advice.non_finite_loss_advice(dtype_name, loading.bf16_native(device)))
 
 
 def fit_check(micro_batches: list[dict[str, Any]], estimate_bytes: int | None, device: str) -> ev.FitCheck:

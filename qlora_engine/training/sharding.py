@@ -1,7 +1,10 @@
 """`parallel: fsdp`: the 4-bit base and the adapter split over the ranks with FSDP2, one shard group per decoder layer.
 
-Each decoder layer is `fully_shard`ed: its parameters (the 4-bit codes, which bitsandbytes stores as plain uint8
-tensors, and the LoRA weights) become DTensors holding 1/N of the rows on each rank; a layer's forward all-gathers
+The base is loaded on the CPU (bitsandbytes quantizes there) and never whole on a card: each decoder layer is moved
+to its rank's GPU and `fully_shard`ed there, one after the other, so a card holds its shares of the layers plus the
+parts every rank keeps whole (a model larger than one card trains on several). The layer's parameters (the 4-bit
+codes, stored as the compute dtype's elements: bitsandbytes' quant_storage, as FSDP shards floating-point tensors
+only, and the LoRA weights) become DTensors holding 1/N of the rows on each rank; a layer's forward all-gathers
 them, runs, and frees them again (the backward gathers them once more). bitsandbytes' Linear4bit rebuilds its 4-bit
 parameter from the gathered codes and the quantization state it keeps on the module. The embeddings, the final norm
 and lm_head are frozen and stay whole on every rank.
@@ -41,11 +44,27 @@ def shard_layers(model: Any, ranks: Ranks, device: str) -> int:
     for module in model.modules():  # where Linear4bit rebuilds its gathered weight's state from (a loader sets it,
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "quant_state", None) is None:  # not all do)
             module.quant_state = module.weight.quant_state
-    for layer in layers:
+    for layer in layers:  # a layer loaded on the CPU is moved to `device` here, one layer at a time, then cut
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         layer.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean: see the module's docstring
         layer.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    _move_the_rest(model, torch.device(device), bnb.nn.Linear4bit)
     return len(layers)
+
+
+def _move_the_rest(model: Any, device: torch.device, linear4bit: type) -> None:
+    """What fully_shard did not move of a base loaded on the CPU: the embeddings, final norm, lm_head and rotary
+    buffers (whole on every rank), and each 4-bit layer's quantization state (kept on the module, not a parameter)."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and not is_sharded(param) and param.device.type != device.type:
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != device.type:
+                module._buffers[name] = buffer.to(device)
+        state = getattr(module, "quant_state", None) if isinstance(module, linear4bit) else None
+        if state is not None and state.absmax.device.type != device.type:
+            state.to(device)  # in place: code, absmax and the nested constants
 
 
 def is_sharded(tensor: torch.Tensor | None) -> bool:

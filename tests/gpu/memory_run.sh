@@ -8,6 +8,10 @@ mkdir -p "$out"
 whl=${WHL:-.whl}
 [ -d /tmp/msite/platformdirs ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/msite \
   "$whl"/platformdirs-*.whl
+# the precision budget's solver (scipy's milp): from a wheel where the image lacks scipy
+if ! python3 -c "import scipy.optimize" 2>/dev/null && [ ! -d /tmp/msite/scipy ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/msite "$whl"/scipy-*.whl
+fi
 export PYTHONPATH="/tmp/msite:$whl/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/versions.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$out/versions.txt"

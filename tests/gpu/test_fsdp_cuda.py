@@ -37,19 +37,24 @@ def nccl_group():
     dist.destroy_process_group()
 
 
-def train(model_dir, alpaca_file, run_dir, sharded, steps=6):
+def train(model_dir, alpaca_file, run_dir, sharded, steps=6, load_device="cuda"):
     # the whole model without the fused LoRA path and compiled layers, which fsdp turns off: the same arithmetic
     cfg = tiny_config(model_dir, alpaca_file, run_dir, device="cuda", parallel="fsdp" if sharded else "ddp",
                       optimizer="adamw", lora_dropout=0.0, compute_dtype="bf16", fused_lora=False,
                       compile_layers=False)
     loop.seed_everything(0)
-    model = loop.build_model(cfg, Path(model_dir), "cuda", torch.bfloat16, run_dir=Path(run_dir), sharded=sharded)
+    model = loop.build_model(cfg, Path(model_dir), load_device, torch.bfloat16, run_dir=Path(run_dir),
+                             sharded=sharded)
     if sharded:  # the 4-bit codes stored as bf16 elements (quant_storage): FSDP makes each shard a parameter
         import bitsandbytes as bnb
 
         codes = {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
         assert codes == {torch.bfloat16}
         assert sharding.shard_layers(model, Ranks(), "cuda") > 0
+        # a base loaded on the CPU (as a sharded run loads it) is on the card now, quantization states included
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+        states = [m.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert states and {s.absmax.device.type for s in states} == {"cuda"}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert any(sharding.is_sharded(p) for p in trainable) == sharded
     optimizer = loop.build_optimizer(cfg, trainable)
@@ -78,3 +83,14 @@ def test_fsdp_sharded_4bit_layers_train_on_cuda_as_the_whole_model(nccl_group, t
         reference = whole_adapter[name].float()
         assert value.shape == reference.shape, name
         assert (value.float() - reference).norm() <= 0.05 * reference.norm() + 1e-6, name
+
+
+def test_a_base_loaded_on_the_cpu_is_sharded_onto_the_card_and_trains_the_same(nccl_group, tiny_model_dir,
+                                                                               alpaca_file, tmp_path):
+    """What a sharded run does (the base never whole on a card): load on the CPU, shard_layers moves each layer."""
+    whole_losses, _ = train(tiny_model_dir, alpaca_file, tmp_path / "whole", sharded=False)
+    torch.cuda.reset_peak_memory_stats()
+    cpu_losses, cpu_adapter = train(tiny_model_dir, alpaca_file, tmp_path / "from-cpu", sharded=True,
+                                    load_device="cpu")
+    assert cpu_losses == pytest.approx(whole_losses, rel=2e-2)
+    assert cpu_adapter and all(torch.isfinite(value).all() for value in cpu_adapter.values())

@@ -450,9 +450,17 @@ def test_export_failure_is_shown_with_advice(window, qtbot, tmp_path, screenshot
 
 
 # ----------------------------------------------------------------------------- Runs
-def test_runs_page_without_runs_says_so(window, screenshot):
+def refreshed(qtbot, page):
+    """The Runs page read its folder again (off the GUI thread) and filled its table."""
+    page.refresh()
+    qtbot.waitUntil(lambda: page.reading.answered, timeout=10_000)  # the newest read (a later one replaces it)
+    return page
+
+
+def test_runs_page_without_runs_says_so(window, qtbot, screenshot):
     window.show_page("runs")
     page = window.pages["runs"]
+    qtbot.waitUntil(lambda: page.reading.answered, timeout=10_000)
     assert page.empty_label.isVisible() and not page.table.isVisible()
     screenshot(window, "runs-empty")
 
@@ -463,8 +471,7 @@ def test_runs_page_lists_runs_and_reopens_one(window, qtbot, scenario, screensho
     with qtbot.waitSignal(window.session.training.exited, timeout=20_000):
         window.start_training()
     window.show_page("runs")
-    page = window.pages["runs"]
-    page.refresh()
+    page = refreshed(qtbot, window.pages["runs"])
     assert page.table.rowCount() == 2
     statuses = {page.table.item(r, 0).text(): page.table.item(r, 1).text() for r in range(2)}
     assert statuses[run_dir.name] == "finished"
@@ -495,13 +502,12 @@ def write_real_engine_run(runs, name: str, last_step: int, total_steps: int = 30
     return run_dir
 
 
-def test_runs_page_shows_step_and_total_of_a_real_engine_run(window, screenshot):
+def test_runs_page_shows_step_and_total_of_a_real_engine_run(window, qtbot, screenshot):
     runs = window.session.runs_folder
     write_real_engine_run(runs, "2026-12-01_21-54_smollm2-135m-instruct", last_step=30)
     write_real_engine_run(runs, "2026-12-01_22-10_smollm2-135m-instruct", last_step=12, finished=False)
     window.show_page("runs")
-    page = window.pages["runs"]
-    page.refresh()
+    page = refreshed(qtbot, window.pages["runs"])
     steps = {page.table.item(r, 0).text(): page.table.item(r, 3).text() for r in range(page.table.rowCount())}
     assert steps == {"2026-12-01_21-54_smollm2-135m-instruct": "30 / 30",
                      "2026-12-01_22-10_smollm2-135m-instruct": "12 / 30"}
@@ -510,22 +516,24 @@ def test_runs_page_shows_step_and_total_of_a_real_engine_run(window, screenshot)
 
 def test_deleting_a_run_asks_first(window, qtbot, monkeypatch):
     run_dir = finished_run(window, qtbot)
-    page = window.pages["runs"]
-    page.refresh()
+    page = refreshed(qtbot, window.pages["runs"])
     page.select(run_dir)
     monkeypatch.setattr(page, "confirm_delete", lambda run: False)
     page.delete_button.click()
-    assert run_dir.exists()
+    assert run_dir.exists() and page.deleting is None
     monkeypatch.setattr(page, "confirm_delete", lambda run: True)
     page.delete_button.click()
-    assert not run_dir.exists() and page.table.rowCount() == 0
+    qtbot.waitUntil(lambda: page.deleting.answered and page.reading.answered and page.table.rowCount() == 0,
+                    timeout=10_000)  # removed off the GUI thread, then the folder read again
+    assert not run_dir.exists()
 
 
-def test_runs_page_shows_an_unreadable_runs_folder(window, tmp_path, screenshot):
+def test_runs_page_shows_an_unreadable_runs_folder(window, qtbot, tmp_path, screenshot):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x", encoding="utf-8")
     window.session.set_runs_folder(blocker / "runs")
     window.show_page("runs")
+    qtbot.waitUntil(lambda: window.pages["runs"].reading.answered, timeout=10_000)
     banner = window.pages["runs"].banner
     assert banner.isVisible() and "can't be read" in banner.label.text() and "Change runs folder" in banner.label.text()
     screenshot(window, "runs-error")
