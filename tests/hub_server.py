@@ -128,6 +128,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             return None
 
         def api(self, key: str, revision: str) -> None:
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token and token not in hub.users:  # the Hub: a token it doesn't know is refused on any repo
+                return self.error(401, "", "Invalid credentials in Authorization header")
             repo = self.repo_or_error(key, revision)
             if repo is None:
                 return

@@ -277,3 +277,61 @@ def test_a_token_the_hub_refuses_is_not_stored(fake_hub, tmp_path):
     assert result.returncode == 1 and failure["code"] == "bad_token" and "not stored" in failure["message"]
     assert "huggingface.co/settings/tokens" in failure["advice"]
     assert not (tmp_path / "hf" / "token").exists() and "hf_not_a_real_token" not in result.stdout + result.stderr
+
+
+@pytest.fixture
+def silent_hub():
+    """A 'Hub' that takes every connection and never answers (a captive portal, a stuck proxy)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    server.close()
+
+
+def test_a_hub_that_never_answers_is_an_offline_error_not_a_hang(silent_hub, cache, monkeypatch):
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)  # the search's retries, without their pauses
+    with pytest.raises(EngineError) as raised:
+        hub.pull(parse_hub_ref(REPO), cache_dir=cache, endpoint=silent_hub)
+    assert raised.value.code == "offline" and "can't be reached" in raised.value.message
+    with pytest.raises(EngineError) as searched:
+        hub.search("tiny", endpoint=silent_hub)
+    assert searched.value.code == "offline"
+
+
+def test_a_cached_model_is_used_when_the_hub_never_answers(fake_hub, silent_hub, cache, monkeypatch):
+    """A run's start by id (resolve_model pulls first) goes on with the complete cached snapshot."""
+    done, _ = pull(fake_hub, cache)
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.5)
+    again = hub.pull(parse_hub_ref(REPO), cache_dir=cache, endpoint=silent_hub)
+    assert again.path == done.path and again.downloaded_bytes == 0
+
+
+def test_a_token_the_hub_no_longer_accepts_says_so_not_no_such_model(fake_hub, cache):
+    with pytest.raises(EngineError) as caught:
+        pull(fake_hub, cache, REPO, token="hf_expired_token")
+    assert caught.value.code == "bad_token" and "invalid, expired or revoked" in caught.value.message
+    assert "settings/tokens" in caught.value.advice and "hf_expired_token" not in caught.value.message + caught.value.advice

@@ -32,6 +32,44 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 DISK_MARGIN_BYTES = 256 * 2**20  # left free after a download: a disk filled to the last byte breaks other programs
 PROGRESS_INTERVAL_S = 0.25
 TOKEN_ADVICE = "give a token: set HF_TOKEN, run `hf auth login`, or paste one on the Model page"
+# huggingface_hub's shared client waits for an answer without limit: a Hub (or proxy) that takes the connection and
+# never answers would hold a pull, a search or a run's start forever. Each wait for the Hub ends after this.
+HUB_TIMEOUT_S = float(os.environ.get("QLORA_STUDIO_HUB_TIMEOUT_S") or 20.0)
+
+
+def _with_time_limit() -> None:
+    """Give every request of huggingface_hub's shared client (made anew after a fork or a close) that has no time
+    limit one: its model_info and list_models pass `timeout=None` (no limit) explicitly, so the client's own default
+    is not enough; the transports (proxies' too) fill the limit in. Requests with a limit keep theirs."""
+    from huggingface_hub import get_session
+
+    client = get_session()
+    if not getattr(client._transport, "time_limited", False):
+        limited = _time_limited_transport()
+        client._transport = limited(client._transport)
+        client._mounts = {pattern: limited(transport) if transport is not None else None
+                          for pattern, transport in client._mounts.items()}
+
+
+def _time_limited_transport() -> type:
+    import httpx2
+
+    class TimeLimited(httpx2.BaseTransport):
+        time_limited = True
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def handle_request(self, request: Any) -> Any:
+            limits = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {key: HUB_TIMEOUT_S if limits.get(key) is None else limits[key]
+                                             for key in ("connect", "read", "write", "pool")}
+            return self.inner.handle_request(request)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    return TimeLimited
 
 Progress = Callable[[ev.Event], Any]
 
@@ -114,7 +152,14 @@ def hub_error(exc: BaseException, ref: HubRef, cache_dir: Path | None = None) ->
     from huggingface_hub import errors
 
     url = ref.page_url
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    request = getattr(response, "request", None)
+    if status == 401 and request is not None and request.headers.get("authorization") \
+            and "Invalid credentials" in str(exc):
+        return EngineError("bad_token", f"the Hub refused the token sent for {ref.repo_id} (HTTP 401: it is invalid, "
+                           "expired or revoked)", f"Make a new token on {TOKEN_PAGE} ('Read' is enough), then "
+                           f"{TOKEN_ADVICE}.")
     if isinstance(exc, errors.GatedRepoError) or (status == 403 and isinstance(exc, errors.HfHubHTTPError)):
         return EngineError("gated_model", f"{ref.repo_id} is gated (the Hub answered {status}): its license must be "
                            f"accepted on {url} before it can be downloaded",
@@ -255,6 +300,7 @@ def remote_model(ref: HubRef, allow_pickle: bool, cache_dir: Path, endpoint: str
     index, a few KB) but no weights. A repo without config.json or without safetensors is refused here."""
     from huggingface_hub import HfApi
 
+    _with_time_limit()
     info = HfApi(endpoint=endpoint, token=token).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
     sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
     if "config.json" not in sizes:
@@ -367,6 +413,7 @@ def search(text: str, limit: int = 20, endpoint: str | None = None, token: str |
     from huggingface_hub import HfApi
 
     ref = HubRef(text or "search")
+    _with_time_limit()
     try:
         with hub_errors(ref):
             found = HfApi(endpoint=endpoint, token=token).list_models(
@@ -416,6 +463,7 @@ def save_token(token: str, endpoint: str | None = None) -> HubToken:
     token = token.strip()
     if not token:
         raise EngineError("bad_token", "the token is empty", f"Copy a token from {TOKEN_PAGE} ('Read' is enough).")
+    _with_time_limit()
     try:
         user = HfApi(endpoint=endpoint).whoami(token=token)["name"]
         login(token=token, add_to_git_credential=False)
