@@ -85,3 +85,27 @@ def test_an_unknown_template_family_leaves_the_template_to_the_gguf():
 
 def test_ollama_names_are_what_ollama_accepts():
     assert modelfile.ollama_name("2026-12-01_21-54_SmolLM2 135M") == "2026-12-01_21-54_smollm2-135m"
+
+
+# microsoft/phi-4's template, as its tokenizer_config.json has it: chatml's markers, <|im_sep|> after the role.
+PHI4_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant"
+    "<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}")
+
+
+def test_a_template_with_a_familys_markers_but_not_its_layout_gets_no_template_of_ours():
+    """Phi-4: chatml's TEMPLATE would send `<|im_start|>user\\nHi` where the model learned `user<|im_sep|>Hi`."""
+    built = modelfile.build_modelfile("m.gguf", build_tokenizer(PHI4_TEMPLATE))
+    assert built.family == "" and "TEMPLATE" not in built.text and "not its layout" in built.text
+    assert "<|im_end|>" in built.stops  # its turns still end where chatml's do
+
+
+@pytest.mark.parametrize("family", sorted(modelfile.GO_TEMPLATES))
+def test_the_familys_layout_the_check_uses_is_what_its_template_renders(family):
+    for conversation in [*CONVERSATIONS, modelfile.CHECK_CONVERSATION]:
+        messages = [{"Role": m["role"], "Content": m["content"]} for m in conversation]
+        assert render(modelfile.GO_TEMPLATES[family], {"Messages": messages}) == \
+            modelfile.family_rendering(family, conversation)

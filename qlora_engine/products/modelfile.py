@@ -30,6 +30,14 @@ MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
 SYSTEM_BLOCK = {"chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
                 "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"}
 PROBE = "Probe question 7?"
+# What each TEMPLATE above renders, turn by turn (tests/test_modelfile_go.py holds the two to each other): a model's
+# chat template gets its family's TEMPLATE only when it renders this conversation exactly so. Phi-4's uses
+# <|im_start|> with <|im_sep|> instead of a newline: chatml's TEMPLATE would be wrong for it.
+FAMILY_TURNS = {"chatml": "<|im_start|>{role}\n{content}<|im_end|>\n",
+                "llama3": "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"}
+CHECK_CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
+                      {"role": "assistant", "content": "Hello! How can I help?"},
+                      {"role": "user", "content": PROBE}]
 
 
 @dataclass
@@ -48,6 +56,25 @@ def template_family(chat_template: str) -> str:
         if marker in (chat_template or ""):
             return family
     return ""
+
+
+def family_rendering(family: str, messages: list[dict[str, str]]) -> str:
+    """The text `family`'s TEMPLATE gives these messages, the assistant's turn opened after a last user turn."""
+    turn = FAMILY_TURNS[family]
+    text = "".join(turn.format(role=m["role"], content=m["content"]) for m in messages)
+    opened = turn.split("{content}")[0].format(role="assistant")
+    return text + (opened if messages[-1]["role"] != "assistant" else "")
+
+
+def renders_as_family(tokenizer: Any, family: str) -> bool:
+    """Whether the tokenizer's chat template gives exactly what `family`'s TEMPLATE gives (a leading BOS aside:
+    llama.cpp adds it itself)."""
+    try:
+        rendered = tokenizer.apply_chat_template(CHECK_CONVERSATION, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that raises (a system turn it refuses): not ours to write
+        return False
+    bos = tokenizer.bos_token or ""
+    return (rendered.removeprefix(bos) if bos else rendered) == family_rendering(family, CHECK_CONVERSATION)
 
 
 def default_system_prompt(tokenizer: Any, family: str) -> str:
@@ -72,15 +99,19 @@ def training_system_prompt(examples: list[Any]) -> str:
 
 def build_modelfile(gguf_name: str, tokenizer: Any, system: str = "") -> Modelfile:
     """The Modelfile for `gguf_name` (a file beside it) with this tokenizer's template and stop tokens."""
-    family = template_family(tokenizer.chat_template or "")
+    markers = template_family(tokenizer.chat_template or "")
+    family = markers if markers and renders_as_family(tokenizer, markers) else ""
     system = system or default_system_prompt(tokenizer, family)
     stops = [s for s in dict.fromkeys([turn_end_text(tokenizer).strip(), tokenizer.eos_token or ""]) if s]
-    if family == "chatml":
+    if markers == "chatml":
         stops = list(dict.fromkeys([*stops, "<|im_start|>"]))
     lines = ["# QLoRA Studio export. Use it: ollama create NAME -f THIS_FILE", f"FROM ./{gguf_name}"]
     template = GO_TEMPLATES.get(family, "")
     if template:
         lines.append(f'TEMPLATE """{template}"""')
+    elif markers:
+        lines.append(f"# chat template: {markers}'s markers but not its layout (checked on a conversation): Ollama "
+                     "takes it from the GGUF")
     else:
         lines.append("# chat template: not one of ours (chatml, llama3): Ollama takes it from the GGUF")
     if system:
