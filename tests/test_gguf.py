@@ -53,6 +53,8 @@ def test_the_converter_is_llama_cpps_own_file_from_the_pinned_sdist():
             assert (folder / name).read_bytes() == original, name
     assert {"convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/gguf/constants.py"} <= set(manifest["files"])
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= llama_cpp_tools.supported_architectures(folder)
+    # what the Model page says before the first export: the list shipped for this converter, the same
+    assert gguf_plan.shipped_architectures() == llama_cpp_tools.supported_architectures(folder)
 
 
 def test_an_sdist_with_another_hash_is_refused(tmp_path):

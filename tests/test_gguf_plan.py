@@ -39,8 +39,12 @@ def test_the_plan_sizes_each_file_and_counts_the_merge_and_the_16_bit_source():
     assert plan.ram_bytes >= 6 * plan.params  # fp32 dequantized base and its 16-bit copy, during the merge
 
 
-def test_architecture_support_is_unknown_until_the_converter_is_there(tmp_path, monkeypatch):
+def test_architecture_support_is_known_before_the_converter_is_there_and_read_from_it_after(tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_plan.TOOLS_ENV, str(tmp_path))
+    assert not gguf_plan.supported_architectures()  # nothing fetched yet: the list shipped for the pinned converter
+    assert gguf_plan.gguf_export_supported(SMOLLM2_135M) is True
+    assert gguf_plan.gguf_export_supported({"architectures": ["MadeUpForCausalLM"]}) is False
+    monkeypatch.setattr(gguf_plan, "shipped_architectures", set)
     assert gguf_plan.gguf_export_supported(SMOLLM2_135M) is None
     conversion = gguf_plan.converter_dir() / "conversion"
     conversion.mkdir(parents=True)

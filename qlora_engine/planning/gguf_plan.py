@@ -52,10 +52,19 @@ def supported_architectures(folder: Path | None = None) -> set[str]:
     return found
 
 
+def shipped_architectures() -> set[str]:
+    """The same list, read from the pinned converter when it was pinned (resources/gguf_architectures.json; a test
+    holds it to the extracted converter): known before the first GGUF export fetches the converter."""
+    from qlora_engine.resources import resources_dir
+
+    shipped = json.loads((resources_dir() / "gguf_architectures.json").read_text(encoding="utf-8"))
+    return set(shipped["architectures"]) if shipped["llama_cpp_python"] == LLAMA_CPP_PYTHON_VERSION else set()
+
+
 def gguf_export_supported(config: dict[str, Any]) -> bool | None:
-    """Whether GGUF export can convert a model of this config.json; None until the converter is on this machine
-    (the first GGUF export fetches it)."""
-    known = supported_architectures()
+    """Whether GGUF export can convert a model of this config.json: by the converter on this machine, else by the
+    list shipped for the pinned one; None only if neither is there."""
+    known = supported_architectures() or shipped_architectures()
     if not known:
         return None
     return bool(set(config.get("architectures") or []) & known)
