@@ -161,7 +161,7 @@ def test_the_first_step_holds_the_epochs_largest_micro_batches_and_the_rest_keep
     rows = rows_of_lengths([random.Random(i).randint(5, 300) for i in range(37)])
     batcher = batch_order.Batcher(rows, micro_batch_size=4, seed=7, pad_id=0, first_step_batches=2, packed=packed)
     plain = batch_order.Batcher(rows, micro_batch_size=4, seed=7, pad_id=0, first_step_batches=0, packed=packed)
-    for epoch in (0, 1):
+    for epoch in (1, 2):  # epoch 0's first step is the run's longest examples: the next test
         ordered = [batcher.batch(epoch * batcher.batches_per_epoch + k) for k in range(batcher.batches_per_epoch)]
         seeded = [plain.batch(epoch * plain.batches_per_epoch + k) for k in range(plain.batches_per_epoch)]
         sizes = sorted((batch_order.micro_batch_tokens(b, packed) for b in seeded), reverse=True)
@@ -171,6 +171,25 @@ def test_the_first_step_holds_the_epochs_largest_micro_batches_and_the_rest_keep
     assert [again.batch(k) for k in range(25)] == [batcher.batch(k) for k in range(25)]  # a resume replays it
     other_seed = batch_order.Batcher(rows, micro_batch_size=4, seed=8, pad_id=0, first_step_batches=2, packed=packed)
     assert [other_seed.batch(k) for k in range(2, 10)] != [batcher.batch(k) for k in range(2, 10)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_runs_first_step_is_its_longest_examples_and_no_later_step_holds_more(packed):
+    """No epoch's shuffle can group more tokens in a micro-batch than the longest examples together: the first step
+    of the run is its largest, whatever the epoch (per epoch alone, a later epoch could pack longer rows together)."""
+    lengths = [random.Random(i).randint(5, 300) for i in range(37)]
+    rows = rows_of_lengths(lengths)
+    batcher = batch_order.Batcher(rows, micro_batch_size=4, seed=7, pad_id=0, first_step_batches=2, packed=packed)
+    first_step = [batcher.batch(0), batcher.batch(1)]
+    assert sorted((len(r.input_ids) for b in first_step for r in b), reverse=True) == sorted(lengths, reverse=True)[:8]
+    largest_first = max(batch_order.micro_batch_tokens(b, packed) for b in first_step)
+    later = [batcher.batch(k) for k in range(2, 6 * batcher.batches_per_epoch)]
+    assert max(batch_order.micro_batch_tokens(b, packed) for b in later) <= largest_first
+    plain = batch_order.Batcher(rows, micro_batch_size=4, seed=7, pad_id=0, first_step_batches=0, packed=packed)
+    seeded = [row for k in range(plain.batches_per_epoch) for row in plain.batch(k)]
+    lead = {id(row) for batch in first_step for row in batch}
+    rest = [row for k in range(2, batcher.batches_per_epoch) for row in batcher.batch(k)]
+    assert rest == [row for row in seeded if id(row) not in lead]  # the rest of epoch 0 in its seeded order
 
 
 def test_a_run_reports_the_fit_check_of_its_largest_first_step(tiny_model_dir, varied_file, tmp_path):
@@ -185,9 +204,8 @@ def test_a_run_reports_the_fit_check_of_its_largest_first_step(tiny_model_dir, v
     from qlora_engine.model.loading import load_tokenizer
 
     examples = loop.prepare_data(config, load_tokenizer(tiny_model_dir)).train_examples
-    epoch = batch_order.Batcher(examples, 3, config.seed, 0, first_step_batches=0)
-    largest = max(batch_order.micro_batch_tokens(epoch.batch(k), True) for k in range(epoch.batches_per_epoch))
-    assert check.tokens == largest
+    longest = sorted((len(row.input_ids) for row in examples), reverse=True)
+    assert check.tokens == sum(longest[:3])  # the micro-batch of the three longest rows, packed
 
 
 # ----------------------------------------------------------------------------- resume

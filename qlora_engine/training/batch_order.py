@@ -1,7 +1,11 @@
-"""The order of micro-batches: each epoch a seeded shuffle, its largest micro-batches moved to the epoch's first step.
+"""The order of micro-batches: each epoch a seeded shuffle, its largest micro-batches moved to the epoch's first step;
+the run's first step is made of its longest examples.
 
-The first optimizer step of a run is then its most memory-hungry one, so an out-of-memory error comes within the first
-minute instead of at step 700. Deterministic from (seed, epoch): a resumed run replays the same order. No torch here.
+A micro-batch's activations grow with its tokens (packed: the rows' sum; padded: rows x the longest), and no grouping
+of any epoch can hold more than the longest examples together. So the first optimizer step of a run is its most
+memory-hungry one, and an out-of-memory error comes within the first minute instead of at step 700 (or at the start
+of epoch 3, whose shuffle happened to pack longer rows together). Deterministic from (seed, epoch): a resumed run
+replays the same order. No torch here.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ def largest_first(batches: list[list[int]], sizes: list[int], count: int) -> lis
 
 @dataclass
 class Batcher:
-    """Deterministic micro-batches: epoch e shuffles the examples with seed + e, cuts them into micro-batches and moves
-    the `first_step_batches` largest to the front (the epoch's first optimizer step); position = micro-batch index."""
+    """Deterministic micro-batches: epoch e shuffles the examples with seed + e (epoch 0 then puts its longest
+    examples first, enough for one optimizer step), cuts them into micro-batches and moves the `first_step_batches`
+    largest to the front (the epoch's first optimizer step); position = micro-batch index."""
 
     examples: list[Any]
     micro_batch_size: int
@@ -47,6 +52,11 @@ class Batcher:
         if epoch not in self._epoch_orders:
             order = list(range(len(self.examples)))
             random.Random(self.seed + epoch).shuffle(order)
+            if epoch == 0 and self.first_step_batches:  # the run's first step: its longest examples, then the rest
+                lead = self.micro_batch_size * self.first_step_batches
+                longest = sorted(range(len(order)), key=lambda k: (-len(self.examples[order[k]].input_ids), k))[:lead]
+                chosen = set(longest)
+                order = [order[k] for k in longest] + [i for k, i in enumerate(order) if k not in chosen]
             size = self.micro_batch_size
             batches = [order[start:start + size] for start in range(0, len(order), size)]
             sizes = [micro_batch_tokens([self.examples[i] for i in batch], self.packed) for batch in batches]
