@@ -139,10 +139,9 @@ def add_events_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def use_expandable_segments() -> None:
-    """torch's CUDA allocator grows its segments in place instead of caching fixed blocks: measured on an H100
-    (Llama-3.1-8B, one 16,384-token row), the same step left 5.4 GiB reserved but unusable with the default and ran
-    out of memory within 23 GiB; with expandable segments it used 19.5 GiB in all. Set before torch touches CUDA;
-    a user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins."""
+    """torch's CUDA allocator grows its segments in place instead of caching fixed blocks: on an H100 (Llama-3.1-8B,
+    16,384 tokens) the default left 5.4 GiB reserved but unusable and ran out within 23 GiB; this used 19.5 GiB.
+    Set before torch touches CUDA; a user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins."""
     if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars of downloads and weight loading are noise in the log view and in events.jsonl's client.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if args.command in ("train", "export"):
+    if args.command in ("train", "export", "chat", "data", "model-info", "precision"):  # those that load a library
         library_log.capture()  # library warnings to the run's engine.log, not the terminal or the GUI's log view
     handler = {"train": cmd_train, "export": cmd_export, "chat": cmd_chat, "model-info": cmd_model_info,
                "precision": cmd_precision, "data": cmd_data, "runs": cmd_runs, "pull": cmd_pull, "models": cmd_models,
@@ -392,6 +391,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_engine.products import chat
 
     events = EventWriter(None, human=args.events == "human")
+    if (Path(args.target) / "config.yaml").is_file():  # a run folder: its log file (else held and dropped)
+        library_log.write_to(Path(args.target) / library_log.LOG_FILE)
     try:
         if args.serve:
             return chat.serve(args.target, events, args.checkpoint)
@@ -412,8 +413,7 @@ def _terminal_questions() -> Any:
             question = input("you> ").strip()
         except EOFError:
             return
-        if question:
-            yield question
+        yield from [question] if question else []
 
 
 # ----------------------------------------------------------------------------- runs

@@ -334,4 +334,5 @@ def test_a_token_the_hub_no_longer_accepts_says_so_not_no_such_model(fake_hub, c
     with pytest.raises(EngineError) as caught:
         pull(fake_hub, cache, REPO, token="hf_expired_token")
     assert caught.value.code == "bad_token" and "invalid, expired or revoked" in caught.value.message
-    assert "settings/tokens" in caught.value.advice and "hf_expired_token" not in caught.value.message + caught.value.advice
+    said = caught.value.message + caught.value.advice
+    assert "settings/tokens" in caught.value.advice and "hf_expired_token" not in said

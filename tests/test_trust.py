@@ -359,6 +359,12 @@ def test_a_training_run_prints_no_library_warnings(tiny_model_dir, alpaca_file, 
     assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
     assert "finished" in result.stdout and "Warning" not in result.stdout
     assert "Paged optimizers are not supported on CPU" in (run_dir / "engine.log").read_text()
+    before = (run_dir / "engine.log").stat().st_size
+    chat = subprocess.run([sys.executable, "-m", "qlora_engine", "chat", str(run_dir), "--prompt", "Hi",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "[tuned]" in chat.stdout and "Warning" not in chat.stderr + chat.stdout and "warn(" not in chat.stderr
+    assert (run_dir / "engine.log").stat().st_size > before  # the chat's library noise went to the run's log
 
 
 # ----------------------------------------------------------------------------- the quick test preset teaches
