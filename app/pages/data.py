@@ -184,10 +184,11 @@ class DataPage(Page):
         side_layout.addWidget(self.histogram, 1)
         self.bad_rows_label = QLabel("<b>Bad rows</b>")
         side_layout.addWidget(self.bad_rows_label)
-        self.bad_rows = QTableWidget(0, 2)
-        self.bad_rows.setHorizontalHeaderLabels(["Line", "Problem"])
+        self.bad_rows = QTableWidget(0, 3)
+        self.bad_rows.setHorizontalHeaderLabels(["Line", "Problem", "File"])  # File: shown for a mix of files
         self.bad_rows.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.bad_rows.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.bad_rows.horizontalHeader().setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
         self.bad_rows.verticalHeader().hide()
         self.bad_rows.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         side_layout.addWidget(self.bad_rows, 1)
@@ -300,13 +301,16 @@ class DataPage(Page):
         self.preview.setHtml(_preview_html(report.preview))
         lengths = np.asarray(report.token_lengths, dtype=float)
         self._show_histogram(lengths)
-        bad_rows = report.bad_rows
+        sources = report.sources or [{"file": report.file, "bad_rows": report.bad_rows}]
+        bad_rows = [(source.get("file", ""), bad) for source in sources for bad in source.get("bad_rows", [])]
         self.bad_rows_label.setText(f"<b>Bad rows</b> ({len(bad_rows)}; skipped when training)" if bad_rows
                                     else "<b>Bad rows</b>: none")
         self.bad_rows.setRowCount(len(bad_rows))
-        for index, bad in enumerate(bad_rows):
+        self.bad_rows.setColumnHidden(2, len(sources) < 2)
+        for index, (file, bad) in enumerate(bad_rows):
             self.bad_rows.setItem(index, 0, QTableWidgetItem(str(bad.get("line", ""))))
             self.bad_rows.setItem(index, 1, QTableWidgetItem(bad.get("reason", "")))
+            self.bad_rows.setItem(index, 2, QTableWidgetItem(Path(file).name))
         if report.valid_rows == 0:
             self.banner.show_message("error", "No usable rows", "Every row of this file was rejected.",
                                      "Check the format choice above and the reasons listed under Bad rows.")

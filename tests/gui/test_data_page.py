@@ -90,3 +90,16 @@ def test_columns_are_suggested_shown_and_editable(qtbot, page, screenshot):
     assert page.session.data_report.columns == {"instruction": "question", "output": "answer"}
     assert "The town's records." not in page.preview.toPlainText()
     assert "suggested" not in page.columns_note.text()
+
+
+def test_the_bad_rows_of_every_file_of_a_mix_are_listed_with_their_file(qtbot, page, screenshot):
+    scanned(qtbot, page, lambda: page.choose_file(str(SHAPES / "openai_tools.jsonl")))
+    assert page.bad_rows.isColumnHidden(2)  # one file: no File column
+    scanned(qtbot, page, lambda: (page.mix_edit.setText(f"{SHAPES / 'content_parts.jsonl'}=0.5"),
+                                  page.mix_edit.editingFinished.emit()))
+    rows = {(page.bad_rows.item(r, 2).text(), page.bad_rows.item(r, 0).text(), page.bad_rows.item(r, 1).text())
+            for r in range(page.bad_rows.rowCount())}
+    assert ("openai_tools.jsonl", "3") in {(file, line) for file, line, _ in rows}
+    assert any(file == "content_parts.jsonl" and line == "2" and "images" in why for file, line, why in rows), rows
+    assert not page.bad_rows.isColumnHidden(2)
+    screenshot(page, "data-mix-bad-rows")
