@@ -151,3 +151,15 @@ def test_llama3_1_writes_a_tool_result_as_json_text_and_it_is_still_never_traine
     assert '"{\\"temp_c\\": 21}"' in rendered(TOOL_TURNS, tokenizer, tools=[WEATHER])
     runs = trained_runs(TOOL_TURNS, tokenizer, tools=[WEATHER], train_on_prompt=True)
     assert "Weather in Paris?" in "".join(runs) and not any("temp_c" in run for run in runs)
+
+
+@pytest.mark.parametrize("family", ["smollm2", "gemma2"])
+def test_a_tool_result_merged_with_the_next_user_turn_is_still_never_trained(family):
+    """The plain fallback joins a tool result and a user message that follows it into one user turn (for templates
+    that insist on alternating roles); with train_on_prompt that turn must still not be a target."""
+    turns = [*TOOL_TURNS[:3], {"role": "user", "content": "And in Rome?"},
+             {"role": "assistant", "content": "It is 25 degrees."}]
+    tokenizer = family_tokenizer(family)
+    assert '{"temp_c": 21}\n</tool_response>\nAnd in Rome?' in rendered(turns, tokenizer, tools=[WEATHER])
+    runs = trained_runs(turns, tokenizer, tools=[WEATHER], train_on_prompt=True)
+    assert "Weather in Paris?" in "".join(runs) and not any("temp_c" in run for run in runs)

@@ -72,7 +72,8 @@ def render_with_exclusions(example: Example, tokenizer: Any) -> tuple[str, list[
 
 def plain_tools(messages: list[dict[str, Any]], tools: list[dict] | None) -> tuple[list[dict[str, Any]], None]:
     """Tool use as plain turns: schemas into the system text, calls into the answer, results as a user turn
-    (consecutive user turns merged, so templates that insist on alternating roles take them)."""
+    (consecutive user turns merged, so templates that insist on alternating roles take them; a merged turn with a
+    tool result in it is a tool result: never trained)."""
     plain: list[dict[str, Any]] = []
     if tools:
         listed = PLAIN_TOOLS_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
@@ -93,8 +94,9 @@ def plain_tools(messages: list[dict[str, Any]], tools: list[dict] | None) -> tup
             message = {k: v for k, v in message.items() if k != "tool_calls"} | {"content": text}
         if plain and message["role"] == "user" and plain[-1]["role"] == "user":
             merged = plain[-1]["content"] + "\n" + message["content"]
+            # a turn holding a tool result is never trained, whatever joined it (train_on_prompt included)
             plain[-1] = {**plain[-1], "content": merged, "tool_result": plain[-1].get("tool_result", False)
-                         and message.get("tool_result", False)}
+                         or message.get("tool_result", False)}
             continue
         plain.append(message)
     return plain, None
