@@ -237,6 +237,20 @@ def test_export_of_a_checkpoint_holds_that_checkpoints_weights(trained_run):
     assert any(not torch.equal(final[k], saved[k]) for k in saved), "step 6 is not the final adapter"
 
 
+def test_export_of_the_best_checkpoint_holds_the_best_steps_weights(trained_run):
+    import torch
+
+    from qlora_engine.products import export
+
+    run_dir, events = trained_run
+    best = choose_adapter(run_dir, "best").name
+    verification = export.export_run(run_dir, "adapter", checkpoint="best")
+    assert verification.ok and Path(verification.path).parent.name == best
+    exported = adapter_tensors(Path(verification.path))
+    saved = adapter_tensors(run_dir / "checkpoints" / best / "adapter")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
 def test_chat_with_a_checkpoint_loads_that_checkpoints_adapter(trained_run):
     import torch
     from peft import get_peft_model_state_dict

@@ -122,3 +122,27 @@ def test_no_engine_module_is_longer_than_one_sitting():
     long = {name: n for name, path in project_modules().items()
             if name.startswith("qlora_engine") and (n := len(path.read_text(encoding="utf-8").splitlines())) > 600}
     assert not long, f"modules over 600 lines: {long}"
+
+
+def test_qlora_studio_gui_opens_the_app_and_every_other_command_is_the_engines(monkeypatch):
+    import app.main
+    import qlora_engine.cli
+    from app import entry
+
+    seen = []
+    monkeypatch.setattr(app.main, "main", lambda argv: seen.append(("app", argv)) or 0)
+    monkeypatch.setattr(qlora_engine.cli, "main", lambda argv: seen.append(("engine", argv)) or 0)
+    assert entry.main(["gui", "--runs-dir", "x"]) == 0 and entry.main(["runs", "--json"]) == 0
+    assert seen == [("app", ["qlora-studio-gui", "--runs-dir", "x"]), ("engine", ["runs", "--json"])]
+
+
+def test_the_cli_names_a_new_run_folder_as_the_app_does(tmp_path):
+    """One rule (protocol/run_folders.new_run_dir): `2026-12-01_21-54_smollm2-135m-instruct`, not a second scheme."""
+    import re
+
+    from qlora_engine.cli import build_parser, resolve_train_config
+    from qlora_engine.protocol.run_folders import runs_root
+
+    _, run_dir = resolve_train_config(build_parser().parse_args(["train", "--model", "/models/SmolLM2-135M-Instruct"]))
+    assert run_dir.parent == runs_root() == tmp_path / "runs"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d_smollm2-135m-instruct", run_dir.name), run_dir.name
