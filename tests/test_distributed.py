@@ -103,6 +103,27 @@ def test_two_ranks_at_micro_batch_2_match_one_process_at_4_step_for_step(tiny_mo
     assert [e.kind for e in file_events] == [e.kind for e in events]
 
 
+def test_gradient_accumulation_counts_across_ranks(tiny_model_dir, one_process_at_4, tmp_path):
+    """Two ranks at micro-batch 1 accumulating 2 micro-batches per step: one process at micro-batch 2 accumulating
+    2, step for step (each optimizer step sees the same rows, the loss divided by the same trained tokens)."""
+    data_file, _ = one_process_at_4
+    accumulated = {"micro_batch_size": 1, "grad_accum": 2}
+    cfg = RunConfig.from_dict(options(tiny_model_dir, data_file, tmp_path / "one", nproc=1,
+                                      **{**accumulated, "micro_batch_size": 2}))
+    writer = EventWriter(tmp_path / "one" / "events.jsonl", stream=None)
+    loop.run_training(cfg, tmp_path / "one", writer)
+    writer.close()
+    reference = list(read_events(tmp_path / "one" / "events.jsonl"))
+    values = options(tiny_model_dir, data_file, tmp_path / "ddp", **accumulated)
+    process = engine(values)
+    out, _ = process.communicate(timeout=300)
+    events = [e for e in map(parse_line, out.splitlines()) if e is not None]
+    assert process.returncode == 0 and events[-1].kind == "finished", (events[-1:], log_tail(values))
+    assert len(curve(events)) == STEPS
+    assert curve(events) == pytest.approx(curve(reference), rel=RTOL)
+    assert curve(events, "grad_norm") == pytest.approx(curve(reference, "grad_norm"), rel=RTOL)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_stop_and_resume_continue_the_same_curve(tiny_model_dir, one_process_at_4, tmp_path, parallel):
     """fsdp: each rank takes its cut of the whole checkpoint back."""
