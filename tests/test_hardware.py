@@ -151,6 +151,10 @@ def test_training_gpu_is_the_first_one_cuda_visible_devices_names(monkeypatch):
     assert hardware.training_gpu(report).name == "second"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert hardware.training_gpu(report) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")  # a run of two processes: cuda:0 and cuda:1, in that order
+    assert [g.name for g in hardware.training_gpus(report, 2)] == ["second", "first"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [g.name for g in hardware.training_gpus(report, 3)] == ["first", "second"]  # only two there
 
 
 def test_a_gpu_in_mig_mode_lists_its_slices_and_training_uses_the_visible_one(monkeypatch):

@@ -140,15 +140,27 @@ def training_gpu(report: GpuReport | None = None) -> GpuInfo | None:
 
     CUDA_VISIBLE_DEVICES may hold indices or UUIDs (or a prefix of one); an empty value or -1 hides every GPU.
     """
+    found = training_gpus(report, 1)
+    return found[0] if found else None
+
+
+def training_gpus(report: GpuReport | None = None, count: int = 1) -> list[GpuInfo]:
+    """The GPUs a run of `count` processes trains on (one per process: cuda:0 … cuda:count-1), as training_gpu
+    reads CUDA_VISIBLE_DEVICES; fewer when fewer are visible."""
     report = detect_gpus() if report is None else report
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    first = "0" if visible is None else visible.split(",")[0].strip()
-    if first.isdigit():
-        gpu = next((gpu for gpu in report.gpus if gpu.index == int(first)), None)
+    names = ([str(gpu.index) for gpu in report.gpus] or ["0"]) if visible is None else visible.split(",")
+    found = [_visible_device(report, name.strip()) for name in names[:count]]
+    return [gpu for gpu in found if gpu is not None]
+
+
+def _visible_device(report: GpuReport, name: str) -> GpuInfo | None:
+    if name.isdigit():
+        gpu = next((gpu for gpu in report.gpus if gpu.index == int(name)), None)
         return gpu.mig_devices[0] if gpu and gpu.mig_devices else gpu
-    if first.startswith(("GPU-", "MIG-")):
+    if name.startswith(("GPU-", "MIG-")):
         devices = [device for gpu in report.gpus for device in (gpu, *gpu.mig_devices)]
-        return next((device for device in devices if device.uuid.startswith(first)), None)
+        return next((device for device in devices if device.uuid.startswith(name)), None)
     return None
 
 

@@ -190,8 +190,8 @@ class RunConfig:
                            "gradients are summed; fsdp = each decoder layer's 4-bit weights and adapter are sharded "
                            "over the processes (FSDP2), with optimizer adamw (fused LoRA and compiled layers off).",
                            choices=("ddp", "fsdp"), memory="fsdp: the 4-bit weights, adapter, gradients and optimizer "
-                           "states divided by nproc, plus two gathered layers; while loading, each card holds the "
-                           "whole 4-bit model once.",
+                           "states divided by nproc, plus two gathered layers (loaded on the CPU, cut onto the "
+                           "cards: no card holds the whole model; each process holds it in RAM while loading).",
                            group="run")
 
     # ---------------------------------------------------------------- helpers
