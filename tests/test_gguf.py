@@ -159,7 +159,7 @@ def test_export_gguf_writes_checked_files_and_modelfiles(gguf_run):
             result["modelfile"])
     assert (gguf_run / "exports" / "merged" / "config.json").is_file()  # made first, from the same adapter
     stored = json.loads((gguf_run / "exports" / "gguf-verification.json").read_text())
-    assert [s["quant"] for s in stored] == ["f16", "q4_k_m"]
+    assert {s["quant"] for s in stored} >= {"f16", "q4_k_m"}  # earlier exports' entries are kept beside them
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     modelfile_text = Path(results[0]["modelfile"]).read_text()
     template = modelfile_text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
@@ -226,6 +226,10 @@ def test_a_file_failing_its_check_is_not_kept_and_the_earlier_export_stays(gguf_
     assert not again.ok and gguf_export.failures_error([again]).code == "export_mismatch"
     assert Path(first.path).read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == sorted([Path(first.path).name, Path(first.modelfile).name])
+    # the record still says what the kept file is: its earlier passing check, with the failed attempt noted
+    stored = json.loads((gguf_run / "exports" / gguf_export.VERIFICATION_FILE).read_text())
+    entry = next(e for e in stored if e["path"] == first.path)
+    assert entry["ok"] and entry["later_attempt_problems"] == ["made to fail"]
 
 
 def test_a_killed_exports_temp_files_are_removed_and_a_running_ones_kept(tmp_path):

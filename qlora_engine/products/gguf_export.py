@@ -64,10 +64,30 @@ def export_gguf(run_dir: Path, quants: list[str], out: Path | None = None, progr
                                      fraction, lm_studio_copy))
     finally:
         source.unlink(missing_ok=True)
-    write_text_atomic(chosen.exports_dir(run_dir) / "gguf-verification.json",
-                      json.dumps([r.to_dict() for r in results], indent=1))
+    record = chosen.exports_dir(run_dir) / VERIFICATION_FILE
+    write_text_atomic(record, json.dumps(merged_record(record, results), indent=1))
     progress("verified", 1.0)
     return results
+
+
+VERIFICATION_FILE = "gguf-verification.json"
+
+
+def merged_record(record: Path, results: list[GgufExported]) -> list[dict[str, Any]]:
+    """The verification record after this export: one entry per file, earlier exports' entries kept; a file whose
+    new check failed keeps its earlier passing entry while that file is still there (the failed attempt noted)."""
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else []
+    except (OSError, ValueError):
+        earlier = []
+    entries = {entry["path"]: entry for entry in earlier if isinstance(entry, dict) and "path" in entry}
+    for result in results:
+        kept = entries.get(result.path)
+        if not result.ok and kept is not None and kept.get("ok") and Path(result.path).is_file():
+            entries[result.path] = {**kept, "later_attempt_problems": result.problems}
+        else:
+            entries[result.path] = result.to_dict()
+    return list(entries.values())
 
 
 def _one_file(source: Path, source_type: str, quant: str, out: Path, stem: str, reference: gguf_verify.Reference,
