@@ -86,9 +86,11 @@ def dora_bytes(linear: LinearShape, calibration: dict[str, float]) -> float:
 
 
 def compiled_path(run: RunConfig) -> bool:
-    """Whether the run's layers are compiled: compile_layers on a GPU, except with DoRA and checkpointing, where
-    the training loop leaves them uncompiled (training.loop.attach_lora says why)."""
-    return run.device != "cpu" and run.compile_layers and not (run.use_dora and run.gradient_checkpointing)
+    """Whether the run's layers are compiled: compile_layers on a GPU, except with DoRA or a precision budget (whose
+    plan may hold int8 layers: nearly every plan does) and checkpointing, where the training loop leaves them
+    uncompiled (training.loop.attach_lora says why)."""
+    uncompiled = (run.use_dora or run.precision_budget_bits > 0) and run.gradient_checkpointing
+    return run.device != "cpu" and run.compile_layers and not uncompiled
 
 
 def path_calibration(run: RunConfig, calibration: dict[str, float]) -> dict[str, float]:
@@ -478,7 +480,9 @@ def estimate_peak(model_config: dict[str, Any], run: RunConfig,
     (cuda_context, and the paged part of optimizer_states). calibration_check.py holds it against measured peaks.
     """
     calibration = path_calibration(run, CALIBRATION if calibration is None else calibration)
-    if run.use_dora and run.fused_lora:  # DoRA layers take peft's path (lora_nf4.peft_path_note)
+    # DoRA layers take peft's path (lora_nf4.peft_path_note), and so do a precision plan's int8 and 16-bit layers
+    # (which of them is only known from the weights: counted as all, the upper bound)
+    if (run.use_dora or run.precision_budget_bits > 0) and run.fused_lora:
         run = dataclasses.replace(run, fused_lora=False)
     shape, reasons = model_shape(model_config)
     dtype_bytes = compute_dtype_bytes(run)
