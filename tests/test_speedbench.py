@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,  # the bench text's tokenizer
@@ -38,8 +39,14 @@ def test_engine_variants_are_named_by_the_run_options_they_change():
         "activation_memory_budget": 0.25, "fp32_residual": False}
     assert engine_switches("engine_eager") == {"compile_layers": False}
     assert engine_switches("plain") is None and engine_switches("unsloth") is None
-    with pytest.raises(SystemExit, match="not OPTION=VALUE"):
+    from qlora_engine.protocol.errors import EngineError
+
+    with pytest.raises(EngineError, match="not OPTION=VALUE"):
         engine_switches("engine@lora_rank=8")
+    refused = subprocess.run([sys.executable, "-m", "qlora_engine", "bench", "--speed", "--stacks", "nonsense"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert refused.returncode == 2 and "unknown stack 'nonsense'" in refused.stderr
+    assert "Traceback" not in refused.stderr and "Choose from" in refused.stderr
 
 
 def test_speed_bench_with_nproc_2_sets_two_gloo_ranks_beside_one_process_in_one_command(tmp_path):

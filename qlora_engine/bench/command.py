@@ -12,9 +12,18 @@ from pathlib import Path
 
 from qlora_engine.bench import adapters, drift_grid, memory, memory_grid, speed
 from qlora_engine.bench.models import MODEL_CONFIGS
+from qlora_engine.protocol.errors import EngineError
 
 
 def bench_main(argv: list[str]) -> int:
+    try:
+        return _bench(argv)
+    except EngineError as exc:  # bad input: said, with what to do, never a traceback
+        print(f"error ({exc.code}): {exc.message}\n{exc.advice}", file=sys.stderr)
+        return 2
+
+
+def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qlora-studio bench", description=__doc__)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs the estimate (CUDA only)")
     parser.add_argument("--adapters", action="store_true", help="adapter starts, variants and precision budgets on "

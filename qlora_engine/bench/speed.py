@@ -34,6 +34,7 @@ from typing import Any
 from qlora_engine.bench import speed_report
 from qlora_engine.bench.speed_report import GIB, STACKS
 from qlora_engine.protocol.config import RunConfig
+from qlora_engine.protocol.errors import EngineError
 from qlora_engine.resources import resources_dir
 
 TEXT_TOKENS = resources_dir() / "bench" / "text_tokens.npy"
@@ -59,7 +60,8 @@ def engine_switches(stack: str) -> dict[str, Any] | None:
     for item in stack.removeprefix("engine@").split("+"):
         name, _, text = item.partition("=")
         if name not in types or not text:
-            raise SystemExit(f"stack {stack!r}: {item!r} is not OPTION=VALUE with a run option's name")
+            raise EngineError("bad_config", f"stack {stack!r}: {item!r} is not OPTION=VALUE with a run option's name",
+                              "Write it as engine@OPTION=VALUE[+OPTION=VALUE], e.g. engine@optimizer=adamw.")
         kind = types[name] if isinstance(types[name], str) else types[name].__name__
         switches[name] = {"bool": lambda t: t.lower() in ("1", "true", "yes", "on"), "int": int,
                           "float": float}.get(kind, str)(text)
@@ -176,7 +178,8 @@ def setup_stack(stack: str, base: Any, cfg: RunConfig, max_seq_length: int = 0,
 
         return model, optimizer, engine_step
     if ranks.several:
-        raise SystemExit(f"stack {stack!r}: only the engine's stacks run in several processes")
+        raise EngineError("bad_config", f"stack {stack!r}: only the engine's stacks run in several processes",
+                          "Use --stacks engine (or engine@OPTION=VALUE) with --nproc.")
     if stack == "unsloth":
         from qlora_engine.bench.unsloth_stack import unsloth_peft_model
 
@@ -402,7 +405,8 @@ def speed_main(args: argparse.Namespace) -> int:
     for workload in args.workloads.split(","):
         for stack in args.stacks.split(","):
             if stack not in STACKS and engine_switches(stack) is None:
-                raise SystemExit(f"unknown stack {stack!r}: choose from {', '.join(STACKS)}, or engine@OPTION=VALUE")
+                raise EngineError("bad_config", f"unknown stack {stack!r}",
+                                  f"Choose from {', '.join(STACKS)}, or engine@OPTION=VALUE.")
             if workload == "long" and engine_switches(stack) is None and stack not in LONG_STACKS \
                     and not args.long_all_stacks:
                 continue
@@ -419,13 +423,13 @@ def speed_main(args: argparse.Namespace) -> int:
 
 def _check_nproc(nproc: int, device: str) -> None:
     if nproc < 1:
-        raise SystemExit(f"--nproc {nproc}: give 1 or more processes")
+        raise EngineError("bad_config", f"--nproc {nproc}: give 1 or more processes", "Use --nproc 1 or more.")
     if nproc > 1 and device == "cuda":
         import torch
 
         if torch.cuda.device_count() < nproc:
-            raise SystemExit(f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has "
-                             f"{torch.cuda.device_count()}")
+            raise EngineError("bad_config", f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine "
+                              f"has {torch.cuda.device_count()}", "Lower --nproc, or use --device cpu (gloo).")
 
 
 def _write_out(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
@@ -523,8 +527,9 @@ def _model_config_path(name: str) -> Path:
         return path
     known = MODEL_CONFIGS / f"{name}.json"
     if not known.is_file():
-        raise SystemExit(f"{name}: not a model folder, config.json or known architecture "
-                         f"({', '.join(sorted(p.stem for p in MODEL_CONFIGS.glob('*.json')))})")
+        raise EngineError("model_not_found", f"{name}: not a model folder, config.json or known architecture",
+                          f"Pick one of {', '.join(sorted(p.stem for p in MODEL_CONFIGS.glob('*.json')))}, or a "
+                          "folder with config.json.")
     return known
 
 
