@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -336,3 +337,15 @@ def test_a_token_the_hub_no_longer_accepts_says_so_not_no_such_model(fake_hub, c
     assert caught.value.code == "bad_token" and "invalid, expired or revoked" in caught.value.message
     said = caught.value.message + caught.value.advice
     assert "settings/tokens" in caught.value.advice and "hf_expired_token" not in said
+
+
+def test_a_killed_downloads_partial_file_is_removed_at_the_next_pull_and_a_running_ones_kept(fake_hub, cache):
+    done, _ = pull(fake_hub, cache)
+    blobs = cache / "models--tiny-org--tiny-llama" / "blobs"
+    stale, running = blobs / "0123abcd.1a2b3c4d.incomplete", blobs / "0123abcd.5e6f7a8b.incomplete"
+    for path in (stale, running):
+        path.write_bytes(b"half a safetensors file")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    again, _ = pull(fake_hub, cache)
+    assert not stale.exists() and running.exists() and again.path == done.path

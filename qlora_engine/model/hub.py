@@ -330,6 +330,7 @@ def _download(ref: HubRef, allow_pickle: bool, on_progress: Progress, cache_dir:
     from huggingface_hub import try_to_load_from_cache
 
     remote = remote_model(ref, allow_pickle, cache_dir, endpoint, token)
+    remove_stale_partials(cache_dir, ref)
     sizes, commit = remote.sizes, remote.commit
     missing = [name for name in remote.names if not isinstance(
         try_to_load_from_cache(ref.repo_id, name, cache_dir=cache_dir, revision=commit), str)]
@@ -342,6 +343,25 @@ def _download(ref: HubRef, allow_pickle: bool, on_progress: Progress, cache_dir:
         done += sizes.get(name, 0)
     return ev.Downloaded(repo_id=ref.repo_id, revision=ref.revision_or_main, commit=commit, path=str(remote.folder),
                          files=remote.names, downloaded_bytes=total, total_bytes=remote.total_bytes)
+
+
+STALE_PARTIAL_S = 600  # an .incomplete file nobody wrote to for this long belongs to a download that was killed
+
+
+def remove_stale_partials(cache_dir: Path, ref: HubRef) -> list[Path]:
+    """The partial files a killed download left in the model's blobs (huggingface_hub 2.4 writes each file to a
+    name unique to its process, `<etag>.<8 hex>.incomplete`, so a later download can't resume it and nothing removes
+    it): removed once untouched for STALE_PARTIAL_S (a running download writes to its file all the time)."""
+    blobs = cache_dir / f"models--{ref.repo_id.replace('/', '--')}" / "blobs"
+    removed = []
+    for path in blobs.glob("*.incomplete") if blobs.is_dir() else ():
+        try:
+            if time.time() - path.stat().st_mtime > STALE_PARTIAL_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already, or not ours to remove: the download goes on either way
+            continue
+    return removed
 
 
 # ----------------------------------------------------------------------------- a model's facts before its weights
