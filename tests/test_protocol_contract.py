@@ -198,3 +198,33 @@ def test_the_terminal_lines_for_data_and_model_read_as_sentences():
     assert ev.describe(ev.ModelLoaded(model="default", params=86_315_328, trainable_params=4_884_480)) == \
         "model loaded: default (86.3 M parameters, 4.88 M trained)"
     assert ev.describe(ev.Warning(message="resumed from step-40", step=40)) == "warning: resumed from step-40"
+
+
+@pytest.fixture(scope="module")
+def real_products(real_run) -> list[dict]:
+    """The real engine's export (adapter, and one of a run without an adapter: an error) and a chat session."""
+    sent = raw_events(engine("export", str(real_run), "--adapter", "--events", "jsonl"))
+    sent += raw_events(engine("export", str(real_run.parent / "bad"), "--adapter", "--events", "jsonl"))
+    sent += raw_events(engine("chat", str(real_run), "--serve", "--events", "jsonl",
+                              stdin=json.dumps({"prompt": "Who is mayor 1?", "max_new_tokens": 3}) + "\n"))
+    return sent
+
+
+def test_the_fake_engines_export_and_chat_send_only_what_the_real_ones_send(real_products, tmp_path):
+    real = set().union(*(filled_fields(ev.event_from_dict(values)) for values in real_products))
+    assert {kind for kind, _ in real} >= {"export_progress", "exported", "error", "chat_ready", "chat_token",
+                                          "chat_done"}, sorted(real)
+    run_dir = tmp_path / "run"
+    fake = [sys.executable, str(FAKE_ENGINE)]
+    sent = raw_events(engine("export", str(run_dir), "--adapter", command=fake))
+    sent += raw_events(engine("export", str(tmp_path / "broken"), "--adapter", command=fake))
+    sent += raw_events(engine("chat", str(run_dir), "--serve", command=fake,
+                              stdin=json.dumps({"prompt": "Who is mayor 1?"}) + "\n"))
+    relied_on = set()
+    for values in sent:
+        event = ev.event_from_dict(values)
+        assert not isinstance(event, ev.UnknownEvent), event.reason
+        relied_on |= filled_fields(event)
+    assert {kind for kind, _ in relied_on} >= {"exported", "error", "chat_done"}
+    unreal = relied_on - real - CUDA_ONLY_FIELDS
+    assert not unreal, f"the fake engine sends what the real engine never does: {sorted(unreal)}"
