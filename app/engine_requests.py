@@ -46,7 +46,7 @@ class ListRuns(Request["list[RunState]"]):
             self.folder.mkdir(parents=True, exist_ok=True)  # a folder that can't exist is said now, not at Start
             return list_runs(self.folder)
         except OSError as exc:
-            raise EngineError("runs_folder_unreadable", f"The runs folder can't be read: {exc}",
+            raise EngineError("runs_folder_unreadable", f"{self.folder}: {exc.strerror or exc}",
                               "Choose another folder with Change runs folder….") from exc
 
 

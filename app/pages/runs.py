@@ -30,6 +30,7 @@ from app.widgets.page import Page, primary_button
 from qlora_engine.protocol.errors import EngineError
 from qlora_engine.protocol.run_state import RunState
 
+NO_RUNS = "No runs yet. Runs appear here once you start training."
 COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Drift", "Duration", "Started")
 STATUS_COLORS = {"finished": "good", "failed": "bad", "stopped": "warn", "interrupted": "warn"}
 STATUS_WORDS = {"new": "not started", "loading": "training elsewhere", "training": "training elsewhere",
@@ -72,9 +73,9 @@ class RunsPage(Page):
         self.table.itemSelectionChanged.connect(self._show_buttons)
         self.table.doubleClicked.connect(lambda: self._open("monitor"))
         self.body.addWidget(self.table, 1)
-        self.empty_label = QLabel("No runs yet. Runs appear here once you start training.", objectName="muted",
+        self.empty_label = QLabel(NO_RUNS, objectName="muted",
                                   alignment=Qt.AlignmentFlag.AlignCenter)
-        self.body.addWidget(self.empty_label)
+        self.body.addWidget(self.empty_label, 1)  # takes the table's room when there is no table
         self.body.addLayout(self._build_buttons())
         session.runs_folder_changed.connect(self.refresh)
         session.training_changed.connect(lambda _running: self.refresh())
@@ -116,10 +117,12 @@ class RunsPage(Page):
 
     def _show_unreadable(self, error: EngineError) -> None:
         self.show_runs([])
+        self.empty_label.setText("No runs to show from this folder.")
         self.banner.show_error(error, "The runs folder can't be read")
 
     def show_runs(self, runs: list[RunState]) -> None:
         self.banner.clear()
+        self.empty_label.setText(NO_RUNS)
         selected = self.selected()
         self.runs = runs
         self.table.setRowCount(len(self.runs))
