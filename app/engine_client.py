@@ -166,6 +166,8 @@ class Call:
 
     def _deliver(self, result: Any, error: EngineError | None) -> None:
         client = self._client()
+        if client is not None and not shiboken6.isValid(client):  # its window was closed and Qt deleted it
+            client = None
         if client is not None:
             client.forget(self)
         if client is None or self.cancelled or self._owner_gone():
@@ -174,7 +176,8 @@ class Call:
         callback = self._failed if error is not None else self._done
         if callback is not None:
             callback(error if error is not None else result)
-        client.answered.emit(self)
+        if shiboken6.isValid(client):  # the callback may have closed what held the client (emitting then crashes)
+            client.answered.emit(self)
 
     def _show_progress(self, text: str) -> None:
         if self.is_running() and self._progress is not None and not self._owner_gone():
