@@ -19,9 +19,7 @@ from qlora_engine.planning.memory import estimate_peak
 from qlora_engine.planning.model_shape import load_model_config, model_shape, resolve_model_config
 from qlora_engine.protocol import queries
 from qlora_engine.protocol.config import RunConfig
-from qlora_engine.protocol.errors import EngineError
-from qlora_engine.protocol.run_folders import FINAL_ADAPTER, delete_run, exports_folder
-from qlora_engine.protocol.run_state import RunState, list_runs
+from qlora_engine.protocol.run_folders import FINAL_ADAPTER, exports_folder
 
 
 @dataclass(frozen=True)
@@ -32,38 +30,6 @@ class DetectGpus(Request[hardware.GpuReport]):
 
     def run(self, call: Call) -> hardware.GpuReport:
         return hardware.detect_gpus()
-
-
-@dataclass(frozen=True)
-class ListRuns(Request["list[RunState]"]):
-    """Every run folder's state, newest first: each events.jsonl read and folded (a long run's is megabytes)."""
-
-    key: ClassVar[str] = "list_runs"
-    folder: Path
-
-    def run(self, call: Call) -> list[RunState]:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)  # a folder that can't exist is said now, not at Start
-            return list_runs(self.folder)
-        except OSError as exc:
-            raise EngineError("runs_folder_unreadable", f"{self.folder}: {exc.strerror or exc}",
-                              "Choose another folder with Change runs folder….") from exc
-
-
-@dataclass(frozen=True)
-class DeleteRun(Request[Path]):
-    """A run folder removed, checkpoints and exports included (gigabytes, for a big model)."""
-
-    run_dir: Path
-    runs_folder: Path
-
-    def run(self, call: Call) -> Path:
-        try:
-            delete_run(self.run_dir, self.runs_folder)
-        except OSError as exc:
-            raise EngineError("delete_failed", f"Could not delete {self.run_dir.name}: {exc}",
-                              "Close programs using files in it, then try again.") from exc
-        return self.run_dir
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,6 @@ class GpuPage(Page):
         self.body.addStretch(1)
         self.status = QLabel("Looking for NVIDIA GPUs…", objectName="muted")
         self.cards.addWidget(self.status)
-        self.shown_nproc = session.config.nproc
-        session.config_changed.connect(self._follow_nproc)
-
-    def _follow_nproc(self) -> None:
-        """The cards say which the run trains on: several when the Train page's GPUs field asks for them."""
-        if self.session.config.nproc != self.shown_nproc and self.session.gpu_report is not None:
-            self.shown_nproc = self.session.config.nproc
-            self.show_report(self.session.gpu_report)
 
     def refresh(self) -> None:
         self.refresh_button.setEnabled(False)
@@ -85,10 +77,8 @@ class GpuPage(Page):
         box = card()
         grid = QGridLayout(box)
         grid.setColumnStretch(1, 1)
-        training = hardware.training_gpus(report, self.session.config.nproc)
-        rank = next((rank for rank, used in enumerate(training) if used.index == gpu.index), None)
-        role = "" if rank is None else "  ·  training uses this one" if len(training) == 1 else \
-            f"  ·  training uses this one (process {rank} of {len(training)})"
+        training = hardware.training_gpu(report)
+        role = "  ·  training uses this one" if training is not None and training.index == gpu.index else ""
         grid.addWidget(QLabel(f"GPU {gpu.index}: {html.escape(gpu.name)}{role}", objectName="bigNumber"), 0, 0, 1, 2)
         used = QProgressBar(maximum=1000, value=int(1000 * gpu.used_bytes / max(gpu.total_bytes, 1)))
         used.setFormat(f"{gib(gpu.used_bytes)} used of {gib(gpu.total_bytes)}  ·  {gib(gpu.free_bytes)} free")

@@ -22,15 +22,13 @@ from PySide6.QtWidgets import (
 )
 
 from app import formatting, settings, theme
-from app.engine_client import Call
-from app.engine_requests import DeleteRun, ListRuns
 from app.session import Session
 from app.widgets.banner import Banner
 from app.widgets.page import Page, primary_button
 from qlora_engine.protocol.errors import EngineError
-from qlora_engine.protocol.run_state import RunState
+from qlora_engine.protocol.run_folders import delete_run
+from qlora_engine.protocol.run_state import RunState, list_runs
 
-NO_RUNS = "No runs yet. Runs appear here once you start training."
 COLUMNS = ("Run", "Status", "Model", "Steps", "Final loss", "Eval loss", "Drift", "Duration", "Started")
 STATUS_COLORS = {"finished": "good", "failed": "bad", "stopped": "warn", "interrupted": "warn"}
 STATUS_WORDS = {"new": "not started", "loading": "training elsewhere", "training": "training elsewhere",
@@ -73,15 +71,12 @@ class RunsPage(Page):
         self.table.itemSelectionChanged.connect(self._show_buttons)
         self.table.doubleClicked.connect(lambda: self._open("monitor"))
         self.body.addWidget(self.table, 1)
-        self.empty_label = QLabel(NO_RUNS, objectName="muted",
+        self.empty_label = QLabel("No runs yet. Runs appear here once you start training.", objectName="muted",
                                   alignment=Qt.AlignmentFlag.AlignCenter)
-        self.body.addWidget(self.empty_label, 1)  # takes the table's room when there is no table
+        self.body.addWidget(self.empty_label)
         self.body.addLayout(self._build_buttons())
         session.runs_folder_changed.connect(self.refresh)
         session.training_changed.connect(lambda _running: self.refresh())
-        self.table.hide()  # until the folder has been read
-        self.empty_label.hide()
-        self.deleting: Call | None = None
         self.refresh()
 
     def _build_buttons(self) -> QHBoxLayout:
@@ -107,24 +102,18 @@ class RunsPage(Page):
         return row
 
     # ------------------------------------------------------------------ showing
-    def refresh(self) -> Call:
-        """Read every run folder off the GUI thread; the table is filled when the answer comes (the Call)."""
+    def refresh(self) -> None:
         folder = self.session.runs_folder
         self.folder_label.setText(f"Runs folder: {folder}")
-        self.reading = self.session.engine.run(ListRuns(folder), owner=self, done=self.show_runs,
-                                               failed=self._show_unreadable)
-        return self.reading
-
-    def _show_unreadable(self, error: EngineError) -> None:
-        self.show_runs([])
-        self.empty_label.setText("No runs to show from this folder.")
-        self.banner.show_error(error, "The runs folder can't be read")
-
-    def show_runs(self, runs: list[RunState]) -> None:
         self.banner.clear()
-        self.empty_label.setText(NO_RUNS)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a folder that can't exist is said now, not at Start
+            self.runs = list_runs(folder)
+        except OSError as exc:
+            self.runs = []
+            self.banner.show_message("error", "The runs folder can't be read", str(exc),
+                                     "Choose another folder with Change runs folder….")
         selected = self.selected()
-        self.runs = runs
         self.table.setRowCount(len(self.runs))
         for row, run in enumerate(self.runs):
             for column, text in enumerate(self._cells(run)):
@@ -191,16 +180,18 @@ class RunsPage(Page):
         run = self.selected()
         if run is None or not self.confirm_delete(run):
             return
+        try:
+            delete_run(run.run_dir, self.session.runs_folder)
+        except EngineError as exc:
+            self.banner.show_error(exc, f"Could not delete {run.name}")
+            return
+        except OSError as exc:
+            self.banner.show_message("error", f"Could not delete {run.name}", str(exc),
+                                     "Close programs using files in it, then try again.")
+            return
         if self.session.run_dir == run.run_dir:
             self.session.select_run(None)
-        self.delete_button.setEnabled(False)
-        self.deleting = self.session.engine.run(DeleteRun(run.run_dir, self.session.runs_folder), owner=self,
-                                                done=lambda _gone: self.refresh(),
-                                                failed=lambda error: self._delete_failed(error, run))
-
-    def _delete_failed(self, error: EngineError, run: RunState) -> None:
-        self.banner.show_error(error, f"Could not delete {run.name}")
-        self._show_buttons()
+        self.refresh()
 
     def confirm_delete(self, run: RunState) -> bool:
         answer = QMessageBox.question(self, "Delete run?", f"Delete the run folder {run.run_dir}?\n\nIts checkpoints, "
