@@ -77,8 +77,10 @@ class GpuPage(Page):
         box = card()
         grid = QGridLayout(box)
         grid.setColumnStretch(1, 1)
-        training = hardware.training_gpu(report)
-        role = "  ·  training uses this one" if training is not None and training.index == gpu.index else ""
+        training = hardware.training_gpus(report, self.session.config.nproc)
+        rank = next((rank for rank, used in enumerate(training) if used.index == gpu.index), None)
+        role = "" if rank is None else "  ·  training uses this one" if len(training) == 1 else \
+            f"  ·  training uses this one (process {rank} of {len(training)})"
         grid.addWidget(QLabel(f"GPU {gpu.index}: {html.escape(gpu.name)}{role}", objectName="bigNumber"), 0, 0, 1, 2)
         used = QProgressBar(maximum=1000, value=int(1000 * gpu.used_bytes / max(gpu.total_bytes, 1)))
         used.setFormat(f"{gib(gpu.used_bytes)} used of {gib(gpu.total_bytes)}  ·  {gib(gpu.free_bytes)} free")

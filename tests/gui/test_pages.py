@@ -51,6 +51,22 @@ def test_gpu_page_shows_each_gpu_with_memory_and_bf16(window, qtbot, screenshot)
     screenshot(window, "gpu-normal")
 
 
+def test_gpu_page_marks_every_card_a_run_of_several_processes_trains_on(window, qtbot, monkeypatch, screenshot):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    window.show_page("gpu")
+    page = window.pages["gpu"]
+    report = hardware.GpuReport(gpus=[gpu(0, "NVIDIA GeForce RTX 3090", 24), gpu(1, "NVIDIA GeForce RTX 3090", 24),
+                                      gpu(2, "NVIDIA GeForce RTX 3060", 12)], driver_version="550.54")
+    window.session.update_config(nproc=2)  # the Train page's GPUs field: 2 of 3
+    page.show_report(report)
+    qtbot.waitUntil(lambda: "process 1 of 2" in labels_text(page))
+    text = labels_text(page)
+    assert "GPU 0: NVIDIA GeForce RTX 3090  ·  training uses this one (process 0 of 2)" in text
+    assert "GPU 1: NVIDIA GeForce RTX 3090  ·  training uses this one (process 1 of 2)" in text
+    assert text.count("training uses") == 2
+    screenshot(window, "gpu-two-of-three")
+
+
 def test_gpu_page_without_a_gpu_says_training_runs_on_the_cpu(window, qtbot, screenshot):
     window.show_page("gpu")
     page = window.pages["gpu"]
