@@ -391,7 +391,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_engine.products import chat
 
     events = EventWriter(None, human=args.events == "human")
-    if (Path(args.target) / "config.yaml").is_file():  # a run folder: its log file (else held and dropped)
+    if run_folders.is_run_dir(Path(args.target)):  # a run folder: its log file (else held and dropped)
         library_log.write_to(Path(args.target) / library_log.LOG_FILE)
     try:
         if args.serve:

@@ -176,10 +176,8 @@ def resolve_compute_dtype(name: str, device: str) -> Any:
     import torch
 
     if name == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if bf16_native(device) else torch.float16
         # CPUs with AVX512-BF16 (oneDNN): a SmolLM2 training step measured 2.7 s in bf16 vs 3.4 s in fp32.
-        return torch.bfloat16 if bf16_native(device) else torch.float32
+        return torch.bfloat16 if bf16_native(device) else torch.float16 if device == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 

@@ -276,8 +276,6 @@ def keep_trainable_fp32(trainable: list[torch.nn.Parameter]) -> None:
             param.data = param.data.float()
 
 
-
-
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class PreparedRun:

@@ -48,13 +48,15 @@ def shard_layers(model: Any, ranks: Ranks, device: str) -> int:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         layer.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean: see the module's docstring
         layer.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    _move_the_rest(model, torch.device(device), bnb.nn.Linear4bit)
+    _move_the_rest(model, torch.device(device))
     return len(layers)
 
 
-def _move_the_rest(model: Any, device: torch.device, linear4bit: type) -> None:
+def _move_the_rest(model: Any, device: torch.device) -> None:
     """What fully_shard did not move of a base loaded on the CPU: the embeddings, final norm, lm_head and rotary
     buffers (whole on every rank), and each 4-bit layer's quantization state (kept on the module, not a parameter)."""
+    import bitsandbytes as bnb
+
     for module in model.modules():
         for param in module._parameters.values():
             if param is not None and not is_sharded(param) and param.device.type != device.type:
@@ -62,7 +64,7 @@ def _move_the_rest(model: Any, device: torch.device, linear4bit: type) -> None:
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.device.type != device.type:
                 module._buffers[name] = buffer.to(device)
-        state = getattr(module, "quant_state", None) if isinstance(module, linear4bit) else None
+        state = getattr(module, "quant_state", None) if isinstance(module, bnb.nn.Linear4bit) else None
         if state is not None and state.absmax.device.type != device.type:
             state.to(device)  # in place: code, absmax and the nested constants
 
