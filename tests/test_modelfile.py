@@ -59,6 +59,16 @@ def test_the_modelfile_names_the_file_the_stop_tokens_and_the_default_system_pro
     assert built.text.count('"""') == 4  # TEMPLATE and SYSTEM, each quoted once
 
 
+def test_a_bos_token_that_is_the_turn_marker_itself_keeps_the_template():
+    """SmolLM2's tokenizer names <|im_start|> as its bos_token: the rendering starts with it but that is no BOS."""
+    tokenizer = build_tokenizer(SMOLLM2_TEMPLATE)
+    tokenizer.bos_token = "<|im_start|>"
+    built = modelfile.build_modelfile("m.gguf", tokenizer)
+    assert built.family == "chatml" and 'TEMPLATE """' in built.text
+    expected = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True)
+    assert ollama_render(built, CONVERSATIONS[0]) == expected
+
+
 def test_llama3_stops_at_eot_id():
     tokenizer = build_tokenizer(LLAMA3_TEMPLATE)
     tokenizer.bos_token = "<|endoftext|>"
