@@ -27,6 +27,8 @@ class NvmlPeak:
         self._process_id = process_id
         self.peak_bytes = 0
         self.process_peak_bytes = 0
+        self._lock = threading.Lock()
+        self._generation = 0  # counts resets: a sample begun before one is dropped, not folded into the new peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -45,12 +47,24 @@ class NvmlPeak:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak_bytes = max(self.peak_bytes, self.used_bytes())
-            self.process_peak_bytes = max(self.process_peak_bytes, self.process_used_bytes())
+            self.sample()
+
+    def sample(self) -> None:
+        """One reading into the peaks. NVML's process list is slow to ask with many processes on the GPU: a reading
+        that began before a reset (while a model was still being built) is stale, and dropped."""
+        with self._lock:
+            generation = self._generation
+        used, process_used = self.used_bytes(), self.process_used_bytes()
+        with self._lock:
+            if generation == self._generation:
+                self.peak_bytes = max(self.peak_bytes, used)
+                self.process_peak_bytes = max(self.process_peak_bytes, process_used)
 
     def reset(self) -> None:
-        self.peak_bytes = self.used_bytes()
-        self.process_peak_bytes = self.process_used_bytes()
+        used, process_used = self.used_bytes(), self.process_used_bytes()
+        with self._lock:
+            self._generation += 1
+            self.peak_bytes, self.process_peak_bytes = used, process_used
 
     def close(self) -> None:
         self._stop.set()
