@@ -146,8 +146,9 @@ def make_layer(fmt: WeightFormat, linear: torch.nn.Linear, quant_type: str, doub
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=double_quant, quant_type=quant_type, device="meta")
     elif fmt.kind == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                                    device="meta")
+        from qlora_engine.model.int8_layer import FrozenInt8Linear
+
+        layer = FrozenInt8Linear(linear.in_features, linear.out_features, has_bias, compute_dtype, device="meta")
     else:
         return linear.to(device, compute_dtype).requires_grad_(False)
     layer.weight = quantize(fmt, linear.weight, quant_type, double_quant, device)
