@@ -38,13 +38,21 @@ PROBE = [json.loads(line) for line in (Path(__file__).parent / "data" / "memory_
 # such plans since, so like the compiled DoRA rows it stays in the table and out of the estimate's tests.
 TODAY = [json.loads(line) for line in (Path(__file__).parent / "data" / "memory_measured_today_h200.jsonl")
          .read_text(encoding="utf-8").splitlines() if line.strip()]
-TODAY_CURRENT = [row for row in TODAY if not (row.get("precision_budget_bits") and row["compile_layers"])]
-PROBE = PROBE + TODAY_CURRENT
+# The same grid whole on 2026-12-04 (tests/gpu/memory_int8_h200/: before and after), the plan's int8 layers on their
+# dequantized matmul (model/int8_layer.py; bitsandbytes' own kept every int8 layer's input past checkpointing, the
+# 6-bit Qwen2.5-1.5B row 6.88 GiB against 4.78 estimated): the precision budgets on the uncompiled path, DoRA, and
+# the largest catalog shapes under their caps.
+INT8 = [json.loads(line) for line in (Path(__file__).parent / "data" / "memory_measured_int8_h200.jsonl")
+        .read_text(encoding="utf-8").splitlines() if line.strip()]
+BUDGET = [row for row in INT8 if row.get("precision_budget_bits")]
+PROBE = PROBE + [row for row in INT8 if not row.get("precision_budget_bits")]
 
 
 def row_id(row: dict) -> str:
     return (f"{row['model']}-len{row['max_length']}-b{row['micro_batch_size']}-r{row['lora_r']}-"
-            f"gc{int(row['gradient_checkpointing'])}-{row['compute_dtype']}-{row['gpu_memory_gib']}GiB")
+            f"gc{int(row['gradient_checkpointing'])}-{row['compute_dtype']}-{row['gpu_memory_gib']}GiB"
+            + (f"-{row['precision_budget_bits']:g}bits" if row.get("precision_budget_bits") else "")
+            + ("-dora" if row.get("use_dora") else ""))
 
 
 def estimate_of(row: dict) -> memory.Estimate:
@@ -91,7 +99,18 @@ def test_the_probe_holds_dora_rows_it_was_not_fitted_on_and_the_largest_shapes()
     assert {"mistral-nemo-12b", "qwen2.5-14b"} <= {row["model"] for row in PROBE}
 
 
-def test_todays_rows_hold_dora_under_a_consumer_cap_and_the_budget_row_ran_compiled():
-    assert any(row.get("use_dora") and row["gpu_memory_gib"] == 8 and not row["oom"] for row in TODAY_CURRENT)
-    compiled_budget = [row for row in TODAY if row.get("precision_budget_bits")]
-    assert compiled_budget and all(row["compile_layers"] and row["optimizer"] == "adamw" for row in compiled_budget)
+def test_todays_rows_hold_dora_and_precision_budgets_under_consumer_caps():
+    assert any(row.get("use_dora") and row["gpu_memory_gib"] == 8 and not row["oom"] for row in INT8)
+    assert len(BUDGET) >= 7 and {8, 12, 16} <= {row["gpu_memory_gib"] for row in BUDGET}
+    assert {"bf16", "fp16"} == {row["compute_dtype"] for row in BUDGET}
+    assert [row for row in TODAY if row.get("precision_budget_bits")]  # the compiled budget row, kept as history
+
+
+@pytest.mark.parametrize("row", BUDGET, ids=row_id)
+def test_a_precision_budget_run_never_holds_more_than_its_estimate(row):
+    """The estimate of a budget run is an upper bound: every layer on peft's path (which of them are not 4-bit is
+    only known from the weights) and every bit of the budget spent. Measured: 2-24% high, never low."""
+    error = calibration_errors([row])[0]
+    assert not row["oom"] and not error.artifact, error.artifact
+    assert 0 <= error.error <= 0.25, (f"{error.label}: estimate {error.estimate_bytes / 2**30:.2f} GiB vs measured "
+                                      f"{error.measured_bytes / 2**30:.2f} GiB ({error.error:+.1%})")
